@@ -1,0 +1,240 @@
+"""`svdq`: submit, follow and fetch renders; start workers; build the tiny model; run the demo.
+
+Exit codes: 0 ok (or the job succeeded), 1 the job failed or was canceled, 2 bad usage or a bad
+parameter, 3 no such job, 4 timed out waiting, 5 Redis or storage unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from producer.client import Client, Job
+from producer.contract import InvalidParameter, JobRecord, JobState
+from producer.status import JobNotFound
+from producer.storage import StorageUnavailable
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+
+# CLI flag -> the request field it sets (diffusers' argument names).
+PARAM_FLAGS: dict[str, tuple[str, type]] = {
+    "--frames": ("num_frames", int),
+    "--steps": ("num_inference_steps", int),
+    "--fps": ("fps", int),
+    "--width": ("width", int),
+    "--height": ("height", int),
+    "--seed": ("seed", int),
+    "--motion-bucket-id": ("motion_bucket_id", int),
+    "--noise-aug-strength": ("noise_aug_strength", float),
+    "--min-guidance": ("min_guidance_scale", float),
+    "--max-guidance": ("max_guidance_scale", float),
+    "--decode-chunk-size": ("decode_chunk_size", int),
+}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def describe(record: JobRecord) -> str:
+    lines = [f"job      {record.id}", f"state    {record.state.value}"]
+    if not record.state.is_terminal():
+        lines.append(f"stage    {record.stage or '-'} ({record.progress:.0%})")
+    if record.worker:
+        lines.append(f"worker   {record.worker}")
+    if record.error:
+        lines.append(f"error    {record.error.code}: {record.error.message}")
+    if record.result:
+        r = record.result
+        lines.append(
+            f"video    {r.key} ({r.bytes} bytes, {r.frames} frames {r.width}x{r.height} @ {r.fps} fps)"
+        )
+        if r.url:
+            lines.append(f"url      {r.url}")
+    if record.timings:
+        lines.append("timings  " + ", ".join(f"{k} {v:.2f}s" for k, v in record.timings.items()))
+    return "\n".join(lines)
+
+
+def progress_printer() -> tuple[Callable[[JobRecord], None], Callable[[], None]]:
+    """A progress bar on a terminal (stderr), nothing otherwise. Returns (update, close)."""
+    if not sys.stderr.isatty():
+        return (lambda record: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=100, file=sys.stderr, unit="%", bar_format="{desc:<22}{percentage:3.0f}%|{bar}| {elapsed}"
+    )
+
+    def update(record: JobRecord) -> None:
+        bar.set_description_str(f"{record.state.value}:{record.stage or '-'}")
+        bar.n = round(record.progress * 100)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_json: bool, quiet: bool) -> int:
+    update, close = progress_printer()
+    try:
+        record = job.wait(timeout, on_update=update)
+    except TimeoutError as exc:
+        raise CliError(
+            f"{exc}; it is still running, `svdq wait {job.id}` to keep following it", EXIT_TIMEOUT
+        ) from None
+    finally:
+        close()
+    if as_json:
+        print_json(record.to_json_dict())
+    elif not quiet:
+        print(describe(record), file=sys.stderr)
+    if record.state is not JobState.SUCCEEDED:
+        return EXIT_JOB_FAILED
+    if output is not None:
+        job.download(output)
+        print(f"wrote {output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    params = {
+        field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None
+    }
+    image = args.image if args.image.startswith(("s3://", "file://")) else Path(args.image)
+    with Client.from_env() as client:
+        job = client.submit(image, **params)
+        if not args.wait:
+            if args.json:
+                print_json(job.status().to_json_dict())
+            else:
+                print(job.id)
+            return EXIT_OK
+        if not args.json:
+            print(job.id, flush=True)
+        return wait_and_report(job, args.timeout, args.output, args.json, quiet=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client.from_env() as client:
+        record = client.job(args.job_id).status()
+    if args.json:
+        print_json(record.to_json_dict())
+    else:
+        print(describe(record))
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with Client.from_env() as client:
+        job = client.job(args.job_id)
+        job.status()  # unknown ids fail now, not after the timeout
+        return wait_and_report(job, args.timeout, args.output, args.json, quiet=False)
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    argv = [str(args.directory), *(["--full-vae"] if args.full_vae else [])]
+    run_worker_module("worker.tiny_model", argv)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from producer.demo import run_demo
+
+    return run_demo(workdir=args.workdir, output=args.output)
+
+
+def run_worker_module(module: str, argv: list[str]) -> None:
+    """Replace this process with one of the worker's entry points (the producer never imports it)."""
+    if importlib.util.find_spec("worker") is None or importlib.util.find_spec("torch") is None:
+        raise CliError(
+            "the worker is not installed here: `pip install 'svdq[worker]'` (needs torch)", EXIT_USAGE
+        )
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svdq",
+        description="A render queue for Stable Video Diffusion.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    submit = sub.add_parser("submit", help="queue an image-to-video render; prints the job id")
+    submit.add_argument("image", help="a local image file, or an s3:// or file:// URL")
+    for flag, (field, kind) in PARAM_FLAGS.items():
+        submit.add_argument(flag, dest=field, type=kind, metavar=kind.__name__.upper(), help=f"sets {field}")
+    submit.add_argument(
+        "--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded"
+    )
+    submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most")
+    submit.add_argument("--output", type=Path, help="with --wait: download the video here")
+    submit.add_argument("--json", action="store_true", help="print the job's status record as JSON")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="show a job's status")
+    status.add_argument("job_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    wait = sub.add_parser("wait", help="wait for a job to end; exit 0 only if it succeeded")
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, help="seconds to wait at most (exit 4 after)")
+    wait.add_argument("--output", type=Path, help="download the video here")
+    wait.add_argument("--json", action="store_true")
+    wait.set_defaults(func=cmd_wait)
+
+    sub.add_parser("worker", help="start a worker (other options go to `celery worker`)", add_help=False)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weights SVD pipeline to DIR")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--full-vae", action="store_true", help="SVD's full-size VAE, for memory benchmarks")
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    demo = sub.add_parser("demo", help="start Redis (if needed) and a worker, render an example, stop them")
+    demo.add_argument("--workdir", type=Path, default=Path(".svdq-demo"))
+    demo.add_argument("--output", type=Path, default=Path("svdq-demo.mp4"))
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["worker"]:
+            run_worker_module("worker", argv[1:])
+        args = build_parser().parse_args(argv)
+        code = args.func(args)
+    except CliError as exc:
+        print(f"svdq: {exc}", file=sys.stderr)
+        code = exc.code
+    except InvalidParameter as exc:
+        print(f"svdq: invalid parameter {exc.param}: {exc.message}", file=sys.stderr)
+        code = EXIT_USAGE
+    except JobNotFound as exc:
+        print(f"svdq: {exc}", file=sys.stderr)
+        code = EXIT_NOT_FOUND
+    except redis.ConnectionError as exc:
+        print(f"svdq: cannot reach Redis ({exc}); check SVDQ_REDIS_URL", file=sys.stderr)
+        code = EXIT_UNAVAILABLE
+    except StorageUnavailable as exc:
+        print(f"svdq: {exc}; check SVDQ_STORAGE_URL and SVDQ_S3_ENDPOINT_URL", file=sys.stderr)
+        code = EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,193 @@
+"""The Python client web backends import: `Client.from_env().submit(image, **params) -> Job`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+from PIL import Image, UnidentifiedImageError
+
+from producer.contract import (
+    TASK_NAME,
+    ErrorCode,
+    InvalidParameter,
+    JobRecord,
+    JobState,
+    check_params,
+    result_name,
+)
+from producer.settings import Settings
+from producer.status import InvalidTransition, StatusStore
+from producer.storage import ObjectStore, content_name, open_store
+
+ImageInput = str | Path | bytes | Image.Image
+_URL_SCHEMES = ("s3://", "file://")
+_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
+
+
+def connect_redis(url: str) -> redis.Redis:
+    # Short timeouts: a producer in a web request should fail fast, not hang, when Redis is away.
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def producer_celery(settings: Settings) -> Celery:
+    """A Celery app that only sends: producers never import the worker (or torch)."""
+    app = Celery("svdq-producer", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
+    return app
+
+
+class Job:
+    """A thin handle: an id and the client it talks through."""
+
+    def __init__(self, job_id: str, client: Client):
+        self.id = job_id
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobRecord:
+        return self.client.status.get(self.id)
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        poll_interval: float = 0.25,
+        on_update: Callable[[JobRecord], None] | None = None,
+    ) -> JobRecord:
+        """Block until the job is terminal and return its record; TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.status()
+            if on_update is not None:
+                on_update(record)
+            if record.state.is_terminal():
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} still {record.state.value} after {timeout:g}s")
+            time.sleep(poll_interval)
+
+    def video_bytes(self) -> bytes:
+        record = self.status()
+        if record.state is not JobState.SUCCEEDED or record.result is None:
+            raise RuntimeError(f"job {self.id} is {record.state.value}: there is no video to fetch")
+        return self.client.store.read(result_name(self.id))
+
+    def download(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_bytes(self.video_bytes())
+        return path
+
+
+class Client:
+    def __init__(self, settings: Settings, redis_client: redis.Redis, store: ObjectStore, celery: Celery):
+        self.settings = settings
+        self.redis = redis_client
+        self.status = StatusStore(redis_client, result_ttl=settings.result_ttl)
+        self.store = store
+        self.celery = celery
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Client:
+        settings = Settings(**overrides)
+        return cls(
+            settings, connect_redis(settings.redis_url), open_store(settings), producer_celery(settings)
+        )
+
+    def close(self) -> None:
+        self.redis.close()
+        self.celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def job(self, job_id: str) -> Job:
+        return Job(job_id, self)
+
+    def submit(self, image: ImageInput, **params: Any) -> Job:
+        """Validate, store the image, write a `queued` record, then enqueue. Returns the job's handle.
+
+        A bad parameter or unreadable image raises InvalidParameter before anything is written.
+        """
+        # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
+        checked = check_params(params)
+        data, suffix = self._image_bytes(image)
+
+        # 2. Store the image once per content; URLs the worker can read are passed through.
+        if data is None:
+            image_ref = str(image)
+        else:
+            name = content_name(data, suffix)
+            image_ref = self.store.ref(name)
+            if not self.store.exists(name):
+                image_ref = self.store.put(name, data, f"image/{suffix.lstrip('.')}").ref
+
+        # 3. Record first, then enqueue: a worker never sees a job it cannot find.
+        job_id = uuid.uuid4().hex
+        request = {**checked.model_dump(), "image": image_ref}
+        self.status.create(job_id, request)
+        try:
+            self.celery.send_task(
+                TASK_NAME,
+                kwargs={"job_id": job_id, "request": request},
+                task_id=job_id,
+                queue=self.settings.queue,
+            )
+        except Exception as exc:
+            error = {
+                "code": ErrorCode.ENQUEUE_FAILED.value,
+                "message": f"could not enqueue: {type(exc).__name__}",
+            }
+            # Best effort: the caller gets the exception either way, the record should not say queued.
+            with contextlib.suppress(InvalidTransition, redis.RedisError):
+                self.status.transition(job_id, JobState.FAILED, error=error)
+            raise
+        return Job(job_id, self)
+
+    def _image_bytes(self, image: ImageInput) -> tuple[bytes | None, str]:
+        """The image's bytes and file suffix, or (None, "") for a URL the worker reads itself."""
+        if isinstance(image, Image.Image):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            data = buf.getvalue()
+        elif isinstance(image, bytes):
+            data = image
+        elif isinstance(image, str) and image.startswith(_URL_SCHEMES):
+            return None, ""
+        else:
+            path = Path(image)
+            if not path.is_file():
+                raise InvalidParameter("image", f"no such file: {path}")
+            if path.stat().st_size > self.settings.max_image_bytes:
+                raise InvalidParameter(
+                    "image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}"
+                )
+            data = path.read_bytes()
+        return data, self._check_image(data)
+
+    def _check_image(self, data: bytes) -> str:
+        if not data:
+            raise InvalidParameter("image", "is empty (0 bytes)")
+        if len(data) > self.settings.max_image_bytes:
+            raise InvalidParameter(
+                "image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}"
+            )
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise InvalidParameter("image", f"is not a readable image ({exc})") from None
+        return _SUFFIXES.get(fmt, ".img")

@@ -1,0 +1,172 @@
+"""The contract between producers and workers: job states, the request, the record, task names.
+
+Anything a backend in another language needs to talk to svdq is defined here, so the README's
+message format and this module cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TASK_NAME = "svdq.generate_video"
+# Celery's own default queue name, so a plain `send_task(TASK_NAME, ...)` from any Celery client
+# reaches svdq workers with no routing configuration.
+DEFAULT_QUEUE = "celery"
+
+
+def result_name(job_id: str) -> str:
+    """Where a job's video lives, relative to the store's prefix."""
+    return f"{job_id}/video.mp4"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+# The one table that decides what may follow what. `None` is "no record yet".
+# queued -> failed covers a message that cannot even be parsed; started -> queued is a retry.
+TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
+    None: frozenset({JobState.QUEUED}),
+    JobState.QUEUED: frozenset({JobState.STARTED, JobState.FAILED, JobState.CANCELED}),
+    JobState.STARTED: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELED: frozenset(),
+}
+
+
+def sources_of(state: JobState) -> list[JobState | None]:
+    """The states from which `state` may be entered."""
+    return [src for src, targets in TRANSITIONS.items() if state in targets]
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_INPUT = "invalid_input"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    OUT_OF_MEMORY = "out_of_memory"
+    ENQUEUE_FAILED = "enqueue_failed"
+    INTERNAL = "internal"
+
+
+class InvalidParameter(ValueError):
+    """A request parameter is out of bounds; raised at submit, before anything is stored or enqueued."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        self.message = message
+        super().__init__(f"{param}: {message}")
+
+
+class JobParams(BaseModel):
+    """Render parameters, named as diffusers' StableVideoDiffusionPipeline names them.
+
+    Defaults are SVD-XT's. Bounds are what the model and a single GPU can sensibly do.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    num_frames: int = Field(25, ge=1, le=128)
+    num_inference_steps: int = Field(25, ge=1, le=200)
+    fps: int = Field(7, ge=1, le=60)
+    motion_bucket_id: int = Field(127, ge=0, le=255)
+    noise_aug_strength: float = Field(0.02, ge=0.0, le=1.0)
+    min_guidance_scale: float = Field(1.0, ge=0.0, le=20.0)
+    max_guidance_scale: float = Field(3.0, ge=0.0, le=20.0)
+    width: int = Field(1024, ge=64, le=2048, multiple_of=8)
+    height: int = Field(576, ge=64, le=2048, multiple_of=8)
+    # None: the worker's SVDQ_DECODE_CHUNK_SIZE.
+    decode_chunk_size: int | None = Field(None, ge=1, le=128)
+    # None: the worker draws one and records it in the result, so every video can be made again.
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _guidance_order(self) -> JobParams:
+        if self.max_guidance_scale < self.min_guidance_scale:
+            raise ValueError("max_guidance_scale must be >= min_guidance_scale")
+        return self
+
+
+class JobRequest(JobParams):
+    """What travels in the Celery message: parameters plus where the input image is.
+
+    `image` is an `s3://BUCKET/KEY` or `file://` URL, or a key in the configured store.
+    """
+
+    image: str = Field(min_length=1, max_length=2048)
+
+
+def _first_error(exc: ValidationError) -> InvalidParameter:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if not loc:  # model-level check: the message names the parameter itself
+        param = str(err["msg"]).removeprefix("Value error, ").split(" ", 1)[0]
+        return InvalidParameter(param, str(err["msg"]).removeprefix("Value error, "))
+    if err["type"] == "extra_forbidden":
+        return InvalidParameter(loc, "is not a parameter svdq knows")
+    got = err.get("input")
+    return InvalidParameter(loc, f"{err['msg']} (got {got!r})")
+
+
+def check_params(params: dict[str, Any]) -> JobParams:
+    """Validate render parameters, raising InvalidParameter that names the first bad one."""
+    try:
+        return JobParams.model_validate(params)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+
+
+def check_request(request: dict[str, Any]) -> JobRequest:
+    """Validate a whole message body (parameters and image), as a worker receives it."""
+    try:
+        return JobRequest.model_validate(request)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobResult(BaseModel):
+    key: str
+    url: str | None
+    bytes: int
+    frames: int
+    width: int
+    height: int
+    fps: int
+    seed: int
+
+
+class JobRecord(BaseModel):
+    """A job's status as kept in Redis and printed by `svdq status --json`."""
+
+    id: str
+    state: JobState
+    stage: str | None = None
+    progress: float = 0.0
+    attempts: int = 0
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    worker: str | None = None
+    error: JobError | None = None
+    result: JobResult | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    request: dict[str, Any] = Field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

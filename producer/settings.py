@@ -1,0 +1,42 @@
+"""Producer settings: everything a process that submits jobs needs, from `SVDQ_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.contract import DEFAULT_QUEUE
+
+
+def default_storage_url() -> str:
+    return (Path.home() / ".cache" / "svdq" / "store").as_uri()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SVDQ_", extra="ignore")
+
+    # Broker and status records share one Redis; `rediss://` and passwords work from the URL.
+    redis_url: str = "redis://localhost:6379/0"
+    # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
+    storage_url: str = default_storage_url()
+    s3_endpoint_url: str | None = None
+    queue: str = DEFAULT_QUEUE
+    # Terminal records expire after this many seconds.
+    result_ttl: int = 7 * 24 * 3600
+    # Presigned result URLs expire after this many seconds (S3 allows at most 7 days).
+    presign_ttl: int = 24 * 3600
+    max_image_bytes: int = 50 * 1024 * 1024
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
