@@ -1,0 +1,180 @@
+"""One job, start to finish, in numbered steps. The Celery task is a thin wrapper around `run_job`.
+
+Every way a job can end is written to its record: success with a result, or failure with an
+error code. Nothing a request contains can take the worker process down.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState, check_request, result_name
+from producer.status import InvalidTransition, StatusStore
+from producer.storage import StorageUnavailable
+from worker.decode import decode_chunks
+from worker.encode import Mp4Writer
+from worker.errors import JobFailed
+from worker.inputs import fetch_image, open_image
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Writes stage and progress to the record, at most every `interval` seconds unless forced."""
+
+    def __init__(
+        self,
+        status: StatusStore,
+        job_id: str,
+        interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.status, self.job_id, self.interval, self.clock = status, job_id, interval, clock
+        self._last = float("-inf")
+
+    def __call__(self, stage: str, progress: float, *, force: bool = False) -> None:
+        now = self.clock()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            self.status.update(self.job_id, stage=stage, progress=round(min(max(progress, 0.0), 1.0), 4))
+
+
+class Stopwatch:
+    """Accumulates seconds per stage into the job's `timings`."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def add(self, stage: str, started: float) -> None:
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - started, 4)
+
+
+def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str, Any]:
+    status = rt.status
+
+    # 1. Check the message: a malformed request fails its own job, never the worker.
+    try:
+        request = check_request(raw_request if isinstance(raw_request, dict) else {})
+    except InvalidParameter as exc:
+        return _fail_unstarted(status, job_id, raw_request, exc)
+
+    # 2. Claim the job. A plain Celery client may have sent no record: create it first.
+    status.create(job_id, request.model_dump())
+    try:
+        status.transition(
+            job_id,
+            JobState.STARTED,
+            count_attempt=True,
+            worker=worker,
+            started_at=status.now(),
+            stage="fetch",
+            progress=0.0,
+            error=None,
+        )
+    except InvalidTransition as exc:  # canceled while queued, or already finished elsewhere
+        log.info("job %s not run: %s", job_id, exc)
+        return {"job_id": job_id, "state": exc.current.value if exc.current else None}
+
+    timings = {"load": round(rt.take_load_seconds(), 4)}
+    try:
+        result = _render(rt, job_id, request, timings)
+    except JobFailed as exc:
+        log.warning("job %s failed: %s", job_id, exc)
+        return _finish(status, job_id, JobState.FAILED, error=exc.as_error(), timings=timings)
+    except torch.cuda.OutOfMemoryError:
+        error = {"code": ErrorCode.OUT_OF_MEMORY.value, "message": "the GPU ran out of memory"}
+        return _finish(status, job_id, JobState.FAILED, error=error, timings=timings)
+    except Exception as exc:
+        log.exception("job %s crashed", job_id)
+        error = {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        return _finish(status, job_id, JobState.FAILED, error=error, timings=timings)
+    log.info("job %s succeeded: %s (%d bytes)", job_id, result["key"], result["bytes"])
+    return _finish(
+        status, job_id, JobState.SUCCEEDED, result=result, timings=timings, stage="done", progress=1.0
+    )
+
+
+def _render(rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, float]) -> dict[str, Any]:
+    progress = Progress(rt.status, job_id)
+    clock = Stopwatch(timings)
+
+    # 3. Fetch and decode the input image.
+    started = time.perf_counter()
+    image = open_image(fetch_image(rt.store, request.image))
+    clock.add("fetch", started)
+
+    # 4. Denoise to latents on the device.
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    progress("denoise", 0.05, force=True)
+    started = time.perf_counter()
+    latents = rt.renderer.denoise(
+        image, request, seed, on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total)
+    )
+    clock.add("denoise", started)
+
+    # 5. Decode chunk by chunk, each chunk going straight into the encoder.
+    chunk_size = request.decode_chunk_size or rt.settings.decode_chunk_size
+    progress("decode", 0.85, force=True)
+    s = rt.settings
+    with Mp4Writer(
+        request.width, request.height, request.fps, crf=s.x264_crf, preset=s.x264_preset
+    ) as writer:
+        chunks = decode_chunks(rt.renderer.vae, latents, chunk_size)
+        while True:
+            started = time.perf_counter()
+            frames = next(chunks, None)
+            clock.add("decode", started)
+            if frames is None:
+                break
+            started = time.perf_counter()
+            writer.write(frames)
+            clock.add("encode", started)
+            progress("decode", 0.85 + 0.1 * writer.frames / request.num_frames)
+        started = time.perf_counter()
+        video = writer.finish()
+        clock.add("encode", started)
+
+    # 6. Upload the video and make a URL for it.
+    progress("upload", 0.95, force=True)
+    started = time.perf_counter()
+    try:
+        stored = rt.store.put(result_name(job_id), video, "video/mp4")
+        url = rt.store.public_url(stored.key)
+    except StorageUnavailable as exc:
+        raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
+    clock.add("upload", started)
+    return {
+        "key": stored.key,
+        "url": url,
+        "bytes": len(video),
+        "frames": writer.frames,
+        "width": request.width,
+        "height": request.height,
+        "fps": request.fps,
+        "seed": seed,
+    }
+
+
+def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:
+    try:
+        status.transition(job_id, state, **fields)
+    except InvalidTransition as exc:  # canceled while it ran: the cancel stands
+        log.info("job %s: result dropped, %s", job_id, exc)
+        return {"job_id": job_id, "state": exc.current.value if exc.current else None}
+    return {"job_id": job_id, "state": state.value}
+
+
+def _fail_unstarted(
+    status: StatusStore, job_id: str, raw_request: Any, exc: InvalidParameter
+) -> dict[str, Any]:
+    log.warning("job %s has an invalid request: %s", job_id, exc)
+    status.create(job_id, raw_request if isinstance(raw_request, dict) else {})
+    error = {"code": ErrorCode.INVALID_INPUT.value, "message": f"invalid request: {exc}"}
+    return _finish(status, job_id, JobState.FAILED, error=error)
