@@ -1,0 +1,191 @@
+"""Real services for integration tests: a redis-server and an S3 server (moto, over HTTP) on free
+ports, the tiny model built once through the CLI, and real `svdq worker` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from celery import Celery
+from PIL import Image
+
+from producer.client import Client, producer_celery
+from producer.contract import DEFAULT_QUEUE
+from producer.local_redis import LocalRedis, free_port
+from producer.settings import Settings
+
+BUCKET = "svdq-test"
+PREFIX = "renders"
+# Small enough to render in about a second on two CPU cores with the tiny model.
+SMALL = {"width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2, "fps": 8}
+SVDQ = str(Path(sys.executable).with_name("svdq"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = LocalRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    with (tmp_path_factory.mktemp("moto") / "moto.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    subprocess.run([SVDQ, "make-tiny-model", str(directory)], check=True, capture_output=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def svdq_env(redis_url: str, s3_endpoint: str, tiny_model: Path) -> Iterator[dict[str, str]]:
+    """The environment every svdq process in the tests shares; also applied to this process."""
+    env = {
+        "SVDQ_REDIS_URL": redis_url,
+        "SVDQ_STORAGE_URL": f"s3://{BUCKET}/{PREFIX}",
+        "SVDQ_S3_ENDPOINT_URL": s3_endpoint,
+        "SVDQ_MODEL": str(tiny_model),
+        "AWS_ACCESS_KEY_ID": "svdq-test-key",
+        "AWS_SECRET_ACCESS_KEY": "svdq-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    yield {**os.environ, **env}
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3(svdq_env: dict[str, str]) -> object:
+    return boto3.client("s3", endpoint_url=svdq_env["SVDQ_S3_ENDPOINT_URL"])
+
+
+@pytest.fixture
+def client(svdq_env: dict[str, str]) -> Iterator[Client]:
+    with Client.from_env() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def celery_control(svdq_env: dict[str, str]) -> Iterator[Celery]:
+    app = producer_celery(Settings())
+    yield app
+    app.close()
+
+
+@dataclass
+class WorkerProcess:
+    hostname: str
+    queue: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _start_worker(
+    env: dict[str, str], logdir: Path, control: Celery, queue: str, *extra: str
+) -> WorkerProcess:
+    hostname = f"w{uuid.uuid4().hex[:6]}@test"
+    log = logdir / f"{hostname}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [SVDQ, "worker", f"--hostname={hostname}", f"--queues={queue}", *extra],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = WorkerProcess(hostname, queue, proc, log)
+    deadline = time.monotonic() + 90
+    while not control.control.ping(destination=[hostname], timeout=0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not come up:\n{worker.log_text()[-4000:]}")
+    return worker
+
+
+def _stop_worker(worker: WorkerProcess) -> None:
+    if worker.proc.poll() is None:
+        worker.proc.terminate()  # the main process only: Celery's warm shutdown stops its pool itself
+        try:
+            worker.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait()
+    print(f"--- log of {worker.hostname} ---\n{worker.log_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def worker(
+    svdq_env: dict[str, str], celery_control: Celery, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One warm worker shared by the session's tests."""
+    w = _start_worker(svdq_env, tmp_path_factory.mktemp("worker"), celery_control, DEFAULT_QUEUE)
+    yield w
+    _stop_worker(w)
+
+
+@pytest.fixture
+def start_worker(
+    svdq_env: dict[str, str], celery_control: Celery, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """A factory for fresh workers, each on a queue of its own, stopped when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(*extra: str) -> WorkerProcess:
+        queue = f"test-{uuid.uuid4().hex[:8]}"
+        started.append(_start_worker(svdq_env, tmp_path, celery_control, queue, *extra))
+        return started[-1]
+
+    yield start
+    for w in started:
+        _stop_worker(w)
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "input.png"
+    img = Image.new("RGB", (96, 80))
+    for x in range(96):
+        for y in range(80):
+            img.putpixel((x, y), (x * 2, y * 3, 128))
+    img.save(path)
+    return path

@@ -1,0 +1,80 @@
+"""The request contract and the job-state table: pure logic, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from producer.cli import PARAM_FLAGS
+from producer.contract import (
+    TERMINAL,
+    TRANSITIONS,
+    InvalidParameter,
+    JobParams,
+    JobState,
+    check_params,
+    check_request,
+    sources_of,
+)
+
+
+def test_defaults_are_svd_xt() -> None:
+    p = check_params({})
+    assert (p.num_frames, p.num_inference_steps, p.fps, p.motion_bucket_id) == (25, 25, 7, 127)
+    assert (p.noise_aug_strength, p.min_guidance_scale, p.max_guidance_scale) == (0.02, 1.0, 3.0)
+    assert (p.width, p.height) == (1024, 576)
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"num_frames": 0}, "num_frames"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"fps": 0}, "fps"),
+        ({"width": 1020}, "width"),
+        ({"width": 8}, "width"),
+        ({"height": 4000}, "height"),
+        ({"motion_bucket_id": 256}, "motion_bucket_id"),
+        ({"noise_aug_strength": -0.1}, "noise_aug_strength"),
+        ({"decode_chunk_size": 0}, "decode_chunk_size"),
+        ({"seed": -1}, "seed"),
+        ({"num_frames": "25"}, "num_frames"),
+        ({"num_frames": 2.5}, "num_frames"),
+        ({"min_guidance_scale": 2.0, "max_guidance_scale": 1.5}, "max_guidance_scale"),
+        ({"frames_to_decode_at_once": 4}, "frames_to_decode_at_once"),
+    ],
+)
+def test_a_bad_parameter_is_named(params: dict[str, Any], named: str) -> None:
+    with pytest.raises(InvalidParameter) as err:
+        check_params(params)
+    assert err.value.param == named
+    assert str(err.value).startswith(f"{named}: ")
+
+
+def test_a_request_needs_an_image() -> None:
+    with pytest.raises(InvalidParameter) as err:
+        check_request({"num_frames": 4})
+    assert err.value.param == "image"
+    assert check_request({"image": "s3://b/k.png", "num_frames": 4}).image == "s3://b/k.png"
+
+
+def test_every_cli_flag_sets_a_real_parameter() -> None:
+    assert {field for field, _ in PARAM_FLAGS.values()} == set(JobParams.model_fields)
+
+
+def test_terminal_states_never_change() -> None:
+    for state in TERMINAL:
+        assert state.is_terminal()
+        assert TRANSITIONS[state] == frozenset()
+
+
+def test_every_state_has_a_row_and_can_be_reached() -> None:
+    assert set(TRANSITIONS) == {None, *JobState}
+    assert {target for targets in TRANSITIONS.values() for target in targets} == set(JobState)
+
+
+def test_retry_and_cancel_paths() -> None:
+    assert JobState.QUEUED in TRANSITIONS[JobState.STARTED]  # retry
+    assert sources_of(JobState.CANCELED) == [JobState.QUEUED, JobState.STARTED]
+    assert sources_of(JobState.QUEUED) == [None, JobState.STARTED]

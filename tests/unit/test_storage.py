@@ -1,0 +1,56 @@
+"""The file store, content addressing and URL handling (a temporary folder, no services)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.settings import Settings, redact_url
+from producer.storage import FileStore, InvalidReference, ObjectNotFound, S3Store, content_name, open_store
+
+
+def test_content_name_is_stable_and_content_addressed() -> None:
+    assert content_name(b"abc", ".png") == content_name(b"abc", ".png")
+    assert content_name(b"abc", ".png") != content_name(b"abd", ".png")
+    assert content_name(b"abc", ".png").startswith("inputs/") and content_name(b"abc", ".png").endswith(
+        ".png"
+    )
+
+
+def test_file_store_round_trip(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    stored = store.put("job1/video.mp4", b"data", "video/mp4")
+    assert stored.key == "job1/video.mp4"
+    assert store.exists("job1/video.mp4") and not store.exists("job2/video.mp4")
+    assert store.read(stored.ref) == b"data" == store.read("job1/video.mp4")
+    assert list(tmp_path.rglob(".part-*")) == []
+
+
+def test_file_store_refuses_paths_outside_it(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("no")
+    with pytest.raises(InvalidReference):
+        store.read(secret.as_uri())
+    with pytest.raises(InvalidReference):
+        store.read("../secret.txt")
+    with pytest.raises(InvalidReference):
+        store.read("s3://bucket/key")
+    with pytest.raises(ObjectNotFound):
+        store.read("missing.png")
+
+
+def test_open_store_parses_urls(tmp_path: Path) -> None:
+    assert isinstance(open_store(Settings(storage_url=tmp_path.as_uri())), FileStore)
+    s3 = open_store(Settings(storage_url="s3://bucket/some/prefix/"), s3_client=object())
+    assert isinstance(s3, S3Store) and s3.ref("a.png") == "s3://bucket/some/prefix/a.png"
+    assert open_store(Settings(storage_url="s3://bucket"), s3_client=object()).ref("a") == "s3://bucket/a"
+    with pytest.raises(ValueError, match="SVDQ_STORAGE_URL"):
+        open_store(Settings(storage_url="ftp://x/y"))
+
+
+def test_redact_url_hides_passwords() -> None:
+    assert redact_url("redis://:hunter2@host:6380/1") == "redis://:***@host:6380/1"
+    assert redact_url("rediss://user:pw@host/0") == "rediss://user:***@host/0"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
