@@ -25,7 +25,7 @@ from producer.storage import StorageUnavailable
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 
 # CLI flag -> the request field it sets (diffusers' argument names).
-PARAM_FLAGS: dict[str, tuple[str, type]] = {
+PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--frames": ("num_frames", int),
     "--steps": ("num_inference_steps", int),
     "--fps": ("fps", int),
@@ -36,7 +36,8 @@ PARAM_FLAGS: dict[str, tuple[str, type]] = {
     "--noise-aug-strength": ("noise_aug_strength", float),
     "--min-guidance": ("min_guidance_scale", float),
     "--max-guidance": ("max_guidance_scale", float),
-    "--decode-chunk-size": ("decode_chunk_size", int),
+    "--decode-chunk-size": ("decode_chunk_size", lambda v: v if v == "auto" else int(v)),
+    "--format": ("format", str),
 }
 
 
@@ -60,9 +61,7 @@ def describe(record: JobRecord) -> str:
         lines.append(f"error    {record.error.code}: {record.error.message}")
     if record.result:
         r = record.result
-        lines.append(
-            f"video    {r.key} ({r.bytes} bytes, {r.frames} frames {r.width}x{r.height} @ {r.fps} fps)"
-        )
+        lines.append(f"video    {r.key} ({r.bytes} bytes, {r.frames} frames {r.width}x{r.height} @ {r.fps} fps)")
         if r.url:
             lines.append(f"url      {r.url}")
     if record.timings:
@@ -76,9 +75,7 @@ def progress_printer() -> tuple[Callable[[JobRecord], None], Callable[[], None]]
         return (lambda record: None), (lambda: None)
     from tqdm import tqdm
 
-    bar = tqdm(
-        total=100, file=sys.stderr, unit="%", bar_format="{desc:<22}{percentage:3.0f}%|{bar}| {elapsed}"
-    )
+    bar = tqdm(total=100, file=sys.stderr, unit="%", bar_format="{desc:<22}{percentage:3.0f}%|{bar}| {elapsed}")
 
     def update(record: JobRecord) -> None:
         bar.set_description_str(f"{record.state.value}:{record.stage or '-'}")
@@ -93,9 +90,7 @@ def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_jso
     try:
         record = job.wait(timeout, on_update=update)
     except TimeoutError as exc:
-        raise CliError(
-            f"{exc}; it is still running, `svdq wait {job.id}` to keep following it", EXIT_TIMEOUT
-        ) from None
+        raise CliError(f"{exc}; it is still running, `svdq wait {job.id}` to keep following it", EXIT_TIMEOUT) from None
     finally:
         close()
     if as_json:
@@ -111,9 +106,7 @@ def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_jso
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    params = {
-        field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None
-    }
+    params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
     image = args.image if args.image.startswith(("s3://", "file://")) else Path(args.image)
     with Client.from_env() as client:
         job = client.submit(image, **params)
@@ -160,9 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def run_worker_module(module: str, argv: list[str]) -> None:
     """Replace this process with one of the worker's entry points (the producer never imports it)."""
     if importlib.util.find_spec("worker") is None or importlib.util.find_spec("torch") is None:
-        raise CliError(
-            "the worker is not installed here: `pip install 'svdq[worker]'` (needs torch)", EXIT_USAGE
-        )
+        raise CliError("the worker is not installed here: `pip install 'svdq[worker]'` (needs torch)", EXIT_USAGE)
     os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 
@@ -178,10 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="queue an image-to-video render; prints the job id")
     submit.add_argument("image", help="a local image file, or an s3:// or file:// URL")
     for flag, (field, kind) in PARAM_FLAGS.items():
-        submit.add_argument(flag, dest=field, type=kind, metavar=kind.__name__.upper(), help=f"sets {field}")
-    submit.add_argument(
-        "--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded"
-    )
+        metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
+        submit.add_argument(flag, dest=field, type=kind, metavar=metavar, help=f"sets {field}")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most")
     submit.add_argument("--output", type=Path, help="with --wait: download the video here")
     submit.add_argument("--json", action="store_true", help="print the job's status record as JSON")

@@ -21,7 +21,6 @@ from producer.contract import (
     JobRecord,
     JobState,
     check_params,
-    result_name,
 )
 from producer.settings import Settings
 from producer.status import InvalidTransition, StatusStore
@@ -80,7 +79,7 @@ class Job:
         record = self.status()
         if record.state is not JobState.SUCCEEDED or record.result is None:
             raise RuntimeError(f"job {self.id} is {record.state.value}: there is no video to fetch")
-        return self.client.store.read(result_name(self.id))
+        return self.client.store.read_key(record.result.key)
 
     def download(self, path: str | Path) -> Path:
         path = Path(path)
@@ -99,9 +98,7 @@ class Client:
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
         settings = Settings(**overrides)
-        return cls(
-            settings, connect_redis(settings.redis_url), open_store(settings), producer_celery(settings)
-        )
+        return cls(settings, connect_redis(settings.redis_url), open_store(settings), producer_celery(settings))
 
     def close(self) -> None:
         self.redis.close()
@@ -171,9 +168,7 @@ class Client:
             if not path.is_file():
                 raise InvalidParameter("image", f"no such file: {path}")
             if path.stat().st_size > self.settings.max_image_bytes:
-                raise InvalidParameter(
-                    "image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}"
-                )
+                raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
             data = path.read_bytes()
         return data, self._check_image(data)
 
@@ -181,9 +176,7 @@ class Client:
         if not data:
             raise InvalidParameter("image", "is empty (0 bytes)")
         if len(data) > self.settings.max_image_bytes:
-            raise InvalidParameter(
-                "image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}"
-            )
+            raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
         try:
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format or ""

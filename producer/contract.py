@@ -7,7 +7,7 @@ message format and this module cannot drift apart.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -17,9 +17,12 @@ TASK_NAME = "svdq.generate_video"
 DEFAULT_QUEUE = "celery"
 
 
-def result_name(job_id: str) -> str:
+VIDEO_FORMATS = ("mp4", "webm", "gif")
+
+
+def result_name(job_id: str, fmt: str = "mp4") -> str:
     """Where a job's video lives, relative to the store's prefix."""
-    return f"{job_id}/video.mp4"
+    return f"{job_id}/video.{fmt}"
 
 
 class JobState(str, enum.Enum):
@@ -86,8 +89,10 @@ class JobParams(BaseModel):
     max_guidance_scale: float = Field(3.0, ge=0.0, le=20.0)
     width: int = Field(1024, ge=64, le=2048, multiple_of=8)
     height: int = Field(576, ge=64, le=2048, multiple_of=8)
-    # None: the worker's SVDQ_DECODE_CHUNK_SIZE.
-    decode_chunk_size: int | None = Field(None, ge=1, le=128)
+    # Frames the VAE decodes at once. "auto": the largest that fits the GPU's free memory.
+    # None: the worker's SVDQ_DECODE_CHUNK_SIZE (itself "auto" unless set).
+    decode_chunk_size: Annotated[int, Field(ge=1, le=128)] | Literal["auto"] | None = None
+    format: Literal["mp4", "webm", "gif"] = "mp4"
     # None: the worker draws one and records it in the result, so every video can be made again.
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
@@ -109,7 +114,7 @@ class JobRequest(JobParams):
 
 def _first_error(exc: ValidationError) -> InvalidParameter:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = str(err["loc"][0]) if err["loc"] else ""  # later parts name union members, not parameters
     if not loc:  # model-level check: the message names the parameter itself
         param = str(err["msg"]).removeprefix("Value error, ").split(" ", 1)[0]
         return InvalidParameter(param, str(err["msg"]).removeprefix("Value error, "))
@@ -142,6 +147,7 @@ class JobError(BaseModel):
 
 class JobResult(BaseModel):
     key: str
+    format: str = "mp4"
     url: str | None
     bytes: int
     frames: int
@@ -149,6 +155,15 @@ class JobResult(BaseModel):
     height: int
     fps: int
     seed: int
+
+
+class MemoryReport(BaseModel):
+    """What the worker did about memory for one job."""
+
+    decode_chunk_size: int  # the chunk finally used
+    decode_chunk_halvings: int = 0  # times a decode ran out of memory and was retried with half
+    forward_chunking: bool = False  # whether the denoise needed the UNet's feed-forward chunking
+    peak_bytes: int | None = None  # device memory peak during the job (CUDA only)
 
 
 class JobRecord(BaseModel):
@@ -166,6 +181,7 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     result: JobResult | None = None
     timings: dict[str, float] = Field(default_factory=dict)
+    memory: MemoryReport | None = None
     request: dict[str, Any] = Field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:

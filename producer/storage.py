@@ -49,6 +49,7 @@ class ObjectStore(Protocol):
     def exists(self, name: str) -> bool: ...
     def ref(self, name: str) -> str: ...
     def read(self, ref: str) -> bytes: ...
+    def read_key(self, key: str) -> bytes: ...
     def public_url(self, key: str) -> str | None: ...
 
 
@@ -100,6 +101,9 @@ class FileStore:
         except FileNotFoundError:
             raise ObjectNotFound(f"no image at {ref}") from None
 
+    def read_key(self, key: str) -> bytes:
+        return self.read(key)
+
     def public_url(self, key: str) -> str | None:
         return (self.root / key).as_uri()
 
@@ -145,6 +149,9 @@ class S3Store:
         with _s3_errors(key):
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
+    def read_key(self, key: str) -> bytes:
+        return self.read(f"s3://{self.bucket}/{key}")
+
     def public_url(self, key: str) -> str | None:
         return self.s3.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl
@@ -188,6 +195,4 @@ def open_store(settings: Settings, s3_client: Any | None = None) -> ObjectStore:
         return S3Store(client, parts.netloc, parts.path, settings.presign_ttl)
     if parts.scheme == "file" and parts.path.startswith("/"):
         return FileStore(Path(unquote(parts.path)))
-    raise ValueError(
-        f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}"
-    )
+    raise ValueError(f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}")

@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     problem = check_model(settings.model)
     if problem:
         sys.exit(f"svdq worker: {problem}. Build a test model with `svdq make-tiny-model DIR`.")
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s")
     app = create_app(settings)
     # Our defaults first: later options on the command line override them.
     defaults = [

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,8 +18,8 @@ import torch
 from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState, check_request, result_name
 from producer.status import InvalidTransition, StatusStore
 from producer.storage import StorageUnavailable
-from worker.decode import decode_chunks
-from worker.encode import Mp4Writer
+from worker.decode import ChunkedDecoder, OutOfMemory, to_yuv420p
+from worker.encode import VideoWriter
 from worker.errors import JobFailed
 from worker.inputs import fetch_image, open_image
 from worker.runtime import Runtime
@@ -44,6 +45,19 @@ class Progress:
         if force or now - self._last >= self.interval:
             self._last = now
             self.status.update(self.job_id, stage=stage, progress=round(min(max(progress, 0.0), 1.0), 4))
+
+
+@contextmanager
+def _peak_memory(device: torch.device, memory: dict[str, Any]) -> Iterator[None]:
+    """Record the device's memory peak over the job (CUDA only)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        memory["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
 
 
 class Stopwatch:
@@ -83,25 +97,40 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
 
     timings = {"load": round(rt.take_load_seconds(), 4)}
-    try:
-        result = _render(rt, job_id, request, timings)
-    except JobFailed as exc:
-        log.warning("job %s failed: %s", job_id, exc)
-        return _finish(status, job_id, JobState.FAILED, error=exc.as_error(), timings=timings)
-    except torch.cuda.OutOfMemoryError:
-        error = {"code": ErrorCode.OUT_OF_MEMORY.value, "message": "the GPU ran out of memory"}
-        return _finish(status, job_id, JobState.FAILED, error=error, timings=timings)
-    except Exception as exc:
-        log.exception("job %s crashed", job_id)
-        error = {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        return _finish(status, job_id, JobState.FAILED, error=error, timings=timings)
+    memory: dict[str, Any] = {"decode_chunk_size": 0}
+    result: dict[str, Any] = {}
+    error: dict[str, str] | None = None
+    with _peak_memory(rt.renderer.device, memory):
+        try:
+            result = _render(rt, job_id, request, timings, memory)
+        except JobFailed as exc:
+            log.warning("job %s failed: %s", job_id, exc)
+            error = exc.as_error()
+        except OutOfMemory:
+            log.warning("job %s ran out of device memory: %s", job_id, memory)
+            message = "the GPU ran out of memory, even with forward chunking and a decode chunk of 1"
+            error = {"code": ErrorCode.OUT_OF_MEMORY.value, "message": message}
+        except Exception as exc:
+            log.exception("job %s crashed", job_id)
+            error = {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    if error is not None:
+        return _finish(status, job_id, JobState.FAILED, error=error, timings=timings, memory=memory)
     log.info("job %s succeeded: %s (%d bytes)", job_id, result["key"], result["bytes"])
     return _finish(
-        status, job_id, JobState.SUCCEEDED, result=result, timings=timings, stage="done", progress=1.0
+        status,
+        job_id,
+        JobState.SUCCEEDED,
+        result=result,
+        timings=timings,
+        memory=memory,
+        stage="done",
+        progress=1.0,
     )
 
 
-def _render(rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, float]) -> dict[str, Any]:
+def _render(
+    rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, float], memory: dict[str, Any]
+) -> dict[str, Any]:
     progress = Progress(rt.status, job_id)
     clock = Stopwatch(timings)
 
@@ -114,29 +143,32 @@ def _render(rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, fl
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     progress("denoise", 0.05, force=True)
     started = time.perf_counter()
-    latents = rt.renderer.denoise(
-        image, request, seed, on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total)
-    )
+    try:
+        latents = rt.renderer.denoise(
+            image, request, seed, on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total)
+        )
+    finally:
+        memory["forward_chunking"] = rt.renderer.forward_chunking
     clock.add("denoise", started)
 
-    # 5. Decode chunk by chunk, each chunk going straight into the encoder.
-    chunk_size = request.decode_chunk_size or rt.settings.decode_chunk_size
+    # 5. Decode chunk by chunk, each chunk converted on the device and queued for the encoder.
+    chunk = rt.renderer.decode_chunk_size(request.decode_chunk_size or rt.settings.decode_chunk_size, request)
+    decoder = ChunkedDecoder(rt.renderer.vae, latents, chunk)
     progress("decode", 0.85, force=True)
-    s = rt.settings
-    with Mp4Writer(
-        request.width, request.height, request.fps, crf=s.x264_crf, preset=s.x264_preset
-    ) as writer:
-        chunks = decode_chunks(rt.renderer.vae, latents, chunk_size)
-        while True:
+    with _writer(rt, request) as writer:
+        try:
             started = time.perf_counter()
-            frames = next(chunks, None)
+            for frames in decoder:
+                yuv = to_yuv420p(frames)
+                clock.add("decode", started)
+                started = time.perf_counter()
+                writer.write(yuv)
+                clock.add("encode", started)
+                progress("decode", 0.85 + 0.1 * writer.frames / request.num_frames)
+                started = time.perf_counter()
             clock.add("decode", started)
-            if frames is None:
-                break
-            started = time.perf_counter()
-            writer.write(frames)
-            clock.add("encode", started)
-            progress("decode", 0.85 + 0.1 * writer.frames / request.num_frames)
+        finally:
+            memory.update(decode_chunk_size=decoder.chunk_size, decode_chunk_halvings=decoder.halvings)
         started = time.perf_counter()
         video = writer.finish()
         clock.add("encode", started)
@@ -145,7 +177,7 @@ def _render(rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, fl
     progress("upload", 0.95, force=True)
     started = time.perf_counter()
     try:
-        stored = rt.store.put(result_name(job_id), video, "video/mp4")
+        stored = rt.store.put(result_name(job_id, request.format), video, writer.format.content_type)
         url = rt.store.public_url(stored.key)
     except StorageUnavailable as exc:
         raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
@@ -162,6 +194,12 @@ def _render(rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, fl
     }
 
 
+def _writer(rt: Runtime, request: JobRequest) -> VideoWriter:
+    s = rt.settings
+    return VideoWriter(request.width, request.height, request.fps, fmt=request.format, pix_fmt="yuv420p",
+                       crf=s.x264_crf, preset=s.x264_preset, x264_params=s.x264_params)  # fmt: skip
+
+
 def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:
     try:
         status.transition(job_id, state, **fields)
@@ -171,9 +209,7 @@ def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) ->
     return {"job_id": job_id, "state": state.value}
 
 
-def _fail_unstarted(
-    status: StatusStore, job_id: str, raw_request: Any, exc: InvalidParameter
-) -> dict[str, Any]:
+def _fail_unstarted(status: StatusStore, job_id: str, raw_request: Any, exc: InvalidParameter) -> dict[str, Any]:
     log.warning("job %s has an invalid request: %s", job_id, exc)
     status.create(job_id, raw_request if isinstance(raw_request, dict) else {})
     error = {"code": ErrorCode.INVALID_INPUT.value, "message": f"invalid request: {exc}"}

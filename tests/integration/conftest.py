@@ -121,9 +121,7 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")
 
 
-def _start_worker(
-    env: dict[str, str], logdir: Path, control: Celery, queue: str, *extra: str
-) -> WorkerProcess:
+def _start_worker(env: dict[str, str], logdir: Path, control: Celery, queue: str, *extra: str) -> WorkerProcess:
     hostname = f"w{uuid.uuid4().hex[:6]}@test"
     log = logdir / f"{hostname}.log"
     with log.open("wb") as fh:

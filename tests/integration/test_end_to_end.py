@@ -81,15 +81,15 @@ def test_render_lands_in_s3_and_decodes_as_requested(
     assert frames == 6
     assert meta["size"] == (72, 64) and meta["fps"] == 9.0
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
+    assert record.memory is not None and record.memory.decode_chunk_size == 6  # "auto" on a CPU: min(8, frames)
+    assert record.memory.decode_chunk_halvings == 0 and record.memory.forward_chunking is False
     # The presigned URL is a plain HTTP GET away.
     assert result.url is not None
     with urllib.request.urlopen(result.url, timeout=10) as resp:
         assert resp.read() == video
 
 
-def test_second_job_on_a_worker_pays_no_load(
-    svdq_env: dict[str, str], start_worker: Any, image_file: Path
-) -> None:
+def test_second_job_on_a_worker_pays_no_load(svdq_env: dict[str, str], start_worker: Any, image_file: Path) -> None:
     fresh = start_worker()
     with Client.from_env(queue=fresh.queue) as client:
         first = client.submit(image_file, **SMALL).wait(timeout=120)
@@ -167,9 +167,7 @@ def test_plain_celery_message_without_a_record(
     job_id = uuid.uuid4().hex
     plain = Celery(broker=svdq_env["SVDQ_REDIS_URL"])
     try:
-        plain.send_task(
-            TASK_NAME, kwargs={"job_id": job_id, "request": {"image": f"s3://{BUCKET}/{key}", **SMALL}}
-        )
+        plain.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": {"image": f"s3://{BUCKET}/{key}", **SMALL}})
     finally:
         plain.close()
     # The record appears when a worker takes the message: there is nothing to find before that.
@@ -238,13 +236,9 @@ def test_cli_submit_wait_status_and_output(
     frames, meta = probe(out.read_bytes(), tmp_path)
     assert frames == 4 and meta["size"] == (64, 64)
 
-    status = subprocess.run(
-        [SVDQ, "status", record["id"], "--json"], env=svdq_env, capture_output=True, text=True
-    )
+    status = subprocess.run([SVDQ, "status", record["id"], "--json"], env=svdq_env, capture_output=True, text=True)
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == record["id"]
-    plain = subprocess.run(
-        [SVDQ, "submit", str(image_file), *flags], env=svdq_env, capture_output=True, text=True
-    )
+    plain = subprocess.run([SVDQ, "submit", str(image_file), *flags], env=svdq_env, capture_output=True, text=True)
     assert plain.returncode == 0 and re.fullmatch(r"[0-9a-f]{32}\n", plain.stdout)
     missing = subprocess.run([SVDQ, "status", "no-such-job"], env=svdq_env, capture_output=True, text=True)
     assert missing.returncode == 3 and "no-such-job" in missing.stderr
@@ -271,3 +265,15 @@ def test_status_store_enforces_the_transition_table(redis_url: str) -> None:
         {"image": "x"},
     )
     assert record.finished_at is not None
+
+
+@pytest.mark.parametrize(("fmt", "content_type"), [("webm", "video/webm"), ("gif", "image/gif")])
+def test_other_formats(client: Client, worker: WorkerProcess, s3: Any, image_file: Path, fmt: str,
+                       content_type: str) -> None:  # fmt: skip
+    record = client.submit(image_file, **SMALL, format=fmt, decode_chunk_size=3).wait(timeout=120)
+    assert record.state is JobState.SUCCEEDED, record.error
+    assert record.result is not None and record.result.key.endswith(f"/video.{fmt}")
+    assert record.memory is not None and record.memory.decode_chunk_size == 3
+    head = s3.head_object(Bucket=BUCKET, Key=record.result.key)
+    assert head["ContentType"] == content_type and head["ContentLength"] == record.result.bytes
+    assert client.job(record.id).video_bytes()[:4] in (b"\x1a\x45\xdf\xa3", b"GIF8")

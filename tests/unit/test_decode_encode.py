@@ -1,54 +1,195 @@
-"""Chunked decode against diffusers' own decode, and the mp4 writer (tiny model, in process)."""
+"""Chunked decode, OOM halving, colour conversion and the encoder (tiny model, in process, no services)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from worker.decode import decode_chunks
-from worker.encode import Mp4Writer
+from producer.contract import JobParams
+from worker.decode import ChunkedDecoder, DecodeCost, OutOfMemory, to_rgb24, to_yuv420p
+from worker.encode import EncodeError, VideoWriter
+from worker.pipeline import Renderer
 from worker.tiny_model import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipe():  # type: ignore[no-untyped-def]
+def pipe() -> Any:
     return build_tiny_pipeline()
 
 
+def decode_all(vae: Any, latents: torch.Tensor, chunk: int, **kw: Any) -> tuple[np.ndarray, ChunkedDecoder]:
+    decoder = ChunkedDecoder(vae, latents, chunk, **kw)
+    return np.concatenate([to_rgb24(frames) for frames in decoder]), decoder
+
+
+def ffmpeg_decode(data: bytes, suffix: str) -> tuple[int, bytes]:
+    """Decode every frame back to rgb24; return the frame count and ffmpeg's description of the input."""
+    with tempfile.NamedTemporaryFile(suffix=suffix) as fh:
+        fh.write(data)
+        fh.flush()
+        run = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", fh.name, "-f", "rawvideo", "-pix_fmt", "rgb24",
+             "-"], capture_output=True, check=True,
+        )  # fmt: skip
+    return len(run.stdout), run.stderr
+
+
+def smooth_frames(n: int, height: int = 48, width: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    for t in range(n):
+        frames[t, ..., 0] = (x * 3 + t * 10) % 256
+        frames[t, ..., 1] = y * 4
+        frames[t, ..., 2] = 200 - t * 5
+    return frames
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 6])
-def test_chunked_decode_matches_the_pipelines_decode(pipe, chunk: int) -> None:  # type: ignore[no-untyped-def]
+def test_chunked_decode_matches_the_pipelines_decode(pipe: Any, chunk: int) -> None:
     torch.manual_seed(1)
     latents = torch.randn(1, 6, 4, 16, 16)
-    ours = np.concatenate(list(decode_chunks(pipe.vae, latents, chunk)))
+    ours, decoder = decode_all(pipe.vae, latents, chunk)
     with torch.no_grad():
         decoded = pipe.decode_latents(latents, num_frames=6, decode_chunk_size=chunk)
     stock = pipe.video_processor.postprocess_video(video=decoded, output_type="pil")[0]
     assert ours.shape == (6, 32, 32, 3) and ours.dtype == np.uint8
     assert np.array_equal(ours, np.stack([np.asarray(frame) for frame in stock]))
+    assert (decoder.chunk_size, decoder.halvings) == (chunk, 0)
 
 
-def test_mp4_writer_writes_every_frame_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    before = set(Path(tempfile.gettempdir()).glob("svdq-encode-*"))
-    frames = np.zeros((5, 48, 64, 3), dtype=np.uint8)
-    frames[:, :, :, 0] = np.arange(5, dtype=np.uint8)[:, None, None] * 40
-    with Mp4Writer(64, 48, fps=5) as writer:
+def test_streamed_frames_equal_the_stock_pipeline_all_at_once(pipe: Any) -> None:
+    """svdq's path (latents, then chunks streamed out) against `pipe(...)` decoding every frame itself."""
+    image = Image.new("RGB", (64, 64), (180, 90, 40))
+    params = JobParams(width=64, height=64, num_frames=6, num_inference_steps=2, decode_chunk_size=3)
+    renderer = Renderer(pipe=pipe, device=torch.device("cpu"), dtype=torch.float32)
+    latents = renderer.denoise(image, params, seed=5, on_step=lambda done, total: None)
+    streamed, _ = decode_all(pipe.vae, latents, 3)
+
+    with torch.no_grad():
+        stock = pipe(image, width=64, height=64, num_frames=6, num_inference_steps=2, decode_chunk_size=3,
+                     generator=torch.Generator("cpu").manual_seed(5), output_type="np").frames[0]  # fmt: skip
+    stock_u8 = (stock * 255).round().astype(np.uint8)
+    assert streamed.shape == stock_u8.shape
+    assert np.abs(streamed.astype(int) - stock_u8.astype(int)).max() <= 1
+
+
+class FlakyVae(torch.nn.Module):
+    """The real VAE, except that decoding more than `limit` frames at once raises CUDA's OOM error."""
+
+    def __init__(self, vae: Any, limit: int):
+        super().__init__()
+        self.inner, self.limit, self.calls = vae, limit, []
+        self.config, self.decoder = vae.config, vae.decoder
+
+    def decode(self, z: torch.Tensor, num_frames: int) -> Any:
+        self.calls.append(num_frames)
+        if num_frames > self.limit:
+            raise OutOfMemory("CUDA out of memory (injected)")
+        return self.inner.decode(z, num_frames=num_frames)
+
+
+def test_decode_halves_the_chunk_on_out_of_memory_and_keeps_going(pipe: Any) -> None:
+    torch.manual_seed(2)
+    latents = torch.randn(1, 8, 4, 16, 16)
+    flaky, freed = FlakyVae(pipe.vae, limit=2), []
+    ours, decoder = decode_all(flaky, latents, 8, free_cache=lambda: freed.append(1))
+    expected, _ = decode_all(pipe.vae, latents, 2)
+
+    assert flaky.calls == [8, 4, 2, 2, 2, 2]  # 8 fails, 4 fails, then 2 at a time to the end
+    assert (decoder.chunk_size, decoder.halvings, len(freed)) == (2, 2, 2)
+    assert np.array_equal(ours, expected)
+
+
+def test_decode_gives_up_when_one_frame_does_not_fit(pipe: Any) -> None:
+    flaky = FlakyVae(pipe.vae, limit=0)
+    with pytest.raises(OutOfMemory):
+        decode_all(flaky, torch.randn(1, 4, 4, 16, 16), 4, free_cache=lambda: None)
+    assert flaky.calls == [4, 2, 1]
+
+
+def test_auto_chunk_fits_the_free_memory() -> None:
+    cost = DecodeCost(fixed=1e9, per_frame=1e9, pixels=1024 * 576)
+    assert cost.chunk_for(free_bytes=11e9, width=1024, height=576, num_frames=25) == 7  # (11*0.8 - 1) / 1
+    assert cost.chunk_for(free_bytes=11e9, width=512, height=288, num_frames=25) == 25  # a quarter the pixels
+    assert cost.chunk_for(free_bytes=1e9, width=1024, height=576, num_frames=25) == 1  # never below 1
+    assert cost.chunk_for(free_bytes=1e12, width=1024, height=576, num_frames=14) == 14  # never above the video
+
+
+def test_auto_on_a_cpu_is_a_fixed_chunk(pipe: Any) -> None:
+    renderer = Renderer(pipe=pipe, device=torch.device("cpu"), dtype=torch.float32)
+    assert renderer.decode_chunk_size("auto", JobParams(num_frames=25)) == 8
+    assert renderer.decode_chunk_size("auto", JobParams(num_frames=4)) == 4
+    assert renderer.decode_chunk_size(3, JobParams(num_frames=25)) == 3
+
+
+def test_yuv_conversion_round_trips_through_ffmpeg() -> None:
+    frames = smooth_frames(4)
+    as_vae_output = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    yuv = to_yuv420p(as_vae_output)
+    assert yuv.shape == (4, 48 * 64 * 3 // 2) and yuv.dtype == np.uint8
+    run = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt",
+         "yuv420p", "-s", "64x48", "-i", "-", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        input=yuv.tobytes(), capture_output=True, check=True,
+    )  # fmt: skip
+    back = np.frombuffer(run.stdout, dtype=np.uint8).reshape(frames.shape)
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3.0
+
+
+@pytest.mark.parametrize(("fmt", "magic"), [("mp4", b"ftyp"), ("webm", b"\x1a\x45\xdf\xa3"), ("gif", b"GIF8")])
+def test_every_format_holds_every_frame(fmt: str, magic: bytes) -> None:
+    frames = smooth_frames(5)
+    with VideoWriter(64, 48, fps=5, fmt=fmt) as writer:
         writer.write(frames[:2])
         writer.write(frames[2:])
         data = writer.finish()
-    path = tmp_path / "v.mp4"
-    path.write_bytes(data)
-    assert imageio_ffmpeg.count_frames_and_secs(str(path))[0] == 5
-    assert data[4:8] == b"ftyp"
-    # faststart: the index (moov) comes before the media data (mdat).
-    assert data.index(b"moov") < data.index(b"mdat")
-    assert set(Path(tempfile.gettempdir()).glob("svdq-encode-*")) == before
+    assert magic in data[:8]
+    decoded_bytes, _ = ffmpeg_decode(data, f".{fmt}")
+    assert decoded_bytes == frames.nbytes
 
 
-def test_mp4_writer_refuses_frames_of_the_wrong_shape() -> None:
-    with Mp4Writer(64, 48, fps=5) as writer, pytest.raises(ValueError, match="expected"):
+def test_mp4_is_faststart_tagged_and_takes_yuv_from_the_device() -> None:
+    frames = smooth_frames(3)
+    yuv = to_yuv420p(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 * 2 - 1)
+    with VideoWriter(64, 48, fps=4, pix_fmt="yuv420p") as writer:
+        writer.write(yuv)
+        data = writer.finish()
+    assert data.index(b"moov") < data.index(b"mdat")  # the index first: playable while downloading
+    decoded_bytes, info = ffmpeg_decode(data, ".mp4")
+    assert decoded_bytes == frames.nbytes
+    assert b"yuv420p(tv, smpte170m" in info and b"4 fps" in info
+
+
+def test_the_encoder_leaves_no_files_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        with VideoWriter(64, 48, fps=5) as writer:
+            writer.write(smooth_frames(2))
+            writer.finish()
+        abandoned = VideoWriter(64, 48, fps=5)
+        abandoned.write(smooth_frames(2))
+        abandoned.close()  # an encode that fails halfway
+    finally:
+        tempfile.tempdir = None
+    assert list(tmp_path.iterdir()) == []
+    assert not any("svdq-video" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))  # fmt: skip
+
+
+def test_the_encoder_refuses_frames_of_the_wrong_shape_and_reports_ffmpeg_errors() -> None:
+    with VideoWriter(64, 48, fps=5) as writer, pytest.raises(ValueError, match="expected"):
         writer.write(np.zeros((1, 64, 48, 3), dtype=np.uint8))
+    # An odd width: x264 cannot take 4:2:0 at that size, and says so.
+    with pytest.raises(EncodeError, match="ffmpeg failed"), VideoWriter(63, 48, fps=5) as writer:
+        writer.write(np.zeros((2, 48, 63, 3), dtype=np.uint8))
+        writer.finish()

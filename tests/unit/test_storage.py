@@ -13,9 +13,7 @@ from producer.storage import FileStore, InvalidReference, ObjectNotFound, S3Stor
 def test_content_name_is_stable_and_content_addressed() -> None:
     assert content_name(b"abc", ".png") == content_name(b"abc", ".png")
     assert content_name(b"abc", ".png") != content_name(b"abd", ".png")
-    assert content_name(b"abc", ".png").startswith("inputs/") and content_name(b"abc", ".png").endswith(
-        ".png"
-    )
+    assert content_name(b"abc", ".png").startswith("inputs/") and content_name(b"abc", ".png").endswith(".png")
 
 
 def test_file_store_round_trip(tmp_path: Path) -> None:
