@@ -56,6 +56,11 @@ class Renderer:
     def vae_scale_factor(self) -> int:
         return int(self.pipe.vae_scale_factor)
 
+    def synchronize(self) -> None:
+        """Wait for queued device work, so a stage's clock stops when its work is done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def decode_chunk_size(self, requested: int | str, params: JobParams) -> int:
         """A number as asked, or for "auto" the largest chunk that fits the free device memory now."""
         if requested != "auto":

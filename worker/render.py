@@ -18,11 +18,11 @@ import torch
 from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState, check_request, result_name
 from producer.status import InvalidTransition, StatusStore
 from producer.storage import StorageUnavailable
-from worker.decode import ChunkedDecoder, OutOfMemory, to_yuv420p
-from worker.encode import VideoWriter
+from worker.decode import OutOfMemory
 from worker.errors import JobFailed
 from worker.inputs import fetch_image, open_image
 from worker.runtime import Runtime
+from worker.video import Stopwatch, make_video
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,6 @@ def _peak_memory(device: torch.device, memory: dict[str, Any]) -> Iterator[None]
         yield
     finally:
         memory["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-
-
-class Stopwatch:
-    """Accumulates seconds per stage into the job's `timings`."""
-
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    def add(self, stage: str, started: float) -> None:
-        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - started, 4)
 
 
 def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str, Any]:
@@ -139,65 +129,31 @@ def _render(
     image = open_image(fetch_image(rt.store, request.image))
     clock.add("fetch", started)
 
-    # 4. Denoise to latents on the device.
+    # 4. Render: denoise, then decode streamed into the encoder (worker.video).
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    progress("denoise", 0.05, force=True)
-    started = time.perf_counter()
-    try:
-        latents = rt.renderer.denoise(
-            image, request, seed, on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total)
-        )
-    finally:
-        memory["forward_chunking"] = rt.renderer.forward_chunking
-    clock.add("denoise", started)
+    video = make_video(rt.renderer, image, request, seed, rt.settings, timings=timings, memory=memory,
+                       progress=progress)  # fmt: skip
 
-    # 5. Decode chunk by chunk, each chunk converted on the device and queued for the encoder.
-    chunk = rt.renderer.decode_chunk_size(request.decode_chunk_size or rt.settings.decode_chunk_size, request)
-    decoder = ChunkedDecoder(rt.renderer.vae, latents, chunk)
-    progress("decode", 0.85, force=True)
-    with _writer(rt, request) as writer:
-        try:
-            started = time.perf_counter()
-            for frames in decoder:
-                yuv = to_yuv420p(frames)
-                clock.add("decode", started)
-                started = time.perf_counter()
-                writer.write(yuv)
-                clock.add("encode", started)
-                progress("decode", 0.85 + 0.1 * writer.frames / request.num_frames)
-                started = time.perf_counter()
-            clock.add("decode", started)
-        finally:
-            memory.update(decode_chunk_size=decoder.chunk_size, decode_chunk_halvings=decoder.halvings)
-        started = time.perf_counter()
-        video = writer.finish()
-        clock.add("encode", started)
-
-    # 6. Upload the video and make a URL for it.
+    # 5. Upload the video and make a URL for it.
     progress("upload", 0.95, force=True)
     started = time.perf_counter()
     try:
-        stored = rt.store.put(result_name(job_id, request.format), video, writer.format.content_type)
+        stored = rt.store.put(result_name(job_id, request.format), video.data, video.format.content_type)
         url = rt.store.public_url(stored.key)
     except StorageUnavailable as exc:
         raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
     clock.add("upload", started)
     return {
         "key": stored.key,
+        "format": request.format,
         "url": url,
-        "bytes": len(video),
-        "frames": writer.frames,
+        "bytes": len(video.data),
+        "frames": video.frames,
         "width": request.width,
         "height": request.height,
         "fps": request.fps,
         "seed": seed,
     }
-
-
-def _writer(rt: Runtime, request: JobRequest) -> VideoWriter:
-    s = rt.settings
-    return VideoWriter(request.width, request.height, request.fps, fmt=request.format, pix_fmt="yuv420p",
-                       crf=s.x264_crf, preset=s.x264_preset, x264_params=s.x264_params)  # fmt: skip
 
 
 def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:

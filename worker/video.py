@@ -1,0 +1,96 @@
+"""Image in, encoded video out, on the device: denoise, streamed decode, encode. No Redis, no storage.
+
+Both the job (worker.render) and the GPU benchmark (bench/gpu_svd.py) run exactly this.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from producer.contract import JobParams
+from worker.decode import ChunkedDecoder, to_yuv420p
+from worker.encode import Format, VideoWriter
+from worker.pipeline import Renderer
+from worker.settings import WorkerSettings
+
+ProgressFn = Callable[..., None]  # (stage, fraction, *, force=False)
+
+
+@dataclass
+class Video:
+    data: bytes
+    frames: int
+    format: Format
+
+
+class Stopwatch:
+    """Accumulates seconds per stage into a `timings` dict."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def add(self, stage: str, started: float) -> None:
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - started, 4)
+
+
+def _no_progress(stage: str, fraction: float, *, force: bool = False) -> None:
+    return None
+
+
+def make_video(
+    renderer: Renderer,
+    image: Image.Image,
+    params: JobParams,
+    seed: int,
+    settings: WorkerSettings,
+    *,
+    timings: dict[str, float],
+    memory: dict[str, Any],
+    progress: ProgressFn = _no_progress,
+) -> Video:
+    clock = Stopwatch(timings)
+
+    # 1. Denoise to latents on the device (retried with forward chunking on out-of-memory).
+    progress("denoise", 0.05, force=True)
+    started = time.perf_counter()
+    try:
+        latents = renderer.denoise(
+            image, params, seed, on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total)
+        )
+    finally:
+        memory["forward_chunking"] = renderer.forward_chunking
+    renderer.synchronize()
+    clock.add("denoise", started)
+
+    # 2. Decode chunk by chunk (halved on out-of-memory), each chunk converted to YUV on the device and
+    #    queued for the encoder, which works in its own process meanwhile.
+    chunk = renderer.decode_chunk_size(params.decode_chunk_size or settings.decode_chunk_size, params)
+    decoder = ChunkedDecoder(renderer.vae, latents, chunk)
+    progress("decode", 0.85, force=True)
+    with VideoWriter(params.width, params.height, params.fps, fmt=params.format, pix_fmt="yuv420p",
+                     crf=settings.x264_crf, preset=settings.x264_preset, x264_params=settings.x264_params,
+                     ) as writer:  # fmt: skip
+        try:
+            started = time.perf_counter()
+            for frames in decoder:
+                yuv = to_yuv420p(frames)  # copies to the host, so the decode is done when this returns
+                clock.add("decode", started)
+                started = time.perf_counter()
+                writer.write(yuv)
+                clock.add("encode", started)
+                progress("decode", 0.85 + 0.1 * writer.frames / params.num_frames)
+                started = time.perf_counter()
+            clock.add("decode", started)
+        finally:
+            memory.update(decode_chunk_size=decoder.chunk_size, decode_chunk_halvings=decoder.halvings)
+
+        # 3. Let the encoder finish what is queued.
+        started = time.perf_counter()
+        data = writer.finish()
+        clock.add("encode", started)
+    return Video(data=data, frames=writer.frames, format=writer.format)
