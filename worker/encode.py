@@ -83,8 +83,11 @@ class _Output:
         return os.pread(self.fd, size, 0)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        # Once only: a second os.close would hit whatever file took this number meanwhile.
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -193,3 +193,16 @@ def test_the_encoder_refuses_frames_of_the_wrong_shape_and_reports_ffmpeg_errors
     with pytest.raises(EncodeError, match="ffmpeg failed"), VideoWriter(63, 48, fps=5) as writer:
         writer.write(np.zeros((2, 48, 63, 3), dtype=np.uint8))
         writer.finish()
+
+
+def test_closing_twice_never_closes_a_file_that_reused_the_number() -> None:
+    writer = VideoWriter(64, 48, fps=5)
+    writer.write(smooth_frames(2))
+    writer.finish()  # closes its in-memory files
+    newcomer = os.memfd_create("someone-else")  # likely takes one of the numbers just freed
+    try:
+        writer.close()
+        writer.close()
+        os.fstat(newcomer)  # still open
+    finally:
+        os.close(newcomer)
