@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from producer.settings import redact_url
 from worker import runtime, tasks
@@ -42,6 +42,10 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         log.info("worker process loading %s (broker %s)", settings.model, redact_url(settings.redis_url))
         runtime.start(settings)
 
+    def finish_last_job(**_: Any) -> None:
+        runtime.stop()
+
     # After the fork, in the child that runs jobs: CUDA must not be initialised in the parent.
     worker_process_init.connect(load_model, weak=False)
+    worker_process_shutdown.connect(finish_last_job, weak=False)
     return app

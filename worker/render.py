@@ -2,6 +2,9 @@
 
 Every way a job can end is written to its record: success with a result, or failure with an
 error code. Nothing a request contains can take the worker process down.
+
+Steps 1-4 run in the task and hold the GPU; step 5 (the encoder's last frames, the upload, the final
+status) is handed to the process's Finisher, so the next job can start on the GPU meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from worker.decode import OutOfMemory
 from worker.errors import JobFailed
 from worker.inputs import fetch_image, open_image
 from worker.runtime import Runtime
-from worker.video import Stopwatch, make_video
+from worker.video import PendingVideo, Stopwatch, start_video
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +34,7 @@ class Progress:
     """Writes stage and progress to the record, at most every `interval` seconds unless forced."""
 
     def __init__(
-        self,
-        status: StatusStore,
-        job_id: str,
-        interval: float = 0.25,
-        clock: Callable[[], float] = time.monotonic,
+        self, status: StatusStore, job_id: str, interval: float = 0.25, clock: Callable[[], float] = time.monotonic
     ):
         self.status, self.job_id, self.interval, self.clock = status, job_id, interval, clock
         self._last = float("-inf")
@@ -47,9 +46,95 @@ class Progress:
             self.status.update(self.job_id, stage=stage, progress=round(min(max(progress, 0.0), 1.0), 4))
 
 
+def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str, Any]:
+    status = rt.status
+
+    # 1. Check the message: a malformed request fails its own job, never the worker.
+    try:
+        request = check_request(raw_request if isinstance(raw_request, dict) else {})
+    except InvalidParameter as exc:
+        log.warning("job %s has an invalid request: %s", job_id, exc)
+        status.create(job_id, raw_request if isinstance(raw_request, dict) else {})
+        return _fail(status, job_id, JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
+
+    # 2. Claim the job. A plain Celery client may have sent no record: create it first.
+    status.create(job_id, request.model_dump())
+    try:
+        status.transition(
+            job_id, JobState.STARTED, count_attempt=True,
+            worker=worker, started_at=status.now(), stage="fetch", progress=0.0, error=None,
+        )  # fmt: skip
+    except InvalidTransition as exc:  # canceled while queued, or already finished elsewhere
+        log.info("job %s not run: %s", job_id, exc)
+        return {"job_id": job_id, "state": exc.current.value if exc.current else None}
+
+    # 3-4. Fetch the image and render on the device.
+    timings = {"load": round(rt.take_load_seconds(), 4)}
+    memory: dict[str, Any] = {"decode_chunk_size": 0}
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    try:
+        with _peak_memory(rt.renderer.device, memory):
+            pending = _render(rt, job_id, request, seed, timings, memory)
+    except Exception as exc:
+        return _fail(status, job_id, exc, timings=timings, memory=memory)
+
+    # 5. Hand the rest to the finisher and free the GPU for the next job.
+    rt.finisher.submit(job_id, lambda: _complete(rt, job_id, request, seed, pending, timings, memory))
+    return {"job_id": job_id, "state": JobState.STARTED.value, "stage": "finishing"}
+
+
+def _render(
+    rt: Runtime, job_id: str, request: JobRequest, seed: int, timings: dict[str, float], memory: dict[str, Any]
+) -> PendingVideo:
+    # 3. Fetch and decode the input image.
+    started = time.perf_counter()
+    image = open_image(fetch_image(rt.store, request.image))
+    Stopwatch(timings).add("fetch", started)
+
+    # 4. Denoise, then decode streamed into the encoder (worker.video).
+    progress = Progress(rt.status, job_id)
+    return start_video(
+        rt.renderer, image, request, seed, rt.settings, timings=timings, memory=memory, progress=progress
+    )
+
+
+def _complete(
+    rt: Runtime,
+    job_id: str,
+    request: JobRequest,
+    seed: int,
+    pending: PendingVideo,
+    timings: dict[str, float],
+    memory: dict[str, Any],
+) -> None:
+    """Step 5, on the finisher's thread: the encoder's last frames, the upload, the final status."""
+    Progress(rt.status, job_id)("upload", 0.95, force=True)
+    try:
+        video = pending.finish()
+        started = time.perf_counter()
+        try:
+            stored = rt.store.put(result_name(job_id, request.format), video.data, video.format.content_type)
+            url = rt.store.public_url(stored.key)
+        except StorageUnavailable as exc:
+            raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
+        Stopwatch(timings).add("upload", started)
+    except Exception as exc:
+        _fail(rt.status, job_id, exc, timings=timings, memory=memory)
+        return
+    finally:
+        pending.close()
+    result = {
+        "key": stored.key, "format": request.format, "url": url, "bytes": len(video.data), "frames": video.frames,
+        "width": request.width, "height": request.height, "fps": request.fps, "seed": seed,
+    }  # fmt: skip
+    log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
+    _finish(rt.status, job_id, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
+            progress=1.0)  # fmt: skip
+
+
 @contextmanager
 def _peak_memory(device: torch.device, memory: dict[str, Any]) -> Iterator[None]:
-    """Record the device's memory peak over the job (CUDA only)."""
+    """Record the device's memory peak over the job's device work (CUDA only)."""
     if device.type != "cuda":
         yield
         return
@@ -60,100 +145,21 @@ def _peak_memory(device: torch.device, memory: dict[str, Any]) -> Iterator[None]
         memory["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
 
 
-def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str, Any]:
-    status = rt.status
-
-    # 1. Check the message: a malformed request fails its own job, never the worker.
-    try:
-        request = check_request(raw_request if isinstance(raw_request, dict) else {})
-    except InvalidParameter as exc:
-        return _fail_unstarted(status, job_id, raw_request, exc)
-
-    # 2. Claim the job. A plain Celery client may have sent no record: create it first.
-    status.create(job_id, request.model_dump())
-    try:
-        status.transition(
-            job_id,
-            JobState.STARTED,
-            count_attempt=True,
-            worker=worker,
-            started_at=status.now(),
-            stage="fetch",
-            progress=0.0,
-            error=None,
-        )
-    except InvalidTransition as exc:  # canceled while queued, or already finished elsewhere
-        log.info("job %s not run: %s", job_id, exc)
-        return {"job_id": job_id, "state": exc.current.value if exc.current else None}
-
-    timings = {"load": round(rt.take_load_seconds(), 4)}
-    memory: dict[str, Any] = {"decode_chunk_size": 0}
-    result: dict[str, Any] = {}
-    error: dict[str, str] | None = None
-    with _peak_memory(rt.renderer.device, memory):
-        try:
-            result = _render(rt, job_id, request, timings, memory)
-        except JobFailed as exc:
-            log.warning("job %s failed: %s", job_id, exc)
-            error = exc.as_error()
-        except OutOfMemory:
-            log.warning("job %s ran out of device memory: %s", job_id, memory)
-            message = "the GPU ran out of memory, even with forward chunking and a decode chunk of 1"
-            error = {"code": ErrorCode.OUT_OF_MEMORY.value, "message": message}
-        except Exception as exc:
-            log.exception("job %s crashed", job_id)
-            error = {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
-    if error is not None:
-        return _finish(status, job_id, JobState.FAILED, error=error, timings=timings, memory=memory)
-    log.info("job %s succeeded: %s (%d bytes)", job_id, result["key"], result["bytes"])
-    return _finish(
-        status,
-        job_id,
-        JobState.SUCCEEDED,
-        result=result,
-        timings=timings,
-        memory=memory,
-        stage="done",
-        progress=1.0,
-    )
+def _error_of(job_id: str, exc: BaseException) -> dict[str, str]:
+    """The record's `error` for an exception: known failures by their code, anything else as internal."""
+    if isinstance(exc, JobFailed):
+        log.warning("job %s failed: %s", job_id, exc)
+        return exc.as_error()
+    if isinstance(exc, OutOfMemory):
+        log.warning("job %s ran out of device memory", job_id)
+        message = "the GPU ran out of memory, even with forward chunking and a decode chunk of 1"
+        return {"code": ErrorCode.OUT_OF_MEMORY.value, "message": message}
+    log.error("job %s crashed", job_id, exc_info=exc)
+    return {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
-def _render(
-    rt: Runtime, job_id: str, request: JobRequest, timings: dict[str, float], memory: dict[str, Any]
-) -> dict[str, Any]:
-    progress = Progress(rt.status, job_id)
-    clock = Stopwatch(timings)
-
-    # 3. Fetch and decode the input image.
-    started = time.perf_counter()
-    image = open_image(fetch_image(rt.store, request.image))
-    clock.add("fetch", started)
-
-    # 4. Render: denoise, then decode streamed into the encoder (worker.video).
-    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    video = make_video(rt.renderer, image, request, seed, rt.settings, timings=timings, memory=memory,
-                       progress=progress)  # fmt: skip
-
-    # 5. Upload the video and make a URL for it.
-    progress("upload", 0.95, force=True)
-    started = time.perf_counter()
-    try:
-        stored = rt.store.put(result_name(job_id, request.format), video.data, video.format.content_type)
-        url = rt.store.public_url(stored.key)
-    except StorageUnavailable as exc:
-        raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
-    clock.add("upload", started)
-    return {
-        "key": stored.key,
-        "format": request.format,
-        "url": url,
-        "bytes": len(video.data),
-        "frames": video.frames,
-        "width": request.width,
-        "height": request.height,
-        "fps": request.fps,
-        "seed": seed,
-    }
+def _fail(status: StatusStore, job_id: str, exc: BaseException, **fields: Any) -> dict[str, Any]:
+    return _finish(status, job_id, JobState.FAILED, error=_error_of(job_id, exc), **fields)
 
 
 def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:
@@ -163,10 +169,3 @@ def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) ->
         log.info("job %s: result dropped, %s", job_id, exc)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
     return {"job_id": job_id, "state": state.value}
-
-
-def _fail_unstarted(status: StatusStore, job_id: str, raw_request: Any, exc: InvalidParameter) -> dict[str, Any]:
-    log.warning("job %s has an invalid request: %s", job_id, exc)
-    status.create(job_id, raw_request if isinstance(raw_request, dict) else {})
-    error = {"code": ErrorCode.INVALID_INPUT.value, "message": f"invalid request: {exc}"}
-    return _finish(status, job_id, JobState.FAILED, error=error)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from producer.client import connect_redis
 from producer.status import StatusStore
 from producer.storage import ObjectStore, open_store
+from worker.finisher import Finisher
 from worker.pipeline import Renderer, load_renderer
 from worker.settings import WorkerSettings
 
@@ -25,6 +26,7 @@ class Runtime:
     status: StatusStore
     store: ObjectStore
     renderer: Renderer
+    finisher: Finisher = field(default_factory=Finisher)
     _load_reported: bool = field(default=False)
 
     def take_load_seconds(self) -> float:
@@ -55,6 +57,12 @@ def start(settings: WorkerSettings) -> Runtime:
         if _current is None:
             _current = build_runtime(settings)
         return _current
+
+
+def stop() -> None:
+    """Let the job being finished finish (its message is already acknowledged)."""
+    if _current is not None:
+        _current.finisher.drain()
 
 
 def current(settings: WorkerSettings) -> Runtime:

@@ -42,7 +42,26 @@ def _no_progress(stage: str, fraction: float, *, force: bool = False) -> None:
     return None
 
 
-def make_video(
+@dataclass
+class PendingVideo:
+    """A render whose device work is done; the encoder may still be busy with the last frames."""
+
+    writer: VideoWriter
+    clock: Stopwatch
+
+    def finish(self) -> Video:
+        started = time.perf_counter()
+        try:
+            data = self.writer.finish()
+        finally:
+            self.clock.add("encode", started)
+        return Video(data=data, frames=self.writer.frames, format=self.writer.format)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def start_video(
     renderer: Renderer,
     image: Image.Image,
     params: JobParams,
@@ -52,7 +71,8 @@ def make_video(
     timings: dict[str, float],
     memory: dict[str, Any],
     progress: ProgressFn = _no_progress,
-) -> Video:
+) -> PendingVideo:
+    """Everything that needs the device; the caller finishes (or closes) what it returns."""
     clock = Stopwatch(timings)
 
     # 1. Denoise to latents on the device (retried with forward chunking on out-of-memory).
@@ -72,25 +92,43 @@ def make_video(
     chunk = renderer.decode_chunk_size(params.decode_chunk_size or settings.decode_chunk_size, params)
     decoder = ChunkedDecoder(renderer.vae, latents, chunk)
     progress("decode", 0.85, force=True)
-    with VideoWriter(params.width, params.height, params.fps, fmt=params.format, pix_fmt="yuv420p",
-                     crf=settings.x264_crf, preset=settings.x264_preset, x264_params=settings.x264_params,
-                     ) as writer:  # fmt: skip
-        try:
-            started = time.perf_counter()
-            for frames in decoder:
-                yuv = to_yuv420p(frames)  # copies to the host, so the decode is done when this returns
-                clock.add("decode", started)
-                started = time.perf_counter()
-                writer.write(yuv)
-                clock.add("encode", started)
-                progress("decode", 0.85 + 0.1 * writer.frames / params.num_frames)
-                started = time.perf_counter()
-            clock.add("decode", started)
-        finally:
-            memory.update(decode_chunk_size=decoder.chunk_size, decode_chunk_halvings=decoder.halvings)
-
-        # 3. Let the encoder finish what is queued.
+    writer = VideoWriter(
+        params.width, params.height, params.fps, fmt=params.format, pix_fmt="yuv420p",
+        crf=settings.x264_crf, preset=settings.x264_preset, x264_params=settings.x264_params,
+    )  # fmt: skip
+    try:
         started = time.perf_counter()
-        data = writer.finish()
-        clock.add("encode", started)
-    return Video(data=data, frames=writer.frames, format=writer.format)
+        for frames in decoder:
+            yuv = to_yuv420p(frames)  # copies to the host, so the decode is done when this returns
+            clock.add("decode", started)
+            started = time.perf_counter()
+            writer.write(yuv)
+            clock.add("encode", started)
+            progress("decode", 0.85 + 0.1 * writer.frames / params.num_frames)
+            started = time.perf_counter()
+        clock.add("decode", started)
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        memory.update(decode_chunk_size=decoder.chunk_size, decode_chunk_halvings=decoder.halvings)
+    return PendingVideo(writer=writer, clock=clock)
+
+
+def make_video(
+    renderer: Renderer,
+    image: Image.Image,
+    params: JobParams,
+    seed: int,
+    settings: WorkerSettings,
+    *,
+    timings: dict[str, float],
+    memory: dict[str, Any],
+    progress: ProgressFn = _no_progress,
+) -> Video:
+    """The whole render in one call: device work, then the encoder's last frames."""
+    pending = start_video(renderer, image, params, seed, settings, timings=timings, memory=memory, progress=progress)
+    try:
+        return pending.finish()
+    finally:
+        pending.close()
