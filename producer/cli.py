@@ -1,7 +1,8 @@
 """`svdq`: submit, follow and fetch renders; start workers; build the tiny model; run the demo.
 
 Exit codes: 0 ok (or the job succeeded), 1 the job failed or was canceled, 2 bad usage or a bad
-parameter, 3 no such job, 4 timed out waiting, 5 Redis or storage unreachable.
+parameter, 3 no such job, 4 timed out waiting, 5 Redis or storage unreachable, 6 refused (cancel of
+a job that already ended).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 
 import redis
 
-from producer.client import Client, Job
-from producer.contract import InvalidParameter, JobRecord, JobState
+from producer.client import Client, Job, NotCancelable
+from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState
 from producer.status import JobNotFound
 from producer.storage import StorageUnavailable
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
 
 # CLI flag -> the request field it sets (diffusers' argument names).
 PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -109,7 +110,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
     image = args.image if args.image.startswith(("s3://", "file://")) else Path(args.image)
     with Client.from_env() as client:
-        job = client.submit(image, **params)
+        job = client.submit(image, priority=args.priority, idempotency_key=args.key, **params)
         if not args.wait:
             if args.json:
                 print_json(job.status().to_json_dict())
@@ -136,6 +137,33 @@ def cmd_wait(args: argparse.Namespace) -> int:
         job = client.job(args.job_id)
         job.status()  # unknown ids fail now, not after the timeout
         return wait_and_report(job, args.timeout, args.output, args.json, quiet=False)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with Client.from_env() as client:
+        try:
+            record = client.job(args.job_id).cancel()
+        except NotCancelable as exc:
+            raise CliError(str(exc), EXIT_REFUSED) from None
+    if args.json:
+        print_json(record.to_json_dict())
+    else:
+        print(f"canceled {record.id}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with Client.from_env() as client:
+        records = client.list(args.state, args.limit)
+    if args.json:
+        print_json([r.to_json_dict() for r in records])
+        return EXIT_OK
+    for r in records:
+        where = (
+            f"{r.stage or '-'} {r.progress:.0%}" if r.state is JobState.STARTED else (r.error.code if r.error else "")
+        )
+        print(f"{r.id}  {r.state.value:<9}  {r.created_at or '':<24}  {where}")
+    return EXIT_OK
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -171,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (field, kind) in PARAM_FLAGS.items():
         metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
         submit.add_argument(flag, dest=field, type=kind, metavar=metavar, help=f"sets {field}")
+    submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="queue order (default: normal)")
+    submit.add_argument("--key", help="idempotency key: a resubmit with the same key returns the same job")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most")
     submit.add_argument("--output", type=Path, help="with --wait: download the video here")
@@ -188,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--output", type=Path, help="download the video here")
     wait.add_argument("--json", action="store_true")
     wait.set_defaults(func=cmd_wait)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--json", action="store_true")
+    cancel.set_defaults(func=cmd_cancel)
+
+    listing = sub.add_parser("list", help="the newest jobs, optionally in one state")
+    listing.add_argument("--state", choices=[s.value for s in JobState])
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
 
     sub.add_parser("worker", help="start a worker (other options go to `celery worker`)", add_help=False)
 

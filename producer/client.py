@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 from PIL import Image, UnidentifiedImageError
 
+from producer import keys
 from producer.contract import (
     TASK_NAME,
     ErrorCode,
@@ -21,9 +22,10 @@ from producer.contract import (
     JobRecord,
     JobState,
     check_params,
+    queue_for,
 )
 from producer.settings import Settings
-from producer.status import InvalidTransition, StatusStore
+from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore
 from producer.storage import ObjectStore, content_name, open_store
 
 ImageInput = str | Path | bytes | Image.Image
@@ -43,6 +45,20 @@ def producer_celery(settings: Settings) -> Celery:
     return app
 
 
+class NotCancelable(RuntimeError):
+    def __init__(self, job_id: str, state: JobState):
+        self.job_id, self.state = job_id, state
+        super().__init__(f"job {job_id} already {state.value}: only queued or started jobs can be canceled")
+
+
+def _next_event(events: redis.client.PubSub, timeout: float) -> None:
+    """Wait up to `timeout` for the next event; a broken connection just ends the wait early."""
+    try:
+        events.get_message(timeout=timeout)
+    except redis.ConnectionError:
+        time.sleep(min(timeout, 0.5))  # redis-py resubscribes on the next call
+
+
 class Job:
     """A thin handle: an id and the client it talks through."""
 
@@ -60,20 +76,40 @@ class Job:
         self,
         timeout: float | None = None,
         *,
-        poll_interval: float = 0.25,
         on_update: Callable[[JobRecord], None] | None = None,
+        reread_every: float = 1.0,
     ) -> JobRecord:
-        """Block until the job is terminal and return its record; TimeoutError after `timeout` seconds."""
+        """Block until the job is terminal and return its record; TimeoutError after `timeout` seconds.
+
+        Woken by the job's events, not a sleep loop. The record is re-read after every event and at
+        least every `reread_every` seconds, so a missed event (or a dropped connection) only delays.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.status()
-            if on_update is not None:
-                on_update(record)
-            if record.state.is_terminal():
-                return record
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} still {record.state.value} after {timeout:g}s")
-            time.sleep(poll_interval)
+        events = self.client.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            events.subscribe(keys.events(self.id))  # before the first read: nothing can slip in between
+            while True:
+                record = self.status()
+                if on_update is not None:
+                    on_update(record)
+                if record.state.is_terminal():
+                    return record
+                remaining = reread_every if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"job {self.id} still {record.state.value} after {timeout:g}s")
+                _next_event(events, min(remaining, reread_every))
+        finally:
+            events.close()
+
+    def cancel(self) -> JobRecord:
+        """Cancel a queued job (it never starts) or a running one (it stops at its next step)."""
+        try:
+            self.client.status.transition(self.id, JobState.CANCELED)
+        except InvalidTransition as exc:
+            if exc.current is None:
+                raise JobNotFound(self.id) from None
+            raise NotCancelable(self.id, exc.current) from None
+        return self.status()
 
     def video_bytes(self) -> bytes:
         record = self.status()
@@ -113,13 +149,29 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(job_id, self)
 
-    def submit(self, image: ImageInput, **params: Any) -> Job:
+    def list(self, state: JobState | str | None = None, limit: int = 20) -> list[JobRecord]:
+        """The newest jobs, optionally in one state."""
+        return self.status.list(JobState(state) if state else None, limit)
+
+    def submit(
+        self,
+        image: ImageInput,
+        *,
+        priority: str = "normal",
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> Job:
         """Validate, store the image, write a `queued` record, then enqueue. Returns the job's handle.
 
-        A bad parameter or unreadable image raises InvalidParameter before anything is written.
+        A bad parameter or unreadable image raises InvalidParameter before anything is written. With an
+        `idempotency_key` already used (by any client, at any time until that job's record expires), the
+        job that holds it is returned and nothing is enqueued.
         """
         # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
         checked = check_params(params)
+        queue = queue_for(self.settings.queue, priority)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
+            raise InvalidParameter("idempotency_key", "must be 1 to 200 characters")
         data, suffix = self._image_bytes(image)
 
         # 2. Store the image once per content; URLs the worker can read are passed through.
@@ -131,17 +183,16 @@ class Client:
             if not self.store.exists(name):
                 image_ref = self.store.put(name, data, f"image/{suffix.lstrip('.')}").ref
 
-        # 3. Record first, then enqueue: a worker never sees a job it cannot find.
+        # 3. Record first (atomically claiming the idempotency key), then enqueue: a worker never sees a
+        #    job it cannot find, and a key maps to one job however many submits race for it.
         job_id = uuid.uuid4().hex
         request = {**checked.model_dump(), "image": image_ref}
-        self.status.create(job_id, request)
         try:
-            self.celery.send_task(
-                TASK_NAME,
-                kwargs={"job_id": job_id, "request": request},
-                task_id=job_id,
-                queue=self.settings.queue,
-            )
+            self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority)
+        except DuplicateKey as dup:
+            return Job(dup.job_id, self)
+        try:
+            self.celery.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
         except Exception as exc:
             error = {
                 "code": ErrorCode.ENQUEUE_FAILED.value,

@@ -72,6 +72,23 @@ class InvalidParameter(ValueError):
         super().__init__(f"{param}: {message}")
 
 
+# Priority is a queue: workers read `{queue}.high`, then `{queue}`, then `{queue}.low`, in that fixed
+# order (kombu's Redis transport with queue_order_strategy="priority"). Normal is the plain queue, so a
+# plain Celery client that names no priority gets normal.
+PRIORITIES = ("high", "normal", "low")
+
+
+def queue_for(base: str, priority: str) -> str:
+    if priority not in PRIORITIES:
+        raise InvalidParameter("priority", f"must be one of {', '.join(PRIORITIES)} (got {priority!r})")
+    return base if priority == "normal" else f"{base}.{priority}"
+
+
+def priority_queues(base: str) -> list[str]:
+    """The queues a worker for `base` reads, most urgent first."""
+    return [queue_for(base, p) for p in PRIORITIES]
+
+
 class JobParams(BaseModel):
     """Render parameters, named as diffusers' StableVideoDiffusionPipeline names them.
 
@@ -173,6 +190,8 @@ class JobRecord(BaseModel):
     state: JobState
     stage: str | None = None
     progress: float = 0.0
+    step: int | None = None  # denoising steps done, while denoising
+    total_steps: int | None = None
     attempts: int = 0
     created_at: str | None = None
     started_at: str | None = None
@@ -183,6 +202,8 @@ class JobRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     memory: MemoryReport | None = None
     request: dict[str, Any] = Field(default_factory=dict)
+    priority: str = "normal"
+    idempotency_key: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -9,3 +9,25 @@ def job(job_id: str) -> str:
 
 
 JOB_PATTERN = f"{PREFIX}:job:*"
+
+# Sorted set per state: job ids scored by the time they entered it. Listing reads these, never SCAN.
+STATE_INDEX_PREFIX = f"{PREFIX}:state:"
+
+
+def state_index(state: str) -> str:
+    return f"{STATE_INDEX_PREFIX}{state}"
+
+
+def events(job_id: str) -> str:
+    """Pub/sub channel carrying one job's state and progress changes."""
+    return f"{PREFIX}:events:{job_id}"
+
+
+# A stream of every job's events, capped at about EVENTS_STREAM_LENGTH entries.
+EVENTS_STREAM = f"{PREFIX}:events"
+EVENTS_STREAM_LENGTH = 10_000
+
+
+def idempotency(key: str) -> str:
+    """String holding the job id submitted under a client's idempotency key."""
+    return f"{PREFIX}:idempotency:{key}"

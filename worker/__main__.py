@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from producer.contract import priority_queues
 from worker.app import create_app
 from worker.settings import WorkerSettings
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         "--pool=prefork",
         "--concurrency=1",
         "--hostname=svdq@%h",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(priority_queues(settings.queue))}",
         "--task-events",
     ]
     app.worker_main([*defaults, *argv])

@@ -34,6 +34,8 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         # The pool child loads the model before it reports ready; a real checkpoint takes minutes.
         worker_proc_alive_timeout=settings.load_timeout,
         broker_connection_retry_on_startup=True,
+        # Read the priority queues in the order given ({queue}.high, {queue}, {queue}.low), not round robin.
+        broker_transport_options={"queue_order_strategy": "priority"},
         worker_hijack_root_logger=False,
     )
     tasks.register(app, settings)

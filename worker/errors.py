@@ -13,3 +13,7 @@ class JobFailed(Exception):
 
     def as_error(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}
+
+
+class JobCanceled(Exception):
+    """The job's record was canceled while it ran: stop, free the GPU, take the next job."""

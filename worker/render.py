@@ -22,7 +22,7 @@ from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState,
 from producer.status import InvalidTransition, StatusStore
 from producer.storage import StorageUnavailable
 from worker.decode import OutOfMemory
-from worker.errors import JobFailed
+from worker.errors import JobCanceled, JobFailed
 from worker.inputs import fetch_image, open_image
 from worker.runtime import Runtime
 from worker.video import PendingVideo, Stopwatch, start_video
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Writes stage and progress to the record, at most every `interval` seconds unless forced."""
+    """Writes stage and progress to the record, at most every `interval` seconds unless forced, and
+    raises JobCanceled as soon as the record is no longer `started` (checked on every call)."""
 
     def __init__(
         self, status: StatusStore, job_id: str, interval: float = 0.25, clock: Callable[[], float] = time.monotonic
@@ -39,11 +40,15 @@ class Progress:
         self.status, self.job_id, self.interval, self.clock = status, job_id, interval, clock
         self._last = float("-inf")
 
-    def __call__(self, stage: str, progress: float, *, force: bool = False) -> None:
+    def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
         now = self.clock()
         if force or now - self._last >= self.interval:
             self._last = now
-            self.status.update(self.job_id, stage=stage, progress=round(min(max(progress, 0.0), 1.0), 4))
+            fraction = round(min(max(progress, 0.0), 1.0), 4)
+            if not self.status.update(self.job_id, stage=stage, progress=fraction, **extra):
+                raise JobCanceled(self.job_id)
+        elif self.status.state(self.job_id) is not JobState.STARTED:
+            raise JobCanceled(self.job_id)
 
 
 def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str, Any]:
@@ -75,6 +80,9 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
     try:
         with _peak_memory(rt.renderer.device, memory):
             pending = _render(rt, job_id, request, seed, timings, memory)
+    except JobCanceled:
+        log.info("job %s canceled while rendering; the GPU is free", job_id)
+        return {"job_id": job_id, "state": JobState.CANCELED.value}
     except Exception as exc:
         return _fail(status, job_id, exc, timings=timings, memory=memory)
 
@@ -108,8 +116,8 @@ def _complete(
     memory: dict[str, Any],
 ) -> None:
     """Step 5, on the finisher's thread: the encoder's last frames, the upload, the final status."""
-    Progress(rt.status, job_id)("upload", 0.95, force=True)
     try:
+        Progress(rt.status, job_id)("upload", 0.95, force=True)
         video = pending.finish()
         started = time.perf_counter()
         try:
@@ -118,6 +126,9 @@ def _complete(
         except StorageUnavailable as exc:
             raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
         Stopwatch(timings).add("upload", started)
+    except JobCanceled:
+        log.info("job %s canceled before its upload", job_id)
+        return
     except Exception as exc:
         _fail(rt.status, job_id, exc, timings=timings, memory=memory)
         return

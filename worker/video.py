@@ -18,7 +18,7 @@ from worker.encode import Format, VideoWriter
 from worker.pipeline import Renderer
 from worker.settings import WorkerSettings
 
-ProgressFn = Callable[..., None]  # (stage, fraction, *, force=False)
+ProgressFn = Callable[..., None]  # (stage, fraction, *, force=False, **fields); may raise to stop the render
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Stopwatch:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - started, 4)
 
 
-def _no_progress(stage: str, fraction: float, *, force: bool = False) -> None:
+def _no_progress(stage: str, fraction: float, *, force: bool = False, **fields: Any) -> None:
     return None
 
 
@@ -80,7 +80,10 @@ def start_video(
     started = time.perf_counter()
     try:
         latents = renderer.denoise(
-            image, params, seed, on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total)
+            image,
+            params,
+            seed,
+            on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total, step=done, total_steps=total),
         )
     finally:
         memory["forward_chunking"] = renderer.forward_chunking

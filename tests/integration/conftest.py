@@ -20,7 +20,7 @@ from celery import Celery
 from PIL import Image
 
 from producer.client import Client, producer_celery
-from producer.contract import DEFAULT_QUEUE
+from producer.contract import DEFAULT_QUEUE, priority_queues
 from producer.local_redis import LocalRedis, free_port
 from producer.settings import Settings
 
@@ -28,6 +28,8 @@ BUCKET = "svdq-test"
 PREFIX = "renders"
 # Small enough to render in about a second on two CPU cores with the tiny model.
 SMALL = {"width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2, "fps": 8}
+# A job that denoises for several seconds, to act on while it runs.
+LONG = {**SMALL, "num_frames": 8, "num_inference_steps": 10}
 SVDQ = str(Path(sys.executable).with_name("svdq"))
 
 
@@ -126,7 +128,7 @@ def _start_worker(env: dict[str, str], logdir: Path, control: Celery, queue: str
     log = logdir / f"{hostname}.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [SVDQ, "worker", f"--hostname={hostname}", f"--queues={queue}", *extra],
+            [SVDQ, "worker", f"--hostname={hostname}", f"--queues={','.join(priority_queues(queue))}", *extra],
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,

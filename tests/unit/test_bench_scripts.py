@@ -11,9 +11,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def run(script: str, *args: str) -> list[dict]:
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                         check=True, timeout=240).stdout  # fmt: skip
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    run = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines and all({"bench", "figure", "value"} <= set(line) for line in lines)
     return lines
 
