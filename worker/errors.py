@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from producer.contract import ErrorCode
 
+# Failures worth another attempt: the job itself is fine, something it needs was briefly away.
+TRANSIENT = frozenset({ErrorCode.STORAGE_UNAVAILABLE})
+
 
 class JobFailed(Exception):
     def __init__(self, code: ErrorCode, message: str):
@@ -11,9 +14,18 @@ class JobFailed(Exception):
         self.message = message
         super().__init__(f"{code.value}: {message}")
 
+    @property
+    def transient(self) -> bool:
+        return self.code in TRANSIENT
+
     def as_error(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}
 
 
 class JobCanceled(Exception):
     """The job's record was canceled while it ran: stop, free the GPU, take the next job."""
+
+
+def backoff(attempt: int, base: float, cap: float, rand: float) -> float:
+    """Seconds before attempt `attempt + 1`: doubling from `base`, capped, times a jitter in [0.5, 1.5)."""
+    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + rand)

@@ -10,6 +10,7 @@ status) is handed to the process's Finisher, so the next job can start on the GP
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +21,9 @@ import torch
 
 from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState, check_request, result_name
 from producer.status import InvalidTransition, StatusStore
-from producer.storage import StorageUnavailable
+from producer.storage import StorageUnavailable, Stored
 from worker.decode import OutOfMemory
-from worker.errors import JobCanceled, JobFailed
+from worker.errors import JobCanceled, JobFailed, backoff
 from worker.inputs import fetch_image, open_image
 from worker.runtime import Runtime
 from worker.video import PendingVideo, Stopwatch, start_video
@@ -83,6 +84,10 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
     except JobCanceled:
         log.info("job %s canceled while rendering; the GPU is free", job_id)
         return {"job_id": job_id, "state": JobState.CANCELED.value}
+    except JobFailed as exc:
+        if exc.transient and (delay := _retry_delay(rt, job_id)) is not None:
+            return _requeue(status, job_id, exc, delay)
+        return _fail(status, job_id, exc, timings=timings, memory=memory)
     except Exception as exc:
         return _fail(status, job_id, exc, timings=timings, memory=memory)
 
@@ -120,11 +125,8 @@ def _complete(
         Progress(rt.status, job_id)("upload", 0.95, force=True)
         video = pending.finish()
         started = time.perf_counter()
-        try:
-            stored = rt.store.put(result_name(job_id, request.format), video.data, video.format.content_type)
-            url = rt.store.public_url(stored.key)
-        except StorageUnavailable as exc:
-            raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
+        stored = _upload(rt, result_name(job_id, request.format), video.data, video.format.content_type)
+        url = rt.store.public_url(stored.key)
         Stopwatch(timings).add("upload", started)
     except JobCanceled:
         log.info("job %s canceled before its upload", job_id)
@@ -141,6 +143,38 @@ def _complete(
     log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
     _finish(rt.status, job_id, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
             progress=1.0)  # fmt: skip
+
+
+def _retry_delay(rt: Runtime, job_id: str) -> float | None:
+    """Seconds to wait before the next attempt, or None when this was the last one allowed."""
+    attempts = rt.status.get(job_id).attempts
+    if attempts >= rt.settings.max_attempts:
+        return None
+    return backoff(attempts, rt.settings.retry_backoff, rt.settings.retry_backoff_max, random.random())
+
+
+def _requeue(status: StatusStore, job_id: str, exc: JobFailed, delay: float) -> dict[str, Any]:
+    log.warning("job %s: %s; retrying in %.1fs", job_id, exc, delay)
+    try:
+        status.transition(job_id, JobState.QUEUED, error=exc.as_error(), stage="retrying", progress=0.0)
+    except InvalidTransition:  # canceled meanwhile: no retry
+        return {"job_id": job_id, "state": JobState.CANCELED.value}
+    return {"job_id": job_id, "state": JobState.QUEUED.value, "retry_in": round(delay, 3)}
+
+
+def _upload(rt: Runtime, name: str, data: bytes, content_type: str) -> Stored:
+    """Put the video, retrying a storage outage in place: the render is done and is not redone."""
+    s = rt.settings
+    for attempt in range(1, s.max_attempts + 1):
+        try:
+            return rt.store.put(name, data, content_type)
+        except StorageUnavailable as exc:
+            if attempt == s.max_attempts:
+                raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, f"{exc} (upload tried {attempt} times)") from None
+            delay = backoff(attempt, s.retry_backoff, s.retry_backoff_max, random.random())
+            log.warning("upload of %s failed (%s); retrying in %.1fs", name, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @contextmanager

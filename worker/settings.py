@@ -26,5 +26,10 @@ class WorkerSettings(Settings):
     compile: bool = False
     # Run one short render at start-up so the first real job is not the slow one.
     warmup: bool = True
+    # Transient failures (storage unreachable) are retried: every execution counts as an attempt, and
+    # the wait before the next doubles from `retry_backoff` up to `retry_backoff_max`, with jitter.
+    max_attempts: int = 3
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 120.0
     # Seconds a worker process may spend loading the model before Celery gives up on it.
     load_timeout: float = 900.0

@@ -1,4 +1,4 @@
-"""The Celery task: deserialise, hand over to `run_job`, nothing else (no retries yet, no logic)."""
+"""The Celery task: hand over to `run_job`, and re-send the message when it asks for a retry."""
 
 from __future__ import annotations
 
@@ -15,4 +15,8 @@ from worker.settings import WorkerSettings
 def register(app: Celery, settings: WorkerSettings) -> None:
     @app.task(name=TASK_NAME, bind=True, acks_late=True)
     def generate_video(self: Any, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        return run_job(runtime.current(settings), job_id, request, worker=self.request.hostname or "unknown")
+        outcome = run_job(runtime.current(settings), job_id, request, worker=self.request.hostname or "unknown")
+        if "retry_in" in outcome:
+            # Same id, same queue (so the same priority); svdq counts attempts itself, hence no max here.
+            raise self.retry(countdown=outcome["retry_in"], max_retries=None)
+        return outcome

@@ -152,6 +152,7 @@ def test_corrupt_image_fails_its_job_and_the_worker_takes_the_next(
     assert bad.state is JobState.FAILED
     assert bad.error is not None and bad.error.code == "invalid_input"
     assert "image" in bad.error.message
+    assert bad.attempts == 1  # bad input is never retried
     assert bad.result is None
 
     good = client.submit(image_file, **SMALL).wait(timeout=120)

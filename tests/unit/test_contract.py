@@ -78,3 +78,11 @@ def test_retry_and_cancel_paths() -> None:
     assert JobState.QUEUED in TRANSITIONS[JobState.STARTED]  # retry
     assert sources_of(JobState.CANCELED) == [JobState.QUEUED, JobState.STARTED]
     assert sources_of(JobState.QUEUED) == [None, JobState.STARTED]
+
+
+def test_retry_backoff_doubles_with_jitter_and_a_cap() -> None:
+    from worker.errors import backoff
+
+    assert [backoff(n, 2.0, 60.0, 0.5) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
+    assert backoff(10, 2.0, 60.0, 0.5) == 60.0
+    assert backoff(1, 2.0, 60.0, 0.0) == 1.0 and backoff(1, 2.0, 60.0, 0.999) < 3.0

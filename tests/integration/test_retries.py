@@ -1,0 +1,72 @@
+"""Transient failures retry with backoff and a cap; bad input never retries. S3 is cut by a real proxy."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from producer.client import Client
+from producer.contract import JobState
+from tests.integration.conftest import BUCKET, PREFIX, SMALL
+from tests.integration.faults import CuttableProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def s3_proxy(svdq_env: dict[str, str]) -> Iterator[CuttableProxy]:
+    proxy = CuttableProxy(urlsplit(svdq_env["SVDQ_S3_ENDPOINT_URL"]).port or 0)
+    yield proxy
+    proxy.close()
+
+
+def uploaded_image(s3: Any, image_file: Path) -> str:
+    key = f"{PREFIX}/uploads/{uuid.uuid4().hex}.png"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=image_file.read_bytes())
+    return f"s3://{BUCKET}/{key}"
+
+
+def test_a_storage_outage_is_retried_and_then_succeeds(
+    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)  # the worker reaches S3 through the proxy
+    monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "3")
+    fresh = start_worker()
+    image = uploaded_image(s3, image_file)
+    with Client.from_env(queue=fresh.queue) as client:
+        s3_proxy.down()
+        job = client.submit(image, **SMALL)
+        deadline = time.monotonic() + 60
+        while (record := job.status()).attempts < 1 or record.state is not JobState.QUEUED:
+            assert time.monotonic() < deadline and not record.state.is_terminal(), record
+            time.sleep(0.05)
+        assert record.error is not None and record.error.code == "storage_unavailable"
+        assert record.stage == "retrying"
+        s3_proxy.up()
+        final = job.wait(timeout=120)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert final.attempts == 2 and final.worker == fresh.hostname
+
+
+def test_retries_stop_at_max_attempts_with_the_last_error(
+    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
+    monkeypatch.setitem(svdq_env, "SVDQ_MAX_ATTEMPTS", "2")
+    monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
+    fresh = start_worker()
+    image = uploaded_image(s3, image_file)
+    s3_proxy.down()
+    with Client.from_env(queue=fresh.queue) as client:
+        final = client.submit(image, **SMALL).wait(timeout=120)
+    assert final.state is JobState.FAILED
+    assert final.attempts == 2
+    assert final.error is not None and final.error.code == "storage_unavailable"
