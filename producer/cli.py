@@ -110,7 +110,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
     image = args.image if args.image.startswith(("s3://", "file://")) else Path(args.image)
     with Client.from_env() as client:
-        job = client.submit(image, priority=args.priority, idempotency_key=args.key, **params)
+        job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook, **params)
         if not args.wait:
             if args.json:
                 print_json(job.status().to_json_dict())
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         submit.add_argument(flag, dest=field, type=kind, metavar=metavar, help=f"sets {field}")
     submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="queue order (default: normal)")
     submit.add_argument("--key", help="idempotency key: a resubmit with the same key returns the same job")
+    submit.add_argument("--webhook", metavar="URL", help="POST signed events here (started, then the end)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most")
     submit.add_argument("--output", type=Path, help="with --wait: download the video here")

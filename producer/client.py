@@ -24,6 +24,7 @@ from producer.contract import (
     check_params,
     queue_for,
 )
+from producer.netguard import UnsafeURL, check_url
 from producer.settings import Settings
 from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore
 from producer.storage import ObjectStore, content_name, open_store
@@ -159,6 +160,7 @@ class Client:
         *,
         priority: str = "normal",
         idempotency_key: str | None = None,
+        webhook: str | None = None,
         **params: Any,
     ) -> Job:
         """Validate, store the image, write a `queued` record, then enqueue. Returns the job's handle.
@@ -172,6 +174,11 @@ class Client:
         queue = queue_for(self.settings.queue, priority)
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
             raise InvalidParameter("idempotency_key", "must be 1 to 200 characters")
+        if webhook is not None:
+            try:
+                check_url(webhook, allow_private=self.settings.webhook_allow_private)
+            except UnsafeURL as exc:
+                raise InvalidParameter("webhook", str(exc)) from None
         data, suffix = self._image_bytes(image)
 
         # 2. Store the image once per content; URLs the worker can read are passed through.
@@ -188,7 +195,7 @@ class Client:
         job_id = uuid.uuid4().hex
         request = {**checked.model_dump(), "image": image_ref}
         try:
-            self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority)
+            self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook)
         except DuplicateKey as dup:
             return Job(dup.job_id, self)
         try:

@@ -204,6 +204,7 @@ class JobRecord(BaseModel):
     request: dict[str, Any] = Field(default_factory=dict)
     priority: str = "normal"
     idempotency_key: str | None = None
+    webhook: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -136,14 +136,20 @@ class StatusStore:
         return json.dumps(event, separators=(",", ":"))
 
     def create(
-        self, job_id: str, request: dict[str, Any], *, idempotency_key: str | None = None, priority: str = "normal"
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        priority: str = "normal",
+        webhook: str | None = None,
     ) -> bool:
         """Write a `queued` record; False (and nothing written) if the job already has one.
 
         With `idempotency_key`, raises DuplicateKey naming the job that already holds the key.
         """
         fields = {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
-                  "priority": priority}  # fmt: skip
+                  "priority": priority, "webhook": webhook}  # fmt: skip
         try:
             self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, **fields)
         except InvalidTransition:

@@ -61,7 +61,7 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
     except InvalidParameter as exc:
         log.warning("job %s has an invalid request: %s", job_id, exc)
         status.create(job_id, raw_request if isinstance(raw_request, dict) else {})
-        return _fail(status, job_id, JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
+        return _fail(rt, job_id, JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
 
     # 2. Claim the job. A plain Celery client may have sent no record: create it first.
     status.create(job_id, request.model_dump())
@@ -72,7 +72,10 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
         )  # fmt: skip
     except InvalidTransition as exc:  # canceled while queued, or already finished elsewhere
         log.info("job %s not run: %s", job_id, exc)
+        if exc.current is JobState.CANCELED:
+            _notify(rt, job_id)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
+    _notify(rt, job_id)
 
     # 3-4. Fetch the image and render on the device.
     timings = {"load": round(rt.take_load_seconds(), 4)}
@@ -83,13 +86,14 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
             pending = _render(rt, job_id, request, seed, timings, memory)
     except JobCanceled:
         log.info("job %s canceled while rendering; the GPU is free", job_id)
+        _notify(rt, job_id)
         return {"job_id": job_id, "state": JobState.CANCELED.value}
     except JobFailed as exc:
         if exc.transient and (delay := _retry_delay(rt, job_id)) is not None:
             return _requeue(status, job_id, exc, delay)
-        return _fail(status, job_id, exc, timings=timings, memory=memory)
+        return _fail(rt, job_id, exc, timings=timings, memory=memory)
     except Exception as exc:
-        return _fail(status, job_id, exc, timings=timings, memory=memory)
+        return _fail(rt, job_id, exc, timings=timings, memory=memory)
 
     # 5. Hand the rest to the finisher and free the GPU for the next job.
     rt.finisher.submit(job_id, lambda: _complete(rt, job_id, request, seed, pending, timings, memory))
@@ -130,9 +134,10 @@ def _complete(
         Stopwatch(timings).add("upload", started)
     except JobCanceled:
         log.info("job %s canceled before its upload", job_id)
+        _notify(rt, job_id)
         return
     except Exception as exc:
-        _fail(rt.status, job_id, exc, timings=timings, memory=memory)
+        _fail(rt, job_id, exc, timings=timings, memory=memory)
         return
     finally:
         pending.close()
@@ -141,7 +146,7 @@ def _complete(
         "width": request.width, "height": request.height, "fps": request.fps, "seed": seed,
     }  # fmt: skip
     log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
-    _finish(rt.status, job_id, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
+    _finish(rt, job_id, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
             progress=1.0)  # fmt: skip
 
 
@@ -203,14 +208,24 @@ def _error_of(job_id: str, exc: BaseException) -> dict[str, str]:
     return {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
-def _fail(status: StatusStore, job_id: str, exc: BaseException, **fields: Any) -> dict[str, Any]:
-    return _finish(status, job_id, JobState.FAILED, error=_error_of(job_id, exc), **fields)
+def _fail(rt: Runtime, job_id: str, exc: BaseException, **fields: Any) -> dict[str, Any]:
+    return _finish(rt, job_id, JobState.FAILED, error=_error_of(job_id, exc), **fields)
 
 
-def _finish(status: StatusStore, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:
+def _finish(rt: Runtime, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:
     try:
-        status.transition(job_id, state, **fields)
+        rt.status.transition(job_id, state, **fields)
     except InvalidTransition as exc:  # canceled while it ran: the cancel stands
         log.info("job %s: result dropped, %s", job_id, exc)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
+    _notify(rt, job_id)
     return {"job_id": job_id, "state": state.value}
+
+
+def _notify(rt: Runtime, job_id: str) -> None:
+    """Queue the job's webhook for its current state, if it asked for one (sent off the job's thread)."""
+    record = rt.status.get(job_id)
+    if record.webhook and rt.webhooks is not None:
+        event = f"job.{record.state.value}"
+        rt.webhooks.send(record.webhook, event, f"{job_id}.{record.state.value}.{record.attempts}",
+                         record.to_json_dict())  # fmt: skip

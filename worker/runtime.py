@@ -16,6 +16,7 @@ from producer.storage import ObjectStore, open_store
 from worker.finisher import Finisher
 from worker.pipeline import Renderer, load_renderer
 from worker.settings import WorkerSettings
+from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class Runtime:
     status: StatusStore
     store: ObjectStore
     renderer: Renderer
+    webhooks: WebhookSender | None = None
     finisher: Finisher = field(default_factory=Finisher)
     _load_reported: bool = field(default=False)
 
@@ -44,6 +46,12 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         status=StatusStore(client, result_ttl=settings.result_ttl),
         store=open_store(settings),
         renderer=load_renderer(settings),
+        webhooks=WebhookSender(
+            settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
+            allow_private=settings.webhook_allow_private,
+            timeout=settings.webhook_timeout,
+            max_attempts=settings.webhook_max_attempts,
+        ),
     )
 
 
@@ -60,9 +68,11 @@ def start(settings: WorkerSettings) -> Runtime:
 
 
 def stop() -> None:
-    """Let the job being finished finish (its message is already acknowledged)."""
+    """Let the job being finished finish (its message is already acknowledged), then its webhooks go."""
     if _current is not None:
         _current.finisher.drain()
+        if _current.webhooks is not None:
+            _current.webhooks.close()
 
 
 def current(settings: WorkerSettings) -> Runtime:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import SecretStr
+
 from producer.settings import Settings
 
 
@@ -31,5 +33,9 @@ class WorkerSettings(Settings):
     max_attempts: int = 3
     retry_backoff: float = 2.0
     retry_backoff_max: float = 120.0
+    # Standard Webhooks secret, `whsec_` and base64; jobs with a webhook get no calls without it.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 5
     # Seconds a worker process may spend loading the model before Celery gives up on it.
     load_timeout: float = 900.0

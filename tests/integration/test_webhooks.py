@@ -1,0 +1,121 @@
+"""Signed webhooks to a real HTTP server, verified with the `standardwebhooks` package."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from producer.client import Client
+from producer.contract import InvalidParameter, JobState
+from tests.integration.conftest import SMALL
+
+pytestmark = pytest.mark.integration
+
+
+class Receiver:
+    """Records every POST; answers 503 to the first `fail_first` of them."""
+
+    def __init__(self, fail_first: int = 0):
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append((dict(self.headers), body))
+                status = 503 if len(receiver.requests) <= receiver.fail_first else 204
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/svdq"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def events(self, count: int, timeout: float = 60) -> list[tuple[dict[str, str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count:
+            assert time.monotonic() < deadline, f"got {len(self.requests)} of {count} webhook calls"
+            time.sleep(0.05)
+        return self.requests
+
+
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+@pytest.fixture
+def hooks_env(svdq_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    for name, value in {"SVDQ_WEBHOOK_SECRET": SECRET, "SVDQ_WEBHOOK_ALLOW_PRIVATE": "1"}.items():
+        monkeypatch.setitem(svdq_env, name, value)
+        monkeypatch.setenv(name, value)
+    yield svdq_env
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_started_and_succeeded_arrive_signed(hooks_env: dict[str, str], start_worker: Any, receiver: Receiver,
+                                             image_file: Path) -> None:  # fmt: skip
+    fresh = start_worker()
+    with Client.from_env(queue=fresh.queue) as client:
+        record = client.submit(image_file, **SMALL, webhook=receiver.url).wait(timeout=120)
+    assert record.state is JobState.SUCCEEDED
+    calls = receiver.events(2)
+    payloads = [Webhook(SECRET).verify(body, headers) for headers, body in calls]
+    assert [p["type"] for p in payloads] == ["job.started", "job.succeeded"]
+    assert payloads[1]["data"]["id"] == record.id and payloads[1]["data"]["result"]["key"] == record.result.key
+    assert len({headers["webhook-id"] for headers, _ in calls}) == 2
+    wrong = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    for headers, body in calls:
+        with pytest.raises(WebhookVerificationError):
+            Webhook(wrong).verify(body, headers)
+    # The secret never travels: not in the call, not in the record.
+    assert all(SECRET not in json.dumps(headers) + body.decode() for headers, body in calls)
+
+
+def test_a_failing_endpoint_is_retried_and_never_delays_the_next_render(
+    hooks_env: dict[str, str], start_worker: Any, image_file: Path
+) -> None:
+    flaky = Receiver(fail_first=2)
+    try:
+        fresh = start_worker()
+        with Client.from_env(queue=fresh.queue) as client:
+            first = client.submit(image_file, **SMALL, webhook=flaky.url).wait(timeout=120)
+            second = client.submit(image_file, **SMALL).wait(timeout=120)
+        assert first.state is second.state is JobState.SUCCEEDED
+        calls = flaky.events(4)  # 503, 503, then delivered; then the succeeded event
+        ids = [headers["webhook-id"] for headers, _ in calls]
+        assert ids[0] == ids[1] == ids[2] != ids[3]  # the same message, retried
+    finally:
+        flaky.close()
+
+
+def test_private_webhook_urls_are_refused_at_submit(svdq_env: dict[str, str], image_file: Path) -> None:
+    assert os.environ.get("SVDQ_WEBHOOK_ALLOW_PRIVATE") is None
+    with Client.from_env() as client:
+        for url in ("http://127.0.0.1:9/x", "http://10.0.0.1/x", "ftp://example.com/x", "http://[::1]/x"):
+            with pytest.raises(InvalidParameter) as err:
+                client.submit(image_file, **SMALL, webhook=url)
+            assert err.value.param == "webhook"

@@ -1,0 +1,51 @@
+"""The outbound URL guard, with a resolver that answers what each case needs (no DNS, no network)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from producer.netguard import UnsafeURL, check_url, is_public
+
+
+def resolver(*addresses: str):  # type: ignore[no-untyped-def]
+    def resolve(host: str, port: int, **_: object) -> list[tuple]:
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in addresses]  # fmt: skip
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1", "fc00::1",
+     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"],
+)  # fmt: skip
+def test_non_public_addresses_are_refused(address: str) -> None:
+    assert not is_public(address)
+    with pytest.raises(UnsafeURL, match="non-public"):
+        check_url("https://hooks.example.com/x", resolve=resolver(address))
+
+
+def test_one_private_address_among_public_ones_is_enough_to_refuse() -> None:
+    with pytest.raises(UnsafeURL):
+        check_url("https://hooks.example.com/x", resolve=resolver("93.184.216.34", "10.0.0.5"))
+
+
+def test_public_addresses_pass_and_the_checked_one_is_kept() -> None:
+    checked = check_url("https://hooks.example.com:8443/in?a=1", resolve=resolver("93.184.216.34"))
+    assert (checked.host, checked.port, checked.address, checked.path) == (
+        "hooks.example.com", 8443, "93.184.216.34", "/in?a=1")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/x", "file:///etc/passwd", "gopher://x", "//nohost", "https://u:p@x.com/"]
+)
+def test_only_plain_http_urls(url: str) -> None:
+    with pytest.raises(UnsafeURL):
+        check_url(url, resolve=resolver("93.184.216.34"))
+
+
+def test_private_addresses_when_allowed() -> None:
+    assert check_url("http://127.0.0.1:9/x", allow_private=True, resolve=resolver("127.0.0.1")).address == "127.0.0.1"
