@@ -4,7 +4,7 @@ The architecture is SVD-XT's (diffusers' default UNetSpatioTemporalConditionMode
 ViT-H/14-sized CLIP vision tower), built on the GPU with random weights: no download. fp16, 25 frames,
 576x1024, 25 steps. In one process, in this order (svdq's settings change the pipeline):
   stock:          pipe(image, decode_chunk_size=8) then export_to_video, the diffusers way
-  svdq:           worker.video.make_video: latents, streamed chunked decode, YUV on the GPU, encoder
+  svdq:           worker.video.start_video + finish: latents, streamed chunked decode, YUV on the GPU, encoder
   svdq+compile:   the same with the UNet under torch.compile
 Each is run once to warm up, then `--repeat` times. One JSON line per figure.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from producer.contract import JobParams
 from worker.pipeline import Renderer, tune_for_gpu, warm_up
 from worker.settings import WorkerSettings
-from worker.video import make_video
+from worker.video import start_video
 
 
 def build_full_svd_xt(device: torch.device, dtype: torch.dtype) -> Any:
@@ -122,7 +122,11 @@ def run_svdq(renderer: Renderer, image: Image.Image, params: JobParams, settings
     timings: dict[str, float] = {}
     memory: dict[str, Any] = {}
     started = time.perf_counter()
-    video = make_video(renderer, image, params, 0, settings, timings=timings, memory=memory)
+    pending = start_video(renderer, image, params, 0, settings, timings=timings, memory=memory)
+    try:
+        video = pending.finish()
+    finally:
+        pending.close()
     total = time.perf_counter() - started
     return {**timings, "total": total, "bytes": len(video.data), "peak_vram_gib": peak_gib(renderer.device),
             "decode_chunk_size": memory["decode_chunk_size"]}  # fmt: skip

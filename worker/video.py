@@ -1,6 +1,7 @@
 """Image in, encoded video out, on the device: denoise, streamed decode, encode. No Redis, no storage.
 
-Both the job (worker.render) and the GPU benchmark (bench/gpu_svd.py) run exactly this.
+Both the job (worker.render) and the GPU benchmark (bench/gpu_svd.py) run exactly this: `start_video`
+does the device work and returns a PendingVideo, whose `finish()` waits for the encoder's last frames.
 """
 
 from __future__ import annotations
@@ -116,22 +117,3 @@ def start_video(
     finally:
         memory.update(decode_chunk_size=decoder.chunk_size, decode_chunk_halvings=decoder.halvings)
     return PendingVideo(writer=writer, clock=clock)
-
-
-def make_video(
-    renderer: Renderer,
-    image: Image.Image,
-    params: JobParams,
-    seed: int,
-    settings: WorkerSettings,
-    *,
-    timings: dict[str, float],
-    memory: dict[str, Any],
-    progress: ProgressFn = _no_progress,
-) -> Video:
-    """The whole render in one call: device work, then the encoder's last frames."""
-    pending = start_video(renderer, image, params, seed, settings, timings=timings, memory=memory, progress=progress)
-    try:
-        return pending.finish()
-    finally:
-        pending.close()
