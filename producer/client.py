@@ -6,6 +6,7 @@ import contextlib
 import io
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -236,9 +237,17 @@ class Client:
         if len(data) > self.settings.max_image_bytes:
             raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format or ""
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    fmt, pixels = img.format or "", img.width * img.height
+                    if pixels > self.settings.max_image_pixels:
+                        raise InvalidParameter("image", f"is {img.width}x{img.height}, over SVDQ_MAX_IMAGE_PIXELS="
+                                               f"{self.settings.max_image_pixels}")  # fmt: skip
+                    img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
+                Image.DecompressionBombError) as exc:  # fmt: skip
+            if isinstance(exc, InvalidParameter):
+                raise
             raise InvalidParameter("image", f"is not a readable image ({exc})") from None
         return _SUFFIXES.get(fmt, ".img")

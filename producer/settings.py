@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # Presigned result URLs expire after this many seconds (S3 allows at most 7 days).
     presign_ttl: int = 24 * 3600
     max_image_bytes: int = 50 * 1024 * 1024
+    # Larger images are refused from their header (decompression bombs); SVD renders at most 2048x2048.
+    max_image_pixels: int = 40_000_000
     # Webhooks to loopback and private networks are refused unless this is set (trusted networks, tests).
     webhook_allow_private: bool = False
 

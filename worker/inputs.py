@@ -1,9 +1,16 @@
-"""Turning a request's image reference into a clean RGB picture, or a clear `invalid_input`."""
+"""Turning a request's image reference into a clean RGB picture, or a clear `invalid_input`.
+
+Whatever arrives (truncated, not an image, a decompression bomb, 16-bit, CMYK, palette with
+transparency, animated, EXIF-rotated) either becomes an upright 8-bit RGB image or fails the job with
+a message that says why. Nothing here can take the worker down.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from producer.contract import ErrorCode
@@ -11,7 +18,7 @@ from producer.storage import InvalidReference, ObjectNotFound, ObjectStore, Stor
 from worker.errors import JobFailed
 
 
-def fetch_image(store: ObjectStore, ref: str) -> bytes:
+def fetch_image(store: ObjectStore, ref: str, max_bytes: int) -> bytes:
     try:
         data = store.read(ref)
     except (ObjectNotFound, InvalidReference) as exc:
@@ -20,15 +27,49 @@ def fetch_image(store: ObjectStore, ref: str) -> bytes:
         raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
     if not data:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"image {ref} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise JobFailed(
+            ErrorCode.INVALID_INPUT, f"image {ref} is {len(data)} bytes, over SVDQ_MAX_IMAGE_BYTES={max_bytes}"
+        )
     return data
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode fully now, so a truncated file fails here and not halfway through the pipeline."""
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode fully now, so a truncated file fails here and not halfway through the pipeline.
+
+    Above `max_pixels` the image is refused from its header alone, before any pixel is decoded.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)  # animated images: the first frame
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > max_pixels:
+                    raise JobFailed(ErrorCode.INVALID_INPUT, f"the image is {img.width}x{img.height}, over the "
+                                    f"{max_pixels:,}-pixel limit (a decompression bomb?)")  # fmt: skip
+                img.seek(0)  # animated images: the first frame
+                return to_rgb(ImageOps.exif_transpose(img))
+    except JobFailed:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError, EOFError) as exc:  # fmt: skip
         raise JobFailed(ErrorCode.INVALID_INPUT, f"the image could not be decoded: {exc}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB: high bit depths scaled (not clipped), transparency over white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, L, 1, P without transparency: Pillow's own conversions
+
+
+def fit(img: Image.Image, width: int, height: int) -> Image.Image:
+    """The image at the video's size, as SVD expects it (and as its CLIP resize needs for tiny inputs)."""
+    return img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BICUBIC)

@@ -24,7 +24,7 @@ from producer.status import InvalidTransition, StatusStore
 from producer.storage import StorageUnavailable, Stored
 from worker.decode import OutOfMemory
 from worker.errors import JobCanceled, JobFailed, backoff
-from worker.inputs import fetch_image, open_image
+from worker.inputs import fetch_image, fit, open_image
 from worker.runtime import Runtime
 from worker.video import PendingVideo, Stopwatch, start_video
 
@@ -105,7 +105,8 @@ def _render(
 ) -> PendingVideo:
     # 3. Fetch and decode the input image.
     started = time.perf_counter()
-    image = open_image(fetch_image(rt.store, request.image))
+    data = fetch_image(rt.store, request.image, rt.settings.max_image_bytes)
+    image = fit(open_image(data, rt.settings.max_image_pixels), request.width, request.height)
     Stopwatch(timings).add("fetch", started)
 
     # 4. Denoise, then decode streamed into the encoder (worker.video).

@@ -10,6 +10,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from producer.client import connect_redis
 from producer.status import StatusStore
 from producer.storage import ObjectStore, open_store
@@ -40,6 +42,8 @@ class Runtime:
 
 
 def build_runtime(settings: WorkerSettings) -> Runtime:
+    # Pillow's own bomb check (a warning up to twice its limit, then an error) at svdq's limit.
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     client = connect_redis(settings.redis_url)
     return Runtime(
         settings=settings,
