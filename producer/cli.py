@@ -108,7 +108,7 @@ def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_jso
 
 def cmd_submit(args: argparse.Namespace) -> int:
     params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
-    image = args.image if args.image.startswith(("s3://", "file://")) else Path(args.image)
+    image = args.image if args.image.startswith(("s3://", "file://", "http://", "https://")) else Path(args.image)
     with Client.from_env() as client:
         job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook, **params)
         if not args.wait:
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     submit = sub.add_parser("submit", help="queue an image-to-video render; prints the job id")
-    submit.add_argument("image", help="a local image file, or an s3:// or file:// URL")
+    submit.add_argument("image", help="a local image file, or an s3://, file:// or http(s):// URL")
     for flag, (field, kind) in PARAM_FLAGS.items():
         metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
         submit.add_argument(flag, dest=field, type=kind, metavar=metavar, help=f"sets {field}")

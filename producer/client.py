@@ -31,7 +31,7 @@ from producer.status import DuplicateKey, InvalidTransition, JobNotFound, Status
 from producer.storage import ObjectStore, content_name, open_store
 
 ImageInput = str | Path | bytes | Image.Image
-_URL_SCHEMES = ("s3://", "file://")
+_URL_SCHEMES = ("s3://", "file://", "http://", "https://")
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
 
@@ -221,6 +221,11 @@ class Client:
         elif isinstance(image, bytes):
             data = image
         elif isinstance(image, str) and image.startswith(_URL_SCHEMES):
+            if image.startswith(("http://", "https://")):  # fetched by the worker, through the same guard
+                try:
+                    check_url(image, allow_private=self.settings.allow_private_urls)
+                except UnsafeURL as exc:
+                    raise InvalidParameter("image", str(exc)) from None
             return None, ""
         else:
             path = Path(image)

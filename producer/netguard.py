@@ -6,11 +6,13 @@ caller then connects to the address checked here (not to a new lookup, which cou
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 Resolver = Callable[..., list[tuple]]
 
@@ -35,7 +37,13 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def check_url(url: str, *, allow_private: bool = False, resolve: Resolver = socket.getaddrinfo) -> CheckedURL:
+def check_url(
+    url: str,
+    *,
+    allow_private: bool = False,
+    resolve: Resolver = socket.getaddrinfo,
+    public: Callable[[str], bool] | None = None,
+) -> CheckedURL:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UnsafeURL(f"only http and https URLs are allowed, not {parts.scheme or 'none'!r}")
@@ -52,10 +60,82 @@ def check_url(url: str, *, allow_private: bool = False, resolve: Resolver = sock
     if not addresses:
         raise UnsafeURL(f"{parts.hostname} has no address")
     if not allow_private:
-        private = [a for a in addresses if not is_public(a)]
+        private = [a for a in addresses if not (public or is_public)(a)]
         if private:
             raise UnsafeURL(f"{parts.hostname} resolves to a non-public address ({private[0]})")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
     return CheckedURL(parts.scheme, parts.hostname, port, addresses[0], path)
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to the address that was checked, whatever a new DNS lookup would say."""
+
+    def __init__(self, target: CheckedURL, timeout: float):
+        super().__init__(target.host, target.port, timeout=timeout)
+        self._address = target.address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, target: CheckedURL, timeout: float):
+        super().__init__(target.host, target.port, timeout=timeout, context=ssl.create_default_context())
+        self._address = target.address
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def connect(target: CheckedURL, timeout: float) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to the checked address (TLS still verifies the host's name)."""
+    return (_PinnedHTTPS if target.scheme == "https" else _PinnedHTTP)(target, timeout)
+
+
+class TooLarge(ValueError):
+    pass
+
+
+class HTTPFailure(OSError):
+    """A response that is not the image: `status` says which (0 for too many redirects)."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+def fetch(
+    url: str,
+    *,
+    max_bytes: int,
+    allow_private: bool = False,
+    timeout: float = 15.0,
+    max_redirects: int = 3,
+    resolve: Resolver = socket.getaddrinfo,
+    public: Callable[[str], bool] | None = None,
+) -> bytes:
+    """GET a URL through the guard: every redirect checked again, the body capped while it streams."""
+    for _ in range(max_redirects + 1):
+        target = check_url(url, allow_private=allow_private, resolve=resolve, public=public)
+        conn = connect(target, timeout)
+        try:
+            conn.request("GET", target.path, headers={"user-agent": "svdq", "accept": "image/*"})
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("location"):
+                url = urljoin(url, response.getheader("location", ""))
+                continue
+            if response.status != 200:
+                raise HTTPFailure(response.status, f"HTTP {response.status} from {target.host}")
+            declared = int(response.getheader("content-length") or 0)
+            if declared > max_bytes:
+                raise TooLarge(f"{declared} bytes, over the {max_bytes}-byte limit")
+            body = response.read(max_bytes + 1)
+            if len(body) > max_bytes:
+                raise TooLarge(f"over the {max_bytes}-byte limit")
+            return body
+        finally:
+            conn.close()
+    raise HTTPFailure(0, f"more than {max_redirects} redirects")

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     # Webhooks to loopback and private networks are refused unless this is set (trusted networks, tests).
     webhook_allow_private: bool = False
+    # Likewise for http(s) image URLs, which workers fetch.
+    allow_private_urls: bool = False
 
 
 def redact_url(url: str) -> str:

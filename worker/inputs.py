@@ -14,17 +14,24 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from producer.contract import ErrorCode
+from producer.netguard import HTTPFailure, TooLarge, UnsafeURL, fetch
 from producer.storage import InvalidReference, ObjectNotFound, ObjectStore, StorageUnavailable
 from worker.errors import JobFailed
 
 
-def fetch_image(store: ObjectStore, ref: str, max_bytes: int) -> bytes:
+def fetch_image(store: ObjectStore, ref: str, max_bytes: int, *, allow_private_urls: bool = False) -> bytes:
     try:
-        data = store.read(ref)
-    except (ObjectNotFound, InvalidReference) as exc:
-        raise JobFailed(ErrorCode.INVALID_INPUT, f"image {ref}: {exc}") from None
-    except StorageUnavailable as exc:
-        raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from None
+        if ref.startswith(("http://", "https://")):
+            data = fetch(ref, max_bytes=max_bytes, allow_private=allow_private_urls)
+        else:
+            data = store.read(ref)
+    except (ObjectNotFound, InvalidReference, UnsafeURL, TooLarge) as exc:
+        raise JobFailed(ErrorCode.INVALID_INPUT, f"image {_shown(ref)}: {exc}") from None
+    except HTTPFailure as exc:
+        code = ErrorCode.STORAGE_UNAVAILABLE if exc.status >= 500 or exc.status == 429 else ErrorCode.INVALID_INPUT
+        raise JobFailed(code, f"image {_shown(ref)}: {exc}") from None
+    except (StorageUnavailable, OSError) as exc:  # unreachable store or host, timeouts: worth a retry
+        raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, f"image {_shown(ref)}: {type(exc).__name__}: {exc}") from None
     if not data:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"image {ref} is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -32,6 +39,11 @@ def fetch_image(store: ObjectStore, ref: str, max_bytes: int) -> bytes:
             ErrorCode.INVALID_INPUT, f"image {ref} is {len(data)} bytes, over SVDQ_MAX_IMAGE_BYTES={max_bytes}"
         )
     return data
+
+
+def _shown(ref: str) -> str:
+    """The reference without its query string, which for presigned URLs holds a signature."""
+    return ref.split("?", 1)[0]
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

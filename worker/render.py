@@ -105,7 +105,9 @@ def _render(
 ) -> PendingVideo:
     # 3. Fetch and decode the input image.
     started = time.perf_counter()
-    data = fetch_image(rt.store, request.image, rt.settings.max_image_bytes)
+    data = fetch_image(
+        rt.store, request.image, rt.settings.max_image_bytes, allow_private_urls=rt.settings.allow_private_urls
+    )
     image = fit(open_image(data, rt.settings.max_image_pixels), request.width, request.height)
     Stopwatch(timings).add("fetch", started)
 

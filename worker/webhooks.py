@@ -17,13 +17,11 @@ import json
 import logging
 import queue
 import random
-import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 
-from producer.netguard import CheckedURL, UnsafeURL, check_url
+from producer.netguard import UnsafeURL, check_url, connect
 from worker.errors import backoff
 
 log = logging.getLogger(__name__)
@@ -43,27 +41,6 @@ class Delivery:
     body: bytes
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to the address that was checked, whatever a new DNS lookup would say."""
-
-    def __init__(self, target: CheckedURL, timeout: float):
-        super().__init__(target.host, target.port, timeout=timeout)
-        self._address = target.address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, target: CheckedURL, timeout: float):
-        super().__init__(target.host, target.port, timeout=timeout, context=ssl.create_default_context())
-        self._address = target.address
-
-    def connect(self) -> None:
-        raw = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
-
-
 def post(delivery: Delivery, secret: str, *, allow_private: bool, timeout: float) -> int:
     """One signed POST; returns the HTTP status. Redirects are not followed."""
     target = check_url(delivery.url, allow_private=allow_private)
@@ -75,7 +52,7 @@ def post(delivery: Delivery, secret: str, *, allow_private: bool, timeout: float
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signature(secret, delivery.msg_id, timestamp, delivery.body),
     }
-    conn = (_PinnedHTTPS if target.scheme == "https" else _PinnedHTTP)(target, timeout)
+    conn = connect(target, timeout)
     try:
         conn.request("POST", target.path, body=delivery.body, headers=headers)
         return conn.getresponse().status
