@@ -34,15 +34,17 @@ def free_port() -> int:
 
 
 class LocalRedis:
-    def __init__(self, workdir: Path, *, appendonly: bool = False):
+    def __init__(self, workdir: Path, *, appendonly: bool = False, password: str | None = None):
         self.workdir = workdir
         self.appendonly = appendonly
+        self.password = password
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, port: int | None = None, timeout: float = 10.0) -> str:
         binary = find_redis_server()
@@ -62,11 +64,12 @@ class LocalRedis:
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
+            *(["--requirepass", self.password] if self.password else []),
         ]
         with (self.workdir / "redis.log").open("ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         while True:
             try:
                 client.ping()

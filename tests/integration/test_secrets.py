@@ -1,0 +1,66 @@
+"""No credential in logs, task messages, status records, events or error messages.
+
+A worker against a password-protected Redis, with S3 credentials, runs a good job and a failing one;
+then every place a secret could leak is searched for the password and the AWS secret key.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from producer import keys
+from producer.client import Client, producer_celery
+from producer.contract import JobState
+from producer.local_redis import LocalRedis
+from producer.settings import Settings
+from tests.integration.conftest import SMALL, _start_worker, _stop_worker
+
+pytestmark = pytest.mark.integration
+
+
+def test_secrets_stay_out_of_logs_messages_and_records(
+    svdq_env: dict[str, str], tmp_path: Path, image_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = "pw-" + secrets.token_hex(12)
+    server = LocalRedis(tmp_path / "redis", password=password)
+    url = server.start()
+    env = {**svdq_env, "SVDQ_REDIS_URL": url}
+    monkeypatch.setenv("SVDQ_REDIS_URL", url)
+    aws_secret = env["AWS_SECRET_ACCESS_KEY"]
+    control: Celery = producer_celery(Settings(redis_url=url))
+    worker = _start_worker(env, tmp_path, control, f"q-{uuid.uuid4().hex[:6]}")
+    try:
+        with Client.from_env(queue=worker.queue) as client:
+            good = client.submit(image_file, **SMALL).wait(timeout=120)
+            bad = client.submit("s3://svdq-test/renders/no-such-image.png", **SMALL).wait(timeout=120)
+            assert good.state is JobState.SUCCEEDED and bad.state is JobState.FAILED
+            # A message as it sits in the broker, taken from a queue no worker reads.
+            with Client.from_env(queue="nobody-reads-this") as parked:
+                parked.submit(image_file, **SMALL)
+                message = client.redis.lindex("nobody-reads-this", 0)
+            records = [client.job(good.id).status(), client.job(bad.id).status()]
+            events = client.redis.xrange(keys.EVENTS_STREAM)
+    finally:
+        _stop_worker(worker)
+        control.close()
+        server.stop()
+
+    places: dict[str, Any] = {
+        "worker log": worker.log_text(),
+        "task message": message.decode(),
+        "records": json.dumps([r.to_json_dict() for r in records]),
+        "events": str(events),
+        "error message": bad.error.message if bad.error else "",
+    }
+    assert message and "svdq.generate_video" in places["task message"]
+    for place, text in places.items():
+        assert password not in text, f"the Redis password leaked into the {place}"
+        assert aws_secret not in text, f"the AWS secret key leaked into the {place}"
+    assert "redis://:**@" in places["worker log"] or "redis://:***@" in places["worker log"]
