@@ -17,9 +17,6 @@ TASK_NAME = "svdq.generate_video"
 DEFAULT_QUEUE = "celery"
 
 
-VIDEO_FORMATS = ("mp4", "webm", "gif")
-
-
 def result_name(job_id: str, fmt: str = "mp4") -> str:
     """Where a job's video lives, relative to the store's prefix."""
     return f"{job_id}/video.{fmt}"

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from producer.client import Client
 from producer.local_redis import LocalRedis
-from producer.settings import Settings, redact_url
+from producer.settings import redact_url
 
 # Small enough for a laptop CPU with the tiny model; a real checkpoint gets SVD-XT's defaults.
 TINY_PARAMS = {"width": 64, "height": 64, "num_frames": 8, "num_inference_steps": 4, "fps": 7, "seed": 7}
@@ -92,14 +92,14 @@ def run_demo(workdir: Path, output: Path) -> int:
             )
 
         # 4. Submit the example and follow it.
-        settings = Settings(redis_url=env["SVDQ_REDIS_URL"], storage_url=env["SVDQ_STORAGE_URL"])
+        redis_url = env["SVDQ_REDIS_URL"]
         from producer.cli import wait_and_report
 
-        with Client.from_env(redis_url=settings.redis_url, storage_url=settings.storage_url) as client:
+        with Client.from_env(redis_url=redis_url, storage_url=env["SVDQ_STORAGE_URL"]) as client:
             wait_for_worker(client, worker, log_path)
             image = example_image(workdir / "example.png")
             job = client.submit(image, **(TINY_PARAMS if tiny else {}))
-            say(f"submitted job {job.id} (redis {redact_url(settings.redis_url)})")
+            say(f"submitted job {job.id} (redis {redact_url(redis_url)})")
             code = wait_and_report(job, timeout=900, output=output.resolve(), as_json=False, quiet=False)
         if code == 0:
             say(f"done: the video is at {output.resolve()}")

@@ -28,6 +28,9 @@ EVENTS_STREAM = f"{PREFIX}:events"
 EVENTS_STREAM_LENGTH = 10_000
 
 
+IDEMPOTENCY_PREFIX = f"{PREFIX}:idempotency:"
+
+
 def idempotency(key: str) -> str:
     """String holding the job id submitted under a client's idempotency key."""
-    return f"{PREFIX}:idempotency:{key}"
+    return f"{IDEMPOTENCY_PREFIX}{key}"

@@ -182,7 +182,7 @@ class StatusStore:
             "index_prefix": keys.STATE_INDEX_PREFIX,
             "idem_key": keys.idempotency(idempotency_key) if idempotency_key else "",
             "idem_ttl": self.result_ttl,
-            "idem_prefix": keys.idempotency(""),
+            "idem_prefix": keys.IDEMPOTENCY_PREFIX,
         }
         applied, current = self._transition(
             keys=[keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM],

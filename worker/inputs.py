@@ -8,7 +8,6 @@ a message that says why. Nothing here can take the worker down.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -52,18 +51,13 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     Above `max_pixels` the image is refused from its header alone, before any pixel is decoded.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > max_pixels:
-                    raise JobFailed(ErrorCode.INVALID_INPUT, f"the image is {img.width}x{img.height}, over the "
-                                    f"{max_pixels:,}-pixel limit (a decompression bomb?)")  # fmt: skip
-                img.seek(0)  # animated images: the first frame
-                return to_rgb(ImageOps.exif_transpose(img))
-    except JobFailed:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError, EOFError) as exc:  # fmt: skip
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise JobFailed(ErrorCode.INVALID_INPUT, f"the image is {img.width}x{img.height}, over the "
+                                f"{max_pixels:,}-pixel limit (a decompression bomb?)")  # fmt: skip
+            img.seek(0)  # animated images: the first frame
+            return to_rgb(ImageOps.exif_transpose(img))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"the image could not be decoded: {exc}") from None
 
 
