@@ -13,6 +13,8 @@ from typing import Any
 import redis
 from celery import Celery
 from PIL import Image, UnidentifiedImageError
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from producer import keys
 from producer.contract import (
@@ -34,9 +36,14 @@ _URL_SCHEMES = ("s3://", "file://", "http://", "https://")
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
 
-def connect_redis(url: str) -> redis.Redis:
-    # Short timeouts: a producer in a web request should fail fast, not hang, when Redis is away.
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+def connect_redis(url: str, *, retry_for: float = 4.0) -> redis.Redis:
+    """A client that rides out a Redis restart of up to about `retry_for` seconds (more for workers).
+
+    Short timeouts: a producer in a web request should fail fast, not hang, when Redis is away.
+    """
+    retries = max(1, int(retry_for * 2))  # jittered waits of half a second on average
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries)
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30, retry=retry)
 
 
 def producer_celery(settings: Settings) -> Celery:
@@ -195,7 +202,9 @@ class Client:
         job_id = uuid.uuid4().hex
         request = {**checked.model_dump(), "image": image_ref}
         try:
-            self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook)
+            self.status.create(
+                job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook, queue=queue
+            )
         except DuplicateKey as dup:
             return Job(dup.job_id, self)
         try:

@@ -36,11 +36,15 @@ class JobState(str, enum.Enum):
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
 # The one table that decides what may follow what. `None` is "no record yet".
-# queued -> failed covers a message that cannot even be parsed; started -> queued is a retry.
+# queued -> failed covers a message that cannot even be parsed; started -> queued is a retry, a job handed
+# back at shutdown, or one recovered from a dead worker; started -> started is a takeover of a job whose
+# worker died (its lease expired, see producer.status). Leaving `started` needs the lease's conditions too.
 TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.QUEUED}),
     JobState.QUEUED: frozenset({JobState.STARTED, JobState.FAILED, JobState.CANCELED}),
-    JobState.STARTED: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.QUEUED}),
+    JobState.STARTED: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.QUEUED, JobState.STARTED}
+    ),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELED: frozenset(),
@@ -57,6 +61,10 @@ class ErrorCode(str, enum.Enum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     OUT_OF_MEMORY = "out_of_memory"
     ENQUEUE_FAILED = "enqueue_failed"
+    # The job's worker died (killed, out of host memory, host lost) SVDQ_MAX_ATTEMPTS times.
+    WORKER_LOST = "worker_lost"
+    # Storage was unreachable after the render and the worker's local upload spool had no room for it.
+    SPOOL_FULL = "spool_full"
     INTERNAL = "internal"
 
 
@@ -200,6 +208,7 @@ class JobRecord(BaseModel):
     memory: MemoryReport | None = None
     request: dict[str, Any] = Field(default_factory=dict)
     priority: str = "normal"
+    queue: str | None = None  # the Celery queue its message went to (a recovered job goes back there)
     idempotency_key: str | None = None
     webhook: str | None = None
 

@@ -34,3 +34,18 @@ IDEMPOTENCY_PREFIX = f"{PREFIX}:idempotency:"
 def idempotency(key: str) -> str:
     """String holding the job id submitted under a client's idempotency key."""
     return f"{IDEMPOTENCY_PREFIX}{key}"
+
+
+def lease(job_id: str) -> str:
+    """String naming the worker process running the job; expires unless its heartbeat renews it."""
+    return f"{PREFIX}:lease:{job_id}"
+
+
+def stopping(worker: str) -> str:
+    """String set when a worker node begins a warm shutdown: the epoch second its grace period ends."""
+    return f"{PREFIX}:stopping:{worker}"
+
+
+def recovering(job_id: str) -> str:
+    """Short lock held by the worker putting a dead worker's job back on its queue."""
+    return f"{PREFIX}:recovering:{job_id}"

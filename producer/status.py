@@ -20,11 +20,13 @@ from producer.contract import JobRecord, JobState, sources_of
 
 Clock = Callable[[], datetime]
 
-# KEYS: the job hash, its event channel, the event stream.
+# KEYS: the job hash, its event channel, the event stream, its lease.
 # ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, now, id, event, maxlen, index_prefix,
-#          idem_key, idem_ttl}; ARGV[2..]: field, value pairs.
-# Returns {1, new} when applied, {0, current state} when the table refuses it, and for a creation under
-# an idempotency key already taken, {2, the job id holding it}.
+#          idem_key, idem_ttl, fence, unleased, holder, lease_ms, max_attempts}; ARGV[2..]: field, value pairs.
+# Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
+# creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker;
+# {4, attempts} for a claim of an abandoned job that has used all its attempts; {5, attempts} when the
+# fence (the attempt number that may move a started job on) no longer matches.
 _TRANSITION_LUA = """
 local ctl = cjson.decode(ARGV[1])
 if ctl.idem_key ~= '' then
@@ -37,11 +39,27 @@ for s in string.gmatch(ctl.sources, '%S+') do
   if s == cur then allowed = true end
 end
 if not allowed then return {0, cur} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
+if cur == 'started' then
+  if ctl.fence >= 0 and attempts ~= ctl.fence then return {5, attempts} end
+  if ctl.unleased then
+    local holder = redis.call('GET', KEYS[4])
+    if holder then return {3, holder} end
+    if ctl.new == 'started' and ctl.max_attempts > 0 and attempts >= ctl.max_attempts then
+      return {4, attempts}
+    end
+  end
+end
 redis.call('HSET', KEYS[1], 'state', ctl.new)
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-if ctl.incr ~= '' then redis.call('HINCRBY', KEYS[1], ctl.incr, 1) end
+if ctl.incr ~= '' then attempts = redis.call('HINCRBY', KEYS[1], ctl.incr, 1) end
+if ctl.new == 'started' then
+  redis.call('SET', KEYS[4], ctl.holder, 'PX', ctl.lease_ms)
+else
+  redis.call('DEL', KEYS[4])
+end
 if ctl.idem_key ~= '' then redis.call('SET', ctl.idem_key, ctl.id, 'EX', ctl.idem_ttl) end
 if cur ~= '-' then redis.call('ZREM', ctl.index_prefix .. cur, ctl.id) end
 redis.call('ZADD', ctl.index_prefix .. ctl.new, ctl.now, ctl.id)
@@ -56,21 +74,29 @@ if ctl.ttl > 0 then
 end
 redis.call('PUBLISH', KEYS[2], ctl.event)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ctl.maxlen, '*', 'event', ctl.event)
-return {1, ctl.new}
+return {1, ctl.new, attempts}
 """
 
-# KEYS: the job hash, its event channel, the event stream. ARGV[1]: control JSON {state, event, maxlen};
-# ARGV[2..]: field, value pairs. Written only while the job is still in `state`, so a late update can
-# never touch a record that was canceled or finished meanwhile. Returns 1 if written.
+# KEYS: the job hash, its event channel, the event stream. ARGV[1]: control JSON {state, fence, event,
+# maxlen}; ARGV[2..]: field, value pairs. Written only while the job is still in `state` (and, with a fence,
+# still in that attempt), so a late update never touches a record that was canceled, finished or taken
+# over meanwhile. Returns 1 if written.
 _UPDATE_LUA = """
 local ctl = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= ctl.state then return 0 end
+if ctl.fence >= 0 and tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') ~= ctl.fence then return 0 end
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('PUBLISH', KEYS[2], ctl.event)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ctl.maxlen, '*', 'event', ctl.event)
 return 1
+"""
+
+# KEYS: a lease. ARGV: holder, milliseconds. Extends the lease only if `holder` still holds it.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 
 # Fields that travel in events, besides id, state and time.
@@ -100,6 +126,33 @@ class InvalidTransition(RuntimeError):
         super().__init__(f"job {job_id}: cannot go from {now} to {new.value}")
 
 
+class Leased(InvalidTransition):
+    """The job is `started` and its lease is held: a live worker runs it (`holder` names which)."""
+
+    def __init__(self, job_id: str, new: JobState, holder: str):
+        super().__init__(job_id, JobState.STARTED, new)
+        self.holder = holder
+        self.args = (f"job {job_id} is running on {holder}",)
+
+
+class Superseded(InvalidTransition):
+    """The attempt moving the job on is no longer its current one: its lease expired and it was taken over."""
+
+    def __init__(self, job_id: str, new: JobState, attempts: int):
+        super().__init__(job_id, JobState.STARTED, new)
+        self.attempts = attempts
+        self.args = (f"job {job_id} has moved on to attempt {attempts}",)
+
+
+class AttemptsExhausted(InvalidTransition):
+    """A claim of an abandoned job (its worker died) that has already used every attempt it had."""
+
+    def __init__(self, job_id: str, attempts: int):
+        super().__init__(job_id, JobState.STARTED, JobState.STARTED)
+        self.attempts = attempts
+        self.args = (f"job {job_id}: its worker was lost on each of its {attempts} attempts",)
+
+
 class DuplicateKey(Exception):
     """A creation whose idempotency key already names a job: `job_id` is that job."""
 
@@ -126,6 +179,7 @@ class StatusStore:
         self.clock = clock
         self._transition = client.register_script(_TRANSITION_LUA)
         self._update = client.register_script(_UPDATE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
 
     def now(self) -> str:
         return iso(self.clock())
@@ -143,15 +197,16 @@ class StatusStore:
         idempotency_key: str | None = None,
         priority: str = "normal",
         webhook: str | None = None,
+        queue: str | None = None,
     ) -> bool:
         """Write a `queued` record; False (and nothing written) if the job already has one.
 
         With `idempotency_key`, raises DuplicateKey naming the job that already holds the key.
         """
         fields = {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
-                  "priority": priority, "webhook": webhook}  # fmt: skip
+                  "priority": priority, "webhook": webhook, "queue": queue}  # fmt: skip
         try:
-            self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, **fields)
+            self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, **fields)
         except InvalidTransition:
             return False
         return True
@@ -163,16 +218,28 @@ class StatusStore:
         *,
         count_attempt: bool = False,
         idempotency_key: str | None = None,
+        fence: int | None = None,
+        unleased: bool = False,
+        lease: tuple[str, float] | None = None,
+        max_attempts: int = 0,
+        only_new: bool = False,
         **fields: Any,
-    ) -> JobState:
-        """Move a job to `new` if the transition table allows it, writing `fields` with it."""
+    ) -> int:
+        """Move a job to `new` if the transition table allows it, writing `fields` with it; returns `attempts`.
+
+        Leaving `started` (or re-entering it) has two more conditions. `fence`: the record's `attempts`
+        must still be this number, so a worker that lost its lease cannot finish over the attempt that took
+        the job over. `unleased`: nobody may hold the job's lease (for recovering a dead worker's job).
+        Entering `started` sets the lease to `lease` (holder, seconds); leaving it deletes the lease.
+        `only_new`: applies only if the job has no record yet (creation).
+        """
         if new.is_terminal():
             fields.setdefault("finished_at", self.now())
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
         control = {
             "new": new.value,
-            "sources": " ".join(s.value if s else "-" for s in sources_of(new)),
+            "sources": "-" if only_new else " ".join(s.value if s else "-" for s in sources_of(new)),
             "ttl": self.result_ttl if new.is_terminal() else 0,
             "incr": "attempts" if count_attempt else "",
             "now": self.clock().timestamp(),
@@ -183,22 +250,70 @@ class StatusStore:
             "idem_key": keys.idempotency(idempotency_key) if idempotency_key else "",
             "idem_ttl": self.result_ttl,
             "idem_prefix": keys.IDEMPOTENCY_PREFIX,
+            "fence": -1 if fence is None else fence,
+            "unleased": unleased or new is JobState.STARTED,  # one live worker per job
+            "holder": lease[0] if lease else "",
+            "lease_ms": int(lease[1] * 1000) if lease else 0,
+            "max_attempts": max_attempts,
         }
-        applied, current = self._transition(
-            keys=[keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM],
+        if new is JobState.STARTED and lease is None:
+            raise ValueError("entering started needs a lease")
+        outcome, value, *rest = self._transition(
+            keys=[keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM, keys.lease(job_id)],
             args=[json.dumps(control), *_encode(fields)],
         )
-        if applied == 2:
-            raise DuplicateKey(_text(current))
-        if not applied:
-            cur = _text(current)
-            raise InvalidTransition(job_id, None if cur == "-" else JobState(cur), new)
-        return new
+        if outcome == 1:
+            return int(rest[0])
+        if outcome == 2:
+            raise DuplicateKey(_text(value))
+        if outcome == 3:
+            raise Leased(job_id, new, _text(value))
+        if outcome == 4:
+            raise AttemptsExhausted(job_id, int(value))
+        if outcome == 5:
+            raise Superseded(job_id, new, int(value))
+        cur = _text(value)
+        raise InvalidTransition(job_id, None if cur == "-" else JobState(cur), new)
 
-    def update(self, job_id: str, *, only_in: JobState = JobState.STARTED, **fields: Any) -> bool:
-        """Write progress fields while the job is in `only_in`; False if it has moved on."""
-        control = {"state": only_in.value, "event": self._event(job_id, only_in.value, fields),
-                   "maxlen": keys.EVENTS_STREAM_LENGTH}  # fmt: skip
+    def claim(self, job_id: str, holder: str, lease_seconds: float, max_attempts: int = 0, **fields: Any) -> int:
+        """Start a queued job, or take over a started one whose worker died; returns the attempt number.
+
+        Raises Leased when a live worker runs it, AttemptsExhausted when a dead worker's job has used
+        `max_attempts` (0: no cap), InvalidTransition when it was canceled, finished or never created.
+        """
+        return self.transition(job_id, JobState.STARTED, count_attempt=True, lease=(holder, lease_seconds),
+                               max_attempts=max_attempts, **fields)  # fmt: skip
+
+    def renew(self, job_id: str, holder: str, lease_seconds: float) -> bool:
+        """Extend the job's lease if `holder` still holds it; False when it was lost or released."""
+        return bool(self._renew(keys=[keys.lease(job_id)], args=[holder, int(lease_seconds * 1000)]))
+
+    def holder(self, job_id: str) -> str | None:
+        """Who holds the job's lease now, if anyone."""
+        raw = self.redis.get(keys.lease(job_id))
+        return None if raw is None else _text(raw)
+
+    def abandoned(self, older_than: float) -> list[str]:
+        """Jobs `started` over `older_than` seconds ago whose lease has lapsed: their worker died."""
+        ceiling = self.clock().timestamp() - older_than
+        ids = [_text(m) for m in self.redis.zrangebyscore(keys.state_index(JobState.STARTED.value), "-inf", ceiling)]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(keys.lease(job_id))
+        return [job_id for job_id, leased in zip(ids, pipe.execute(), strict=True) if not leased]
+
+    def update(
+        self, job_id: str, *, only_in: JobState = JobState.STARTED, fence: int | None = None, **fields: Any
+    ) -> bool:
+        """Write progress fields while the job is in `only_in` (and attempt `fence`); False if it moved on."""
+        control = {
+            "state": only_in.value,
+            "fence": -1 if fence is None else fence,
+            "event": self._event(job_id, only_in.value, fields),
+            "maxlen": keys.EVENTS_STREAM_LENGTH,
+        }
         written = self._update(
             keys=[keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM],
             args=[json.dumps(control), *_encode(fields)],

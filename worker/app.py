@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
+from producer import keys
+from producer.client import connect_redis, producer_celery
+from producer.contract import TASK_NAME
 from producer.settings import redact_url
+from producer.status import StatusStore
 from worker import runtime, tasks
+from worker.recovery import Recovery, Sweeper
 from worker.settings import WorkerSettings
+from worker.webhooks import notify, sender_for
 
 log = logging.getLogger(__name__)
+
+
+def broker_options(settings: WorkerSettings) -> dict[str, Any]:
+    return {
+        # Read the priority queues in the order given ({queue}.high, {queue}, {queue}.low), not round robin.
+        "queue_order_strategy": "priority",
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu looks for abandoned messages every interval x throttle seconds: 10 x 10 by default, which
+        # left a killed worker's message unseen for ~100 s past its visibility timeout. One scan per interval.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def create_app(settings: WorkerSettings | None = None) -> Celery:
@@ -23,8 +43,8 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         accept_content=["json"],
         task_ignore_result=True,  # svdq keeps its own status records in Redis
         task_default_queue=settings.queue,
-        # A message is acknowledged only once its job has ended, and a worker holds one at a time:
-        # nothing waits behind a busy GPU that another worker could take.
+        # A message is acknowledged only once its job's GPU work has ended, and a worker holds one at a
+        # time: nothing waits behind a busy GPU that another worker could take.
         task_acks_late=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
@@ -34,11 +54,17 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         # The pool child loads the model before it reports ready; a real checkpoint takes minutes.
         worker_proc_alive_timeout=settings.load_timeout,
         broker_connection_retry_on_startup=True,
-        # Read the priority queues in the order given ({queue}.high, {queue}, {queue}.low), not round robin.
-        broker_transport_options={"queue_order_strategy": "priority"},
+        broker_connection_max_retries=None,  # a Redis restart must never end a worker
+        broker_transport_options=broker_options(settings),
         worker_hijack_root_logger=False,
     )
     tasks.register(app, settings)
+    _connect_signals(settings)
+    return app
+
+
+def _connect_signals(settings: WorkerSettings) -> None:
+    state: dict[str, Any] = {}
 
     def load_model(**_: Any) -> None:
         log.info("worker process loading %s (broker %s)", settings.model, redact_url(settings.redis_url))
@@ -47,7 +73,42 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     def finish_last_job(**_: Any) -> None:
         runtime.stop()
 
+    def start_recovery(sender: Any = None, **_: Any) -> None:
+        # In the main process, which outlives any pool process: it recovers jobs of dead workers anywhere.
+        status = StatusStore(connect_redis(settings.redis_url, retry_for=60), result_ttl=settings.result_ttl)
+        status.redis.delete(keys.stopping(sender.hostname))  # a restarted node is not stopping
+        sender_app = producer_celery(settings)
+        webhooks = sender_for(settings)
+
+        def send(job_id: str, request: dict[str, Any], queue: str) -> None:
+            sender_app.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
+
+        recovery = Recovery(
+            status,
+            send,
+            lease_ttl=settings.lease_ttl,
+            max_attempts=settings.max_attempts,
+            default_queue=settings.queue,
+            notify=lambda job_id: notify(status, webhooks, job_id),
+        )
+        state.update(status=status, sweeper=Sweeper(recovery, interval=max(0.5, settings.lease_ttl / 2)).start())
+
+    def begin_grace(sender: str | None = None, how: str = "", **_: Any) -> None:
+        # Runs inside Celery's signal handler: the Redis write goes on a thread of its own.
+        status = state.get("status")
+        if how != "Warm" or status is None or sender is None:
+            return
+        deadline = time.time() + settings.stop_grace
+
+        def publish() -> None:
+            status.redis.set(keys.stopping(sender), str(deadline), ex=int(settings.stop_grace) + 3600)
+            log.warning("warm shutdown: a running job may finish within %.0fs, then goes back to its queue",
+                        settings.stop_grace)  # fmt: skip
+
+        threading.Thread(target=publish, name="svdq-stopping", daemon=True).start()
+
     # After the fork, in the child that runs jobs: CUDA must not be initialised in the parent.
     worker_process_init.connect(load_model, weak=False)
     worker_process_shutdown.connect(finish_last_job, weak=False)
-    return app
+    worker_ready.connect(start_recovery, weak=False)
+    worker_shutting_down.connect(begin_grace, weak=False)

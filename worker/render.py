@@ -5,54 +5,86 @@ error code. Nothing a request contains can take the worker process down.
 
 Steps 1-4 run in the task and hold the GPU; step 5 (the encoder's last frames, the upload, the final
 status) is handed to the process's Finisher, so the next job can start on the GPU meanwhile.
+
+From its claim to its final status a job holds a lease (producer.status), kept alive by the process's
+heartbeat; every write it makes is fenced by its attempt number, so a worker that lost its lease (frozen,
+cut off) can never overwrite the attempt that took the job over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 import torch
 
 from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState, check_request, result_name
-from producer.status import InvalidTransition, StatusStore
+from producer.status import AttemptsExhausted, InvalidTransition, Leased, StatusStore
 from producer.storage import StorageUnavailable, Stored
+from worker import webhooks
 from worker.decode import OutOfMemory
-from worker.errors import JobCanceled, JobFailed, backoff
+from worker.errors import HandBack, JobCanceled, JobFailed, backoff
 from worker.inputs import fetch_image, fit, open_image
 from worker.runtime import Runtime
+from worker.spool import SpoolFull
 from worker.video import PendingVideo, Stopwatch, start_video
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One execution of a job: its number fences every write, `holder` names the lease's owner."""
+
+    job_id: str
+    number: int
+    holder: str
+
+
 class Progress:
     """Writes stage and progress to the record, at most every `interval` seconds unless forced, and
-    raises JobCanceled as soon as the record is no longer `started` (checked on every call)."""
+    raises JobCanceled as soon as the record is no longer this attempt's `started` (checked on every call),
+    or HandBack once `hand_back()` says the worker's stop grace period is over."""
 
     def __init__(
-        self, status: StatusStore, job_id: str, interval: float = 0.25, clock: Callable[[], float] = time.monotonic
+        self,
+        status: StatusStore,
+        attempt: Attempt,
+        interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+        hand_back: Callable[[], bool] = lambda: False,
     ):
-        self.status, self.job_id, self.interval, self.clock = status, job_id, interval, clock
+        self.status, self.attempt, self.interval, self.clock = status, attempt, interval, clock
+        self.hand_back = hand_back
         self._last = float("-inf")
 
     def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
+        if self.hand_back():
+            raise HandBack(self.attempt.job_id)
         now = self.clock()
-        if force or now - self._last >= self.interval:
-            self._last = now
-            fraction = round(min(max(progress, 0.0), 1.0), 4)
-            if not self.status.update(self.job_id, stage=stage, progress=fraction, **extra):
-                raise JobCanceled(self.job_id)
-        elif self.status.state(self.job_id) is not JobState.STARTED:
-            raise JobCanceled(self.job_id)
+        job_id = self.attempt.job_id
+        try:
+            if force or now - self._last >= self.interval:
+                self._last = now
+                fraction = round(min(max(progress, 0.0), 1.0), 4)
+                if not self.status.update(job_id, fence=self.attempt.number, stage=stage, progress=fraction, **extra):
+                    raise JobCanceled(job_id)
+            elif self.status.state(job_id) is not JobState.STARTED:
+                raise JobCanceled(job_id)
+        except redis.RedisError as exc:  # Redis restarting: the render goes on, the record catches up later
+            log.warning("job %s: progress not written (%s)", job_id, exc)
 
 
-def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str, Any]:
+def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str, queue: str | None = None) -> dict[str, Any]:
     status = rt.status
 
     # 1. Check the message: a malformed request fails its own job, never the worker.
@@ -60,22 +92,14 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
         request = check_request(raw_request if isinstance(raw_request, dict) else {})
     except InvalidParameter as exc:
         log.warning("job %s has an invalid request: %s", job_id, exc)
-        status.create(job_id, raw_request if isinstance(raw_request, dict) else {})
-        return _fail(rt, job_id, JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
+        status.create(job_id, raw_request if isinstance(raw_request, dict) else {}, queue=queue)
+        return _fail(rt, Attempt(job_id, 0, ""), JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
 
-    # 2. Claim the job. A plain Celery client may have sent no record: create it first.
-    status.create(job_id, request.model_dump())
-    try:
-        status.transition(
-            job_id, JobState.STARTED, count_attempt=True,
-            worker=worker, started_at=status.now(), stage="fetch", progress=0.0, error=None,
-        )  # fmt: skip
-    except InvalidTransition as exc:  # canceled while queued, or already finished elsewhere
-        log.info("job %s not run: %s", job_id, exc)
-        if exc.current is JobState.CANCELED:
-            _notify(rt, job_id)
-        return {"job_id": job_id, "state": exc.current.value if exc.current else None}
-    _notify(rt, job_id)
+    # 2. Claim the job and its lease. A plain Celery client may have sent no record: create it first.
+    status.create(job_id, request.model_dump(), queue=queue)
+    attempt = _claim(rt, job_id, worker)
+    if isinstance(attempt, dict):
+        return attempt
 
     # 3-4. Fetch the image and render on the device.
     timings = {"load": round(rt.take_load_seconds(), 4)}
@@ -83,25 +107,52 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str) -> dict[str
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     try:
         with _peak_memory(rt.renderer.device, memory):
-            pending = _render(rt, job_id, request, seed, timings, memory)
+            pending = _render(rt, attempt, request, seed, timings, memory)
     except JobCanceled:
-        log.info("job %s canceled while rendering; the GPU is free", job_id)
+        log.info("job %s canceled (or taken over) while rendering; the GPU is free", job_id)
+        rt.heartbeat.release(job_id)
         _notify(rt, job_id)
         return {"job_id": job_id, "state": JobState.CANCELED.value}
+    except HandBack:
+        return _hand_back(rt, attempt)
     except JobFailed as exc:
-        if exc.transient and (delay := _retry_delay(rt, job_id)) is not None:
-            return _requeue(status, job_id, exc, delay)
-        return _fail(rt, job_id, exc, timings=timings, memory=memory)
+        if exc.transient and (delay := _retry_delay(rt, attempt.number)) is not None:
+            return _requeue(rt, attempt, exc, delay)
+        return _fail(rt, attempt, exc, timings=timings, memory=memory)
     except Exception as exc:
-        return _fail(rt, job_id, exc, timings=timings, memory=memory)
+        return _fail(rt, attempt, exc, timings=timings, memory=memory)
 
     # 5. Hand the rest to the finisher and free the GPU for the next job.
-    rt.finisher.submit(job_id, lambda: _complete(rt, job_id, request, seed, pending, timings, memory))
+    rt.finisher.submit(job_id, lambda: _complete(rt, attempt, request, seed, pending, timings, memory))
     return {"job_id": job_id, "state": JobState.STARTED.value, "stage": "finishing"}
 
 
+def _claim(rt: Runtime, job_id: str, worker: str) -> Attempt | dict[str, Any]:
+    """This process's attempt at the job, or the outcome when it must not run here."""
+    holder = f"{worker}/{os.getpid()}"
+    try:
+        number = rt.status.claim(
+            job_id, holder, rt.settings.lease_ttl, max_attempts=rt.settings.max_attempts,
+            worker=worker, started_at=rt.status.now(), stage="fetch", progress=0.0, error=None,
+        )  # fmt: skip
+    except Leased as exc:  # a redelivered message: the job runs on a live worker, it must not run twice
+        log.info("job %s not run here: %s", job_id, exc)
+        return {"job_id": job_id, "state": JobState.STARTED.value, "running_on": exc.holder}
+    except AttemptsExhausted as exc:  # its worker died on every attempt: a poison job
+        lost = JobFailed(ErrorCode.WORKER_LOST, f"{exc}; it is not tried again")
+        return _fail(rt, Attempt(job_id, exc.attempts, holder), lost, unleased=True)
+    except InvalidTransition as exc:  # canceled while queued, or already finished elsewhere
+        log.info("job %s not run: %s", job_id, exc)
+        if exc.current is JobState.CANCELED:
+            _notify(rt, job_id)
+        return {"job_id": job_id, "state": exc.current.value if exc.current else None}
+    rt.heartbeat.hold(job_id, holder, worker)
+    _notify(rt, job_id)
+    return Attempt(job_id, number, holder)
+
+
 def _render(
-    rt: Runtime, job_id: str, request: JobRequest, seed: int, timings: dict[str, float], memory: dict[str, Any]
+    rt: Runtime, attempt: Attempt, request: JobRequest, seed: int, timings: dict[str, float], memory: dict[str, Any]
 ) -> PendingVideo:
     # 3. Fetch and decode the input image.
     started = time.perf_counter()
@@ -112,7 +163,7 @@ def _render(
     Stopwatch(timings).add("fetch", started)
 
     # 4. Denoise, then decode streamed into the encoder (worker.video).
-    progress = Progress(rt.status, job_id)
+    progress = Progress(rt.status, attempt, hand_back=rt.heartbeat.should_hand_back)
     return start_video(
         rt.renderer, image, request, seed, rt.settings, timings=timings, memory=memory, progress=progress
     )
@@ -120,7 +171,7 @@ def _render(
 
 def _complete(
     rt: Runtime,
-    job_id: str,
+    attempt: Attempt,
     request: JobRequest,
     seed: int,
     pending: PendingVideo,
@@ -128,61 +179,105 @@ def _complete(
     memory: dict[str, Any],
 ) -> None:
     """Step 5, on the finisher's thread: the encoder's last frames, the upload, the final status."""
+    job_id = attempt.job_id
     try:
-        Progress(rt.status, job_id)("upload", 0.95, force=True)
+        Progress(rt.status, attempt)("upload", 0.95, force=True)
         video = pending.finish()
-        started = time.perf_counter()
-        stored = _upload(rt, result_name(job_id, request.format), video.data, video.format.content_type)
-        url = rt.store.public_url(stored.key)
-        Stopwatch(timings).add("upload", started)
     except JobCanceled:
         log.info("job %s canceled before its upload", job_id)
+        rt.heartbeat.release(job_id)
         _notify(rt, job_id)
         return
     except Exception as exc:
-        _fail(rt, job_id, exc, timings=timings, memory=memory)
+        _fail(rt, attempt, exc, timings=timings, memory=memory)
         return
     finally:
         pending.close()
-    result = {
-        "key": stored.key, "format": request.format, "url": url, "bytes": len(video.data), "frames": video.frames,
-        "width": request.width, "height": request.height, "fps": request.fps, "seed": seed,
-    }  # fmt: skip
-    log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
-    _finish(rt, job_id, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
-            progress=1.0)  # fmt: skip
+
+    def succeed(stored: Stored) -> None:
+        result = {
+            "key": stored.key, "format": request.format, "url": rt.store.public_url(stored.key),
+            "bytes": len(video.data), "frames": video.frames, "width": request.width, "height": request.height,
+            "fps": request.fps, "seed": seed,
+        }  # fmt: skip
+        log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
+        _finish(rt, attempt, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
+                progress=1.0, error=None)  # fmt: skip
+
+    name, content_type = result_name(job_id, request.format), video.format.content_type
+    started = time.perf_counter()
+    try:
+        stored = rt.store.put(name, video.data, content_type)
+    except StorageUnavailable as exc:
+        # The render is done: keep it and upload it when storage is back, never render it again.
+        _spool(rt, attempt, name, video.data, content_type, exc, succeed, timings, memory)
+        return
+    except Exception as exc:
+        _fail(rt, attempt, exc, timings=timings, memory=memory)
+        return
+    Stopwatch(timings).add("upload", started)
+    succeed(stored)
 
 
-def _retry_delay(rt: Runtime, job_id: str) -> float | None:
+def _spool(
+    rt: Runtime,
+    attempt: Attempt,
+    name: str,
+    data: bytes,
+    content_type: str,
+    exc: StorageUnavailable,
+    succeed: Callable[[Stored], None],
+    timings: dict[str, float],
+    memory: dict[str, Any],
+) -> None:
+    job_id = attempt.job_id
+
+    def pending_error(tries: int) -> dict[str, str]:
+        message = f"{exc}; the rendered video waits in the worker's upload spool ({tries} uploads tried)"
+        return {"code": ErrorCode.STORAGE_UNAVAILABLE.value, "message": message}
+
+    def still_wanted(tries: int) -> bool:
+        return rt.status.update(job_id, fence=attempt.number, stage="upload_pending", error=pending_error(tries))
+
+    try:
+        rt.spool.add(job_id, name, data, content_type, still_wanted, succeed)
+    except SpoolFull as full:
+        _fail(rt, attempt, JobFailed(ErrorCode.SPOOL_FULL, f"storage unreachable ({exc}) and {full}"),
+              timings=timings, memory=memory)  # fmt: skip
+        return
+    log.warning("job %s: storage unreachable (%s); the video waits in the upload spool", job_id, exc)
+    with contextlib.suppress(redis.RedisError):
+        rt.status.update(job_id, fence=attempt.number, stage="upload_pending", error=pending_error(1))
+
+
+def _retry_delay(rt: Runtime, attempts: int) -> float | None:
     """Seconds to wait before the next attempt, or None when this was the last one allowed."""
-    attempts = rt.status.get(job_id).attempts
     if attempts >= rt.settings.max_attempts:
         return None
     return backoff(attempts, rt.settings.retry_backoff, rt.settings.retry_backoff_max, random.random())
 
 
-def _requeue(status: StatusStore, job_id: str, exc: JobFailed, delay: float) -> dict[str, Any]:
-    log.warning("job %s: %s; retrying in %.1fs", job_id, exc, delay)
+def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> dict[str, Any]:
+    log.warning("job %s: %s; retrying in %.1fs", attempt.job_id, exc, delay)
+    rt.heartbeat.release(attempt.job_id)
     try:
-        status.transition(job_id, JobState.QUEUED, error=exc.as_error(), stage="retrying", progress=0.0)
+        rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, error=exc.as_error(),
+                             stage="retrying", progress=0.0)  # fmt: skip
     except InvalidTransition:  # canceled meanwhile: no retry
-        return {"job_id": job_id, "state": JobState.CANCELED.value}
-    return {"job_id": job_id, "state": JobState.QUEUED.value, "retry_in": round(delay, 3)}
+        return {"job_id": attempt.job_id, "state": JobState.CANCELED.value}
+    return {"job_id": attempt.job_id, "state": JobState.QUEUED.value, "retry_in": round(delay, 3)}
 
 
-def _upload(rt: Runtime, name: str, data: bytes, content_type: str) -> Stored:
-    """Put the video, retrying a storage outage in place: the render is done and is not redone."""
-    s = rt.settings
-    for attempt in range(1, s.max_attempts + 1):
-        try:
-            return rt.store.put(name, data, content_type)
-        except StorageUnavailable as exc:
-            if attempt == s.max_attempts:
-                raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, f"{exc} (upload tried {attempt} times)") from None
-            delay = backoff(attempt, s.retry_backoff, s.retry_backoff_max, random.random())
-            log.warning("upload of %s failed (%s); retrying in %.1fs", name, exc, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+def _hand_back(rt: Runtime, attempt: Attempt) -> dict[str, Any]:
+    """The worker is stopping and its grace period is over: back to the queue, for another worker."""
+    log.warning("job %s handed back to its queue: the worker is stopping", attempt.job_id)
+    rt.heartbeat.release(attempt.job_id)
+    try:
+        rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, stage="handed_back",
+                             progress=0.0)  # fmt: skip
+    except InvalidTransition:
+        return {"job_id": attempt.job_id, "state": None}
+    return {"job_id": attempt.job_id, "state": JobState.QUEUED.value, "retry_in": 0}
 
 
 @contextmanager
@@ -211,14 +306,17 @@ def _error_of(job_id: str, exc: BaseException) -> dict[str, str]:
     return {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
-def _fail(rt: Runtime, job_id: str, exc: BaseException, **fields: Any) -> dict[str, Any]:
-    return _finish(rt, job_id, JobState.FAILED, error=_error_of(job_id, exc), **fields)
+def _fail(rt: Runtime, attempt: Attempt, exc: BaseException, **fields: Any) -> dict[str, Any]:
+    return _finish(rt, attempt, JobState.FAILED, error=_error_of(attempt.job_id, exc), **fields)
 
 
-def _finish(rt: Runtime, job_id: str, state: JobState, **fields: Any) -> dict[str, Any]:
+def _finish(rt: Runtime, attempt: Attempt, state: JobState, *, unleased: bool = False, **fields: Any) -> dict[str, Any]:
+    job_id = attempt.job_id
+    rt.heartbeat.release(job_id)
+    fence = attempt.number if attempt.number else None
     try:
-        rt.status.transition(job_id, state, **fields)
-    except InvalidTransition as exc:  # canceled while it ran: the cancel stands
+        rt.status.transition(job_id, state, fence=fence, unleased=unleased, **fields)
+    except InvalidTransition as exc:  # canceled while it ran (the cancel stands), or taken over
         log.info("job %s: result dropped, %s", job_id, exc)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
     _notify(rt, job_id)
@@ -226,9 +324,4 @@ def _finish(rt: Runtime, job_id: str, state: JobState, **fields: Any) -> dict[st
 
 
 def _notify(rt: Runtime, job_id: str) -> None:
-    """Queue the job's webhook for its current state, if it asked for one (sent off the job's thread)."""
-    record = rt.status.get(job_id)
-    if record.webhook and rt.webhooks is not None:
-        event = f"job.{record.state.value}"
-        rt.webhooks.send(record.webhook, event, f"{job_id}.{record.state.value}.{record.attempts}",
-                         record.to_json_dict())  # fmt: skip
+    webhooks.notify(rt.status, rt.webhooks, job_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
@@ -16,9 +17,11 @@ from producer.client import connect_redis
 from producer.status import StatusStore
 from producer.storage import ObjectStore, open_store
 from worker.finisher import Finisher
+from worker.heartbeat import Heartbeat
 from worker.pipeline import Renderer, load_renderer
 from worker.settings import WorkerSettings
-from worker.webhooks import WebhookSender
+from worker.spool import Spool, default_spool_dir
+from worker.webhooks import WebhookSender, sender_for
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class Runtime:
     status: StatusStore
     store: ObjectStore
     renderer: Renderer
+    heartbeat: Heartbeat
+    spool: Spool
     webhooks: WebhookSender | None = None
     finisher: Finisher = field(default_factory=Finisher)
     _load_reported: bool = field(default=False)
@@ -44,18 +49,25 @@ class Runtime:
 def build_runtime(settings: WorkerSettings) -> Runtime:
     # Pillow's own bomb check (a warning up to twice its limit, then an error) at svdq's limit.
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    client = connect_redis(settings.redis_url)
+    # A worker waits out a Redis restart of up to a minute rather than failing the job it is rendering.
+    client = connect_redis(settings.redis_url, retry_for=60)
+    status = StatusStore(client, result_ttl=settings.result_ttl)
+    store = open_store(settings)
+    spool_dir = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
     return Runtime(
         settings=settings,
-        status=StatusStore(client, result_ttl=settings.result_ttl),
-        store=open_store(settings),
+        status=status,
+        store=store,
         renderer=load_renderer(settings),
-        webhooks=WebhookSender(
-            settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
-            allow_private=settings.webhook_allow_private,
-            timeout=settings.webhook_timeout,
-            max_attempts=settings.webhook_max_attempts,
+        heartbeat=Heartbeat(status, settings.lease_ttl),
+        spool=Spool(
+            store,
+            spool_dir,
+            settings.spool_max_bytes,
+            backoff_base=settings.retry_backoff,
+            backoff_max=settings.retry_backoff_max,
         ),
+        webhooks=sender_for(settings),
     )
 
 
@@ -72,9 +84,12 @@ def start(settings: WorkerSettings) -> Runtime:
 
 
 def stop() -> None:
-    """Let the job being finished finish (its message is already acknowledged), then its webhooks go."""
+    """Let the job being finished finish (its message is already acknowledged), give spooled uploads a
+    last chance, then send the webhooks. Jobs still unfinished are recovered elsewhere through their leases."""
     if _current is not None:
         _current.finisher.drain()
+        _current.spool.close(timeout=min(30.0, _current.settings.stop_grace))
+        _current.heartbeat.close()
         if _current.webhooks is not None:
             _current.webhooks.close()
 

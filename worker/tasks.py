@@ -15,7 +15,9 @@ from worker.settings import WorkerSettings
 def register(app: Celery, settings: WorkerSettings) -> None:
     @app.task(name=TASK_NAME, bind=True, acks_late=True)
     def generate_video(self: Any, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        outcome = run_job(runtime.current(settings), job_id, request, worker=self.request.hostname or "unknown")
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        rt = runtime.current(settings)
+        outcome = run_job(rt, job_id, request, worker=self.request.hostname or "unknown", queue=queue)
         if "retry_in" in outcome:
             # Same id, same queue (so the same priority); svdq counts attempts itself, hence no max here.
             raise self.retry(countdown=outcome["retry_in"], max_retries=None)

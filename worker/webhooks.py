@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 
 from producer.netguard import UnsafeURL, check_url, connect
+from producer.status import StatusStore
 from worker.errors import backoff
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +118,17 @@ class WebhookSender:
                 log.warning("webhook %s failed (%s); retrying in %.1fs", delivery.msg_id, reason, delay)
                 time.sleep(delay)
         log.error("webhook %s given up after %d attempts", delivery.msg_id, self.max_attempts)
+
+
+def sender_for(settings: WorkerSettings) -> WebhookSender:
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    return WebhookSender(secret, allow_private=settings.webhook_allow_private, timeout=settings.webhook_timeout,
+                         max_attempts=settings.webhook_max_attempts)  # fmt: skip
+
+
+def notify(status: StatusStore, sender: WebhookSender | None, job_id: str) -> None:
+    """Queue the job's webhook for its current state, if it asked for one (sent off the caller's thread)."""
+    record = status.get(job_id)
+    if record.webhook and sender is not None:
+        event = f"job.{record.state.value}"
+        sender.send(record.webhook, event, f"{job_id}.{record.state.value}.{record.attempts}", record.to_json_dict())

@@ -167,12 +167,14 @@ def worker(
 def start_worker(
     svdq_env: dict[str, str], celery_control: Celery, tmp_path: Path
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """A factory for fresh workers, each on a queue of its own, stopped when the test ends."""
+    """A factory for fresh workers, each on a queue of its own unless given one, stopped when the test ends.
+
+    `env` adds to the session's environment (for this worker only)."""
     started: list[WorkerProcess] = []
 
-    def start(*extra: str) -> WorkerProcess:
-        queue = f"test-{uuid.uuid4().hex[:8]}"
-        started.append(_start_worker(svdq_env, tmp_path, celery_control, queue, *extra))
+    def start(*extra: str, queue: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
+        queue = queue or f"test-{uuid.uuid4().hex[:8]}"
+        started.append(_start_worker({**svdq_env, **(env or {})}, tmp_path, celery_control, queue, *extra))
         return started[-1]
 
     yield start

@@ -253,11 +253,11 @@ def test_status_store_enforces_the_transition_table(redis_url: str) -> None:
     with pytest.raises(Exception, match="cannot go from queued to succeeded"):
         store.transition(job_id, JobState.SUCCEEDED)
     assert store.update(job_id, progress=0.5) is False  # not started: progress is not written
-    store.transition(job_id, JobState.STARTED, count_attempt=True)
+    store.claim(job_id, "test/1", lease_seconds=60)
     assert store.update(job_id, progress=0.5, stage="denoise") is True
     store.transition(job_id, JobState.CANCELED)
     with pytest.raises(Exception, match="cannot go from canceled to started"):
-        store.transition(job_id, JobState.STARTED)
+        store.claim(job_id, "test/1", lease_seconds=60)
     record = store.get(job_id)
     assert (record.state, record.attempts, record.progress, record.request) == (
         JobState.CANCELED,

@@ -1,0 +1,109 @@
+"""Puts a dead worker's jobs back on their queues. Runs in every worker's main process.
+
+A job whose worker died (SIGKILL, the OOM killer, a lost host) is left `started` with a lapsed lease.
+Its message may be gone already (Celery acknowledges a late-ack task whose pool process died; svdq
+acknowledges when the GPU work ends, before the upload), so the record, which holds the whole request,
+is the source of truth: the first sweeper to see it sends a new message to the job's queue and marks it
+`queued` again, or fails it with `worker_lost` once it has used SVDQ_MAX_ATTEMPTS. The claim in
+worker.render drops any duplicate message, so sweepers on many hosts need no coordination beyond a
+short Redis lock that keeps them from sending one message each.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer import keys
+from producer.contract import ErrorCode, JobState, queue_for
+from producer.status import InvalidTransition, JobNotFound, StatusStore
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, dict[str, Any], str], None]  # (job id, request, queue)
+
+
+class Recovery:
+    def __init__(
+        self,
+        status: StatusStore,
+        send: Send,
+        *,
+        lease_ttl: float,
+        max_attempts: int,
+        default_queue: str,
+        notify: Callable[[str], None] = lambda job_id: None,
+    ):
+        self.status, self.send, self.notify = status, send, notify
+        self.lease_ttl, self.max_attempts, self.default_queue = lease_ttl, max_attempts, default_queue
+
+    def sweep(self) -> list[tuple[str, str]]:
+        """Recover every abandoned job once; returns (job id, what was done) for each."""
+        done = []
+        for job_id in self.status.abandoned(older_than=self.lease_ttl):
+            outcome = self.recover(job_id)
+            if outcome:
+                done.append((job_id, outcome))
+        return done
+
+    def recover(self, job_id: str) -> str | None:
+        # One sweeper per job at a time, across hosts; the lock outlives the sweep, not the job.
+        if not self.status.redis.set(keys.recovering(job_id), "1", nx=True, ex=max(1, int(self.lease_ttl))):
+            return None
+        try:
+            record = self.status.get(job_id)
+        except JobNotFound:
+            return None
+        if record.state is not JobState.STARTED:
+            return None
+        lost = f"worker {record.worker} stopped responding during attempt {record.attempts}"
+        try:
+            if record.attempts >= self.max_attempts:
+                message = f"{lost}; its worker was lost on each of its {record.attempts} attempts"
+                error = {"code": ErrorCode.WORKER_LOST.value, "message": message}
+                self.status.transition(job_id, JobState.FAILED, fence=record.attempts, unleased=True, error=error,
+                                       stage="lost")  # fmt: skip
+                log.error("job %s failed: %s", job_id, error["message"])
+                self.notify(job_id)
+                return "failed"
+            # The message first: if the record cannot be written after it, the claim takes the job over anyway.
+            queue = record.queue or queue_for(self.default_queue, record.priority)
+            self.send(job_id, record.request, queue)
+            error = {"code": ErrorCode.WORKER_LOST.value, "message": f"{lost}; requeued"}
+            self.status.transition(job_id, JobState.QUEUED, fence=record.attempts, unleased=True, error=error,
+                                   stage="recovered", progress=0.0)  # fmt: skip
+        except InvalidTransition as exc:  # claimed, canceled or renewed meanwhile
+            log.info("job %s: recovery not needed (%s)", job_id, exc)
+            return None
+        log.warning("job %s: %s; requeued on %s", job_id, lost, queue)
+        return "requeued"
+
+
+class Sweeper:
+    """Runs `Recovery.sweep` every `interval` seconds on a thread, until stopped."""
+
+    def __init__(self, recovery: Recovery, interval: float):
+        self.recovery, self.interval = recovery, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="svdq-recovery", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.recovery.sweep()
+            except (redis.RedisError, OSError) as exc:  # Redis restarting: sweep again next time
+                log.warning("recovery sweep: %s", exc)
+            except Exception:
+                log.exception("recovery sweep")

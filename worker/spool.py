@@ -1,0 +1,180 @@
+"""Finished videos that storage could not take yet: kept on local disk, bounded, uploaded when it returns.
+
+A render is the expensive part of a job; an upload is cheap to repeat. So when storage is unreachable
+after a render, the video goes to this spool and the job stays `started` (stage `upload_pending`), its
+lease kept alive by the heartbeat. One thread retries every pending upload with backoff until storage
+takes it, or the job is canceled or taken over meanwhile. When the spool has no room, the job fails
+with `spool_full` at once: nothing silently waits in memory.
+
+Each process spools into a folder of its own; folders left by dead processes are removed at start (their
+jobs are recovered through their lapsed leases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from producer.storage import ObjectStore, StorageUnavailable, Stored
+from worker.errors import backoff
+
+log = logging.getLogger(__name__)
+
+
+class SpoolFull(Exception):
+    def __init__(self, needed: int, used: int, limit: int):
+        super().__init__(
+            f"the upload spool has no room for {needed} bytes ({used} of SVDQ_SPOOL_MAX_BYTES={limit} used)"
+        )
+
+
+@dataclass
+class PendingUpload:
+    job_id: str
+    name: str
+    path: Path
+    content_type: str
+    # Called before each try: False drops the upload (the job was canceled or taken over).
+    still_wanted: Callable[[int], bool]
+    # Called once the video is stored.
+    done: Callable[[Stored], None]
+    tries: int = 1  # the finisher's own try failed first
+    next_at: float = 0.0
+
+
+def default_spool_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "svdq-spool"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Spool:
+    def __init__(
+        self, store: ObjectStore, root: Path, max_bytes: int, *, backoff_base: float = 2.0, backoff_max: float = 120.0
+    ):
+        self.store = store
+        self.max_bytes = max_bytes
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        root.mkdir(parents=True, exist_ok=True)
+        self._clear_dead(root)
+        self.dir = Path(tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-"))
+        self._pending: dict[str, PendingUpload] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="svdq-spool", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _clear_dead(root: Path) -> None:
+        for folder in root.iterdir():
+            pid = folder.name.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                log.warning("removing the upload spool of dead process %s: %s", pid, folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def used_bytes(self) -> int:
+        with self._wake:
+            return sum(p.path.stat().st_size for p in self._pending.values() if p.path.exists())
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._pending)
+
+    def add(
+        self,
+        job_id: str,
+        name: str,
+        data: bytes,
+        content_type: str,
+        still_wanted: Callable[[int], bool],
+        done: Callable[[Stored], None],
+    ) -> None:
+        """Keep `data` on disk and upload it as `name` once storage answers; SpoolFull when there is no room."""
+        used = self.used_bytes()
+        if used + len(data) > self.max_bytes:
+            raise SpoolFull(len(data), used, self.max_bytes)
+        path = self.dir / f"{job_id}{Path(name).suffix}"
+        path.write_bytes(data)
+        upload = PendingUpload(job_id, name, path, content_type, still_wanted, done)
+        upload.next_at = time.monotonic() + self._delay(upload.tries)
+        with self._wake:
+            self._pending[job_id] = upload
+            self._wake.notify()
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Give pending uploads up to `timeout` seconds more, then stop; what is left is dropped."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+        if self._pending:
+            log.warning("%d spooled uploads dropped at shutdown; their jobs are recovered by lease", len(self._pending))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _delay(self, tries: int) -> float:
+        return backoff(tries, self.backoff_base, self.backoff_max, random.random())
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._due():
+                    soonest = min((p.next_at for p in self._pending.values()), default=None)
+                    self._wake.wait(None if soonest is None else max(0.0, soonest - time.monotonic()))
+                if self._closed:
+                    return
+                due = [p for p in self._pending.values() if p.next_at <= time.monotonic()]
+            for upload in due:
+                self._try(upload)
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        return any(p.next_at <= now for p in self._pending.values())
+
+    def _try(self, upload: PendingUpload) -> None:
+        try:
+            if not upload.still_wanted(upload.tries):
+                log.info("job %s: spooled upload dropped (canceled or taken over)", upload.job_id)
+                self._forget(upload)
+                return
+            stored = self.store.put(upload.name, upload.path.read_bytes(), upload.content_type)
+        except StorageUnavailable as exc:
+            upload.tries += 1
+            delay = self._delay(upload.tries)
+            upload.next_at = time.monotonic() + delay
+            log.warning("job %s: upload try %d failed (%s); next in %.1fs", upload.job_id, upload.tries, exc, delay)
+            return
+        except Exception:  # Redis away, disk trouble: keep the video and try again later
+            log.exception("job %s: spooled upload", upload.job_id)
+            upload.next_at = time.monotonic() + self._delay(upload.tries)
+            return
+        self._forget(upload)
+        try:
+            upload.done(stored)
+        except Exception:  # the video is stored; a lost final write is recovered through the lease
+            log.exception("job %s: recording the spooled upload", upload.job_id)
+
+    def _forget(self, upload: PendingUpload) -> None:
+        with self._wake:
+            self._pending.pop(upload.job_id, None)
+        with contextlib.suppress(OSError):
+            upload.path.unlink()
