@@ -63,9 +63,7 @@ def result_objects(s3: Any, job_id: str) -> list[str]:
     return [o["Key"] for o in listed.get("Contents", [])]
 
 
-def test_a_killed_worker_s_job_completes_on_another_worker_once(
-    start_worker: Any, image_file: Path, s3: Any
-) -> None:
+def test_a_killed_worker_s_job_completes_on_another_worker_once(start_worker: Any, image_file: Path, s3: Any) -> None:
     queue = f"test-{uuid.uuid4().hex[:8]}"
     doomed = start_worker(queue=queue, env=FAST_RECOVERY)
     with Client.from_env(queue=queue) as client:
