@@ -184,6 +184,9 @@ def make_s3_client(settings: Settings) -> Any:
         read_timeout=60,
         retries={"max_attempts": 3, "mode": "standard"},
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+        # SigV4 for presigned URLs too: boto3 would otherwise sign them with SigV2, which newer AWS regions
+        # and R2 refuse, and which carries no expiry of its own (X-Amz-Expires).
+        signature_version="s3v4",
     )
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 

@@ -55,6 +55,9 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         worker_proc_alive_timeout=settings.load_timeout,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a Redis restart must never end a worker
+        # Nor the job it is rendering: the render goes on through a reconnect (its lease and fenced writes
+        # keep it single), rather than being killed and redone.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options=broker_options(settings),
         worker_hijack_root_logger=False,
     )

@@ -172,14 +172,23 @@ def start_worker(
     `env` adds to the session's environment (for this worker only)."""
     started: list[WorkerProcess] = []
 
+    controls: list[Celery] = []
+
     def start(*extra: str, queue: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
         queue = queue or f"test-{uuid.uuid4().hex[:8]}"
-        started.append(_start_worker({**svdq_env, **(env or {})}, tmp_path, celery_control, queue, *extra))
+        full_env = {**svdq_env, **(env or {})}
+        control = celery_control
+        if full_env["SVDQ_REDIS_URL"] != svdq_env["SVDQ_REDIS_URL"]:  # a worker on a Redis of the test's own
+            control = producer_celery(Settings(redis_url=full_env["SVDQ_REDIS_URL"]))
+            controls.append(control)
+        started.append(_start_worker(full_env, tmp_path, control, queue, *extra))
         return started[-1]
 
     yield start
     for w in started:
         _stop_worker(w)
+    for control in controls:
+        control.close()
 
 
 @pytest.fixture(scope="session")

@@ -70,3 +70,53 @@ def test_retries_stop_at_max_attempts_with_the_last_error(
     assert final.state is JobState.FAILED
     assert final.attempts == 2
     assert final.error is not None and final.error.code == "storage_unavailable"
+
+
+def _wait(job: Any, predicate: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while not predicate(record := job.status()):
+        assert time.monotonic() < deadline and not record.state.is_terminal(), record
+        time.sleep(0.05)
+    return record
+
+
+def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
+    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    spool = tmp_path / "spool"
+    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_RETRY_BACKOFF": "1",
+                              "SVDQ_SPOOL_DIR": str(spool)})  # fmt: skip
+    image = uploaded_image(s3, image_file)
+    with Client.from_env(queue=fresh.queue) as client:
+        job = client.submit(image, **{**SMALL, "num_inference_steps": 8})
+        _wait(job, lambda r: r.stage == "denoise")  # the image is in: cut storage while the GPU works
+        s3_proxy.down()
+        pending = _wait(job, lambda r: r.stage == "upload_pending")
+        assert pending.state is JobState.STARTED and pending.attempts == 1
+        assert pending.error is not None and pending.error.code == "storage_unavailable"
+        assert "upload spool" in pending.error.message
+        assert [p.suffix for p in spool.rglob("*") if p.is_file()] == [".mp4"]
+        time.sleep(3)  # a retry or two fail meanwhile
+        assert job.status().state is JobState.STARTED
+        s3_proxy.up()
+        final = job.wait(timeout=120)
+    assert final.state is JobState.SUCCEEDED and final.attempts == 1  # rendered once
+    assert final.error is None and final.result is not None
+    assert s3.head_object(Bucket=BUCKET, Key=final.result.key)["ContentLength"] == final.result.bytes
+    assert not [p for p in spool.rglob("*") if p.is_file()]
+    assert f"job {job.id} succeeded" in fresh.log_text()
+
+
+def test_a_full_spool_fails_the_job_clearly(
+    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path,
+) -> None:  # fmt: skip
+    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_SPOOL_MAX_BYTES": "100"})
+    image = uploaded_image(s3, image_file)
+    with Client.from_env(queue=fresh.queue) as client:
+        job = client.submit(image, **{**SMALL, "num_inference_steps": 8})
+        _wait(job, lambda r: r.stage == "denoise")
+        s3_proxy.down()
+        final = job.wait(timeout=120)
+    assert final.state is JobState.FAILED and final.attempts == 1
+    assert final.error is not None and final.error.code == "spool_full"
+    assert "SVDQ_SPOOL_MAX_BYTES=100" in final.error.message

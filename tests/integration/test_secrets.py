@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import urllib.parse
+import urllib.request
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from producer.client import Client, producer_celery
 from producer.contract import JobState
 from producer.local_redis import LocalRedis
 from producer.settings import Settings
+from producer.storage import open_store
 from tests.integration.conftest import SMALL, _start_worker, _stop_worker
 
 pytestmark = pytest.mark.integration
@@ -64,3 +68,19 @@ def test_secrets_stay_out_of_logs_messages_and_records(
         assert password not in text, f"the Redis password leaked into the {place}"
         assert aws_secret not in text, f"the AWS secret key leaked into the {place}"
     assert "redis://:**@" in places["worker log"] or "redis://:***@" in places["worker log"]
+
+
+def test_presigned_result_urls_carry_the_configured_expiry(svdq_env: dict[str, str]) -> None:
+    # SigV4 URLs whose expiry is signed in (X-Amz-Date + X-Amz-Expires). Enforcing it is the S3 server's
+    # job: AWS, MinIO and R2 do; moto, the server under test here, does not, so that part is not tested.
+    store = open_store(Settings(presign_ttl=90))
+    stored = store.put(f"presign-{uuid.uuid4().hex}/video.mp4", b"not really a video", "video/mp4")
+    url = store.public_url(stored.key)
+    assert url is not None
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Expires"] == ["90"]
+    signed_at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    assert abs((datetime.now(timezone.utc) - signed_at).total_seconds()) < 60
+    assert svdq_env["AWS_SECRET_ACCESS_KEY"] not in url
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.read() == b"not really a video"
