@@ -19,10 +19,12 @@ from PIL import Image
 from producer.contract import JobState
 from producer.status import StatusStore
 from producer.storage import FileStore, Stored
+from worker.heartbeat import Heartbeat
 from worker.pipeline import Renderer
 from worker.render import run_job
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
+from worker.spool import Spool
 from worker.tiny_model import build_tiny_pipeline
 
 pytestmark = pytest.mark.integration
@@ -44,7 +46,8 @@ def test_next_job_renders_while_the_last_one_uploads(redis_url: str, tmp_path: P
     settings = WorkerSettings(redis_url=redis_url, storage_url=tmp_path.as_uri(), warmup=False)
     status = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
     renderer = Renderer(pipe=build_tiny_pipeline(), device=torch.device("cpu"), dtype=torch.float32)
-    rt = Runtime(settings=settings, status=status, store=store, renderer=renderer)
+    rt = Runtime(settings=settings, status=status, store=store, renderer=renderer,
+                 heartbeat=Heartbeat(status, lease_ttl=30), spool=Spool(store, tmp_path / "spool", 10**8))  # fmt: skip
     request = {"image": image, "width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2}
     first, second = uuid.uuid4().hex, uuid.uuid4().hex
 
@@ -63,3 +66,5 @@ def test_next_job_renders_while_the_last_one_uploads(redis_url: str, tmp_path: P
     assert one.finished_at < two.finished_at
     assert one.timings["upload"] >= UPLOAD_SECONDS and one.result is not None
     assert (tmp_path / one.result.key).is_file() and two.result is not None and (tmp_path / two.result.key).is_file()
+    rt.heartbeat.close()
+    rt.spool.close()
