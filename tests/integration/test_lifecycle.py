@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -129,12 +130,18 @@ def test_priority_order_high_then_normal_then_low(
         first = current.wait(timeout=120)
         high_rec = high.wait(timeout=120)
         normal_recs = [job.wait(timeout=120) for job in normals]
-        low_recs = [job.wait(timeout=300) for job in lows]
-    assert all(r.state is JobState.SUCCEEDED for r in [first, high_rec, *normal_recs, *low_recs])
+        low_recs = [job.status() for job in lows]
+        # Rendering the lows too would only take time: the worker is on the first of them at most.
+        for job in lows:
+            with contextlib.suppress(NotCancelable):
+                job.cancel()
+    assert all(r.state is JobState.SUCCEEDED for r in [first, high_rec, *normal_recs])
     starts = lambda records: [r.started_at or "" for r in records]  # noqa: E731
     # The high job, submitted last, starts as soon as the current one is off the GPU.
     assert high_rec.started_at >= first.started_at and high_rec.started_at < min(starts(normal_recs))
-    assert max(starts(normal_recs)) < min(starts(low_recs))
+    # Every low was still waiting when the normals started, however long they had queued.
+    assert sum(r.state is not JobState.QUEUED for r in low_recs) <= 1
+    assert all(r.started_at is None or r.started_at > max(starts(normal_recs)) for r in low_recs)
     assert high_rec.priority == "high" and {r.priority for r in low_recs} == {"low"}
 
 
