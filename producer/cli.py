@@ -1,4 +1,4 @@
-"""`svdq`: submit, follow and fetch renders; start workers; build the tiny model; run the demo.
+"""`svdq`: submit, follow and fetch renders; start workers; watch the fleet; build the tiny model; run the demo.
 
 Exit codes: 0 ok (or the job succeeded), 1 the job failed or was canceled, 2 bad usage or a bad
 parameter, 3 no such job, 4 timed out waiting, 5 Redis or storage unreachable, 6 refused (cancel of
@@ -18,9 +18,12 @@ from typing import Any
 
 import redis
 
-from producer.client import Client, Job, NotCancelable
+from producer import top
+from producer.client import Client, Job, NotCancelable, connect_redis, producer_celery
 from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState
-from producer.status import JobNotFound
+from producer.flower import FlowerRefused, flower_command
+from producer.settings import Settings
+from producer.status import JobNotFound, StatusStore
 from producer.storage import StorageUnavailable
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
@@ -39,6 +42,7 @@ PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--max-guidance": ("max_guidance_scale", float),
     "--decode-chunk-size": ("decode_chunk_size", lambda v: v if v == "auto" else int(v)),
     "--format": ("format", str),
+    "--model": ("model", str),
 }
 
 
@@ -178,6 +182,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, output=args.output)
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    try:
+        argv, env = flower_command(Settings(), args.port, unsafe_no_auth=args.unsafe_no_auth)
+    except FlowerRefused as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    settings = Settings()
+    celery = producer_celery(settings)
+    try:
+        top.run(celery, StatusStore(connect_redis(settings.redis_url), result_ttl=settings.result_ttl),
+                settings.queue, args.interval, args.once, args.json)  # fmt: skip
+    finally:
+        celery.close()
+    return EXIT_OK
+
+
 def run_worker_module(module: str, argv: list[str]) -> None:
     """Replace this process with one of the worker's entry points (the producer never imports it)."""
     if importlib.util.find_spec("worker") is None or importlib.util.find_spec("torch") is None:
@@ -237,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--full-vae", action="store_true", help="SVD's full-size VAE, for memory benchmarks")
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    flower = sub.add_parser("flower", help="start Flower, Celery's dashboard, on the configured broker (basic auth)")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--unsafe-no-auth", action="store_true", help="allow Flower without authentication")
+    flower.set_defaults(func=cmd_flower)
+
+    top = sub.add_parser("top", help="workers, what they render, and the queues, refreshed live")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print once and exit")
+    top.add_argument("--json", action="store_true", help="print snapshots as JSON (with --once: one)")
+    top.set_defaults(func=cmd_top)
 
     demo = sub.add_parser("demo", help="start Redis (if needed) and a worker, render an example, stop them")
     demo.add_argument("--workdir", type=Path, default=Path(".svdq-demo"))

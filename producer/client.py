@@ -24,6 +24,7 @@ from producer.contract import (
     JobRecord,
     JobState,
     check_params,
+    model_queue,
     queue_for,
 )
 from producer.netguard import UnsafeURL, check_url
@@ -178,7 +179,7 @@ class Client:
         """
         # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
         checked = check_params(params)
-        queue = queue_for(self.settings.queue, priority)
+        queue = queue_for(model_queue(self.settings.queue, checked.model), priority)
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
             raise InvalidParameter("idempotency_key", "must be 1 to 200 characters")
         if webhook is not None:

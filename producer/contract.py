@@ -94,6 +94,21 @@ def priority_queues(base: str) -> list[str]:
     return [queue_for(base, p) for p in PRIORITIES]
 
 
+# Models are routed by queue too: a job naming a model goes to `{queue}@{model}` (and its .high/.low), read
+# only by workers serving that model; a job naming none goes to the plain queues, which every worker reads.
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+def model_queue(base: str, model: str | None) -> str:
+    return f"{base}@{model}" if model else base
+
+
+def worker_queues(base: str, model: str | None) -> list[str]:
+    """What a worker serving `model` reads, in order: each priority level for its model and for any model."""
+    levels = zip(priority_queues(model_queue(base, model)), priority_queues(base), strict=True)
+    return list(dict.fromkeys(q for level in levels for q in level))
+
+
 class JobParams(BaseModel):
     """Render parameters, named as diffusers' StableVideoDiffusionPipeline names them.
 
@@ -117,6 +132,8 @@ class JobParams(BaseModel):
     format: Literal["mp4", "webm", "gif"] = "mp4"
     # None: the worker draws one and records it in the result, so every video can be made again.
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    # The model to render with, by the name its workers serve (SVDQ_MODEL_NAME); None: any worker's.
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
 
     @model_validator(mode="after")
     def _guidance_order(self) -> JobParams:

@@ -49,3 +49,8 @@ def stopping(worker: str) -> str:
 def recovering(job_id: str) -> str:
     """Short lock held by the worker putting a dead worker's job back on its queue."""
     return f"{PREFIX}:recovering:{job_id}"
+
+
+def worker(name: str) -> str:
+    """Hash describing a live worker node (model, device, queues); expires unless its main process refreshes it."""
+    return f"{PREFIX}:worker:{name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.contract import DEFAULT_QUEUE
@@ -34,6 +35,8 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     # Likewise for http(s) image URLs, which workers fetch.
     allow_private_urls: bool = False
+    # `user:password[,user2:password2]` for `svdq flower` (Flower's own FLOWER_BASIC_AUTH works too).
+    flower_basic_auth: SecretStr | None = None
 
 
 def redact_url(url: str) -> str:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from producer import keys
 from producer.client import connect_redis, producer_celery
@@ -66,6 +74,24 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     return app
 
 
+def _presence(status: StatusStore, hostname: str, settings: WorkerSettings, ttl: int) -> Callable[[], None]:
+    """What `svdq top` shows of this worker node, kept alive while its main process lives."""
+    info = {
+        "model": settings.served_model(),
+        "source": settings.model,
+        "device": os.environ.get("CUDA_VISIBLE_DEVICES", settings.device),
+        "pid": os.getpid(),
+    }
+
+    def refresh() -> None:
+        pipe = status.redis.pipeline()
+        pipe.hset(keys.worker(hostname), mapping=info)
+        pipe.expire(keys.worker(hostname), ttl)
+        pipe.execute()
+
+    return refresh
+
+
 def _connect_signals(settings: WorkerSettings) -> None:
     state: dict[str, Any] = {}
 
@@ -94,7 +120,11 @@ def _connect_signals(settings: WorkerSettings) -> None:
             default_queue=settings.queue,
             notify=lambda job_id: notify(status, webhooks, job_id),
         )
-        state.update(status=status, sweeper=Sweeper(recovery, interval=max(0.5, settings.lease_ttl / 2)).start())
+        interval = max(0.5, settings.lease_ttl / 2)
+        presence = _presence(status, sender.hostname, settings, ttl=int(interval * 3) + 1)
+        presence()
+        sweeper = Sweeper(recovery, interval, also=presence).start()
+        state.update(status=status, sweeper=sweeper, hostname=sender.hostname)
 
     def begin_grace(sender: str | None = None, how: str = "", **_: Any) -> None:
         # Runs inside Celery's signal handler: the Redis write goes on a thread of its own.
@@ -110,8 +140,14 @@ def _connect_signals(settings: WorkerSettings) -> None:
 
         threading.Thread(target=publish, name="svdq-stopping", daemon=True).start()
 
+    def stop_recovery(sender: Any = None, **_: Any) -> None:
+        if "sweeper" in state:
+            state["sweeper"].stop()
+            state["status"].redis.delete(keys.worker(state["hostname"]))
+
     # After the fork, in the child that runs jobs: CUDA must not be initialised in the parent.
     worker_process_init.connect(load_model, weak=False)
     worker_process_shutdown.connect(finish_last_job, weak=False)
     worker_ready.connect(start_recovery, weak=False)
     worker_shutting_down.connect(begin_grace, weak=False)
+    worker_shutdown.connect(stop_recovery, weak=False)

@@ -84,10 +84,10 @@ class Recovery:
 
 
 class Sweeper:
-    """Runs `Recovery.sweep` every `interval` seconds on a thread, until stopped."""
+    """Runs `Recovery.sweep` (and `also`, e.g. the worker's presence) every `interval` seconds, until stopped."""
 
-    def __init__(self, recovery: Recovery, interval: float):
-        self.recovery, self.interval = recovery, interval
+    def __init__(self, recovery: Recovery, interval: float, also: Callable[[], None] = lambda: None):
+        self.recovery, self.interval, self.also = recovery, interval, also
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="svdq-recovery", daemon=True)
 
@@ -102,6 +102,7 @@ class Sweeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self.also()
                 self.recovery.sweep()
             except (redis.RedisError, OSError) as exc:  # Redis restarting: sweep again next time
                 log.warning("recovery sweep: %s", exc)

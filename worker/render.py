@@ -100,6 +100,9 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str, queue: str 
     attempt = _claim(rt, job_id, worker)
     if isinstance(attempt, dict):
         return attempt
+    if request.model and request.model != (served := rt.settings.served_model()):
+        wrong = f"this worker serves model {served!r}, the job asks for {request.model!r} (it reached the wrong queue)"
+        return _fail(rt, attempt, JobFailed(ErrorCode.INVALID_INPUT, wrong))
 
     # 3-4. Fetch the image and render on the device.
     timings = {"load": round(rt.take_load_seconds(), 4)}
@@ -111,7 +114,7 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str, queue: str 
     except JobCanceled:
         log.info("job %s canceled (or taken over) while rendering; the GPU is free", job_id)
         rt.heartbeat.release(job_id)
-        _notify(rt, job_id)
+        _ended(rt, job_id)
         return {"job_id": job_id, "state": JobState.CANCELED.value}
     except HandBack:
         return _hand_back(rt, attempt)
@@ -147,7 +150,9 @@ def _claim(rt: Runtime, job_id: str, worker: str) -> Attempt | dict[str, Any]:
             _notify(rt, job_id)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
     rt.heartbeat.hold(job_id, holder, worker)
-    _notify(rt, job_id)
+    record = rt.status.get(job_id)
+    rt.metrics.job_started(record)
+    webhooks.notify_record(rt.webhooks, record)
     return Attempt(job_id, number, holder)
 
 
@@ -186,7 +191,7 @@ def _complete(
     except JobCanceled:
         log.info("job %s canceled before its upload", job_id)
         rt.heartbeat.release(job_id)
-        _notify(rt, job_id)
+        _ended(rt, job_id)
         return
     except Exception as exc:
         _fail(rt, attempt, exc, timings=timings, memory=memory)
@@ -319,9 +324,17 @@ def _finish(rt: Runtime, attempt: Attempt, state: JobState, *, unleased: bool = 
     except InvalidTransition as exc:  # canceled while it ran (the cancel stands), or taken over
         log.info("job %s: result dropped, %s", job_id, exc)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
-    _notify(rt, job_id)
+    _ended(rt, job_id)
     return {"job_id": job_id, "state": state.value}
 
 
 def _notify(rt: Runtime, job_id: str) -> None:
     webhooks.notify(rt.status, rt.webhooks, job_id)
+
+
+def _ended(rt: Runtime, job_id: str) -> None:
+    """The job has reached its final state (or was canceled or taken over): webhook and metrics."""
+    record = rt.status.get(job_id)
+    if record.state.is_terminal():
+        rt.metrics.job_ended(record)
+    webhooks.notify_record(rt.webhooks, record)

@@ -18,6 +18,7 @@ from producer.status import StatusStore
 from producer.storage import ObjectStore, open_store
 from worker.finisher import Finisher
 from worker.heartbeat import Heartbeat
+from worker.metrics import Metrics
 from worker.pipeline import Renderer, load_renderer
 from worker.settings import WorkerSettings
 from worker.spool import Spool, default_spool_dir
@@ -35,6 +36,7 @@ class Runtime:
     heartbeat: Heartbeat
     spool: Spool
     webhooks: WebhookSender | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     finisher: Finisher = field(default_factory=Finisher)
     _load_reported: bool = field(default=False)
 
@@ -54,11 +56,17 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     status = StatusStore(client, result_ttl=settings.result_ttl)
     store = open_store(settings)
     spool_dir = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)  # before the load: a scrape shows the model is not warm yet
+    renderer = load_renderer(settings)
+    metrics.model_loaded(settings.served_model(), str(renderer.device), renderer.load_seconds)
     return Runtime(
         settings=settings,
         status=status,
         store=store,
-        renderer=load_renderer(settings),
+        renderer=renderer,
+        metrics=metrics,
         heartbeat=Heartbeat(status, settings.lease_ttl),
         spool=Spool(
             store,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import SecretStr
@@ -14,6 +15,11 @@ class WorkerSettings(Settings):
     model: str = "stabilityai/stable-video-diffusion-img2vid-xt"
     # e.g. "fp16" to fetch the half-size weights of the official checkpoints.
     model_variant: str | None = None
+    # The name jobs use to ask for this model (`model` in a request); default: the last part of `model`,
+    # e.g. stable-video-diffusion-img2vid-xt. The worker reads `{queue}@{name}` besides the plain queues.
+    model_name: str | None = None
+    # Serve Prometheus metrics on this port (from the process that runs the jobs); None: no metrics.
+    metrics_port: int | None = None
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu
     # Frames decoded by the VAE at once when a request does not say; memory grows with it.
@@ -53,3 +59,9 @@ class WorkerSettings(Settings):
     # Videos rendered while storage is down wait here (bounded) and are uploaded when it returns.
     spool_dir: str | None = None  # default: svdq-spool in the system's temporary directory
     spool_max_bytes: int = 2 * 1024**3
+
+    def served_model(self) -> str:
+        if self.model_name:
+            return self.model_name
+        name = re.sub(r"[^a-z0-9_-]+", "-", self.model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-_")
+        return name[:64] or "model"

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from producer.contract import JobRecord
 from producer.netguard import UnsafeURL, check_url, connect
 from producer.status import StatusStore
 from worker.errors import backoff
@@ -128,7 +129,11 @@ def sender_for(settings: WorkerSettings) -> WebhookSender:
 
 def notify(status: StatusStore, sender: WebhookSender | None, job_id: str) -> None:
     """Queue the job's webhook for its current state, if it asked for one (sent off the caller's thread)."""
-    record = status.get(job_id)
+    notify_record(sender, status.get(job_id))
+
+
+def notify_record(sender: WebhookSender | None, record: JobRecord) -> None:
     if record.webhook and sender is not None:
         event = f"job.{record.state.value}"
-        sender.send(record.webhook, event, f"{job_id}.{record.state.value}.{record.attempts}", record.to_json_dict())
+        msg_id = f"{record.id}.{record.state.value}.{record.attempts}"
+        sender.send(record.webhook, event, msg_id, record.to_json_dict())

@@ -123,12 +123,17 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")
 
 
-def _start_worker(env: dict[str, str], logdir: Path, control: Celery, queue: str, *extra: str) -> WorkerProcess:
+def _start_worker(
+    env: dict[str, str], logdir: Path, control: Celery, queue: str, *extra: str, own_queues: bool = False
+) -> WorkerProcess:
+    """A worker on `queue` (and its priorities); with `own_queues`, on the queues it picks from SVDQ_QUEUE
+    and its model."""
     hostname = f"w{uuid.uuid4().hex[:6]}@test"
     log = logdir / f"{hostname}.log"
+    queues = [] if own_queues else [f"--queues={','.join(priority_queues(queue))}"]
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [SVDQ, "worker", f"--hostname={hostname}", f"--queues={','.join(priority_queues(queue))}", *extra],
+            [SVDQ, "worker", f"--hostname={hostname}", *queues, *extra],
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -174,14 +179,16 @@ def start_worker(
 
     controls: list[Celery] = []
 
-    def start(*extra: str, queue: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
+    def start(
+        *extra: str, queue: str | None = None, env: dict[str, str] | None = None, own_queues: bool = False
+    ) -> WorkerProcess:
         queue = queue or f"test-{uuid.uuid4().hex[:8]}"
         full_env = {**svdq_env, **(env or {})}
         control = celery_control
         if full_env["SVDQ_REDIS_URL"] != svdq_env["SVDQ_REDIS_URL"]:  # a worker on a Redis of the test's own
             control = producer_celery(Settings(redis_url=full_env["SVDQ_REDIS_URL"]))
             controls.append(control)
-        started.append(_start_worker(full_env, tmp_path, control, queue, *extra))
+        started.append(_start_worker(full_env, tmp_path, control, queue, *extra, own_queues=own_queues))
         return started[-1]
 
     yield start

@@ -1,0 +1,42 @@
+"""`svdq flower`: Flower on the configured broker, and never without authentication unless asked.
+
+Flower is Celery's own dashboard: workers online, tasks received/started/succeeded, from the events svdq
+workers send. It refuses nobody by itself, so svdq requires basic auth (`SVDQ_FLOWER_BASIC_AUTH`, or Flower's
+own `FLOWER_BASIC_AUTH`: `user:password[,user2:password2]`). Credentials and the broker URL reach Flower
+through its environment, never its command line, where `ps` would show them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from producer.settings import Settings
+
+
+class FlowerRefused(RuntimeError):
+    pass
+
+
+def flower_command(
+    settings: Settings, port: int, *, unsafe_no_auth: bool = False, extra: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start Flower."""
+    if importlib.util.find_spec("flower") is None:
+        raise FlowerRefused("Flower is not installed here: `pip install 'svdq[flower]'`")
+    own = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
+    auth = own or os.environ.get("FLOWER_BASIC_AUTH")
+    if not auth and not unsafe_no_auth:
+        raise FlowerRefused(
+            "Flower would be open to anyone who can reach it: set SVDQ_FLOWER_BASIC_AUTH=user:password "
+            "(or FLOWER_BASIC_AUTH), or pass --unsafe-no-auth on a network you trust"
+        )
+    env = {name: value for name, value in os.environ.items() if name != "SVDQ_FLOWER_BASIC_AUTH"}
+    env["CELERY_BROKER_URL"] = settings.redis_url
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = auth
+    else:
+        env.pop("FLOWER_BASIC_AUTH", None)
+    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}", *(extra or [])]
+    return argv, env

@@ -1,0 +1,130 @@
+"""`svdq top`: the fleet at a glance, refreshed live: workers, what each renders, and the queues.
+
+Workers come from Celery's inspect (who answers, what it runs, which queues it reads) and from the
+`svdq:worker:*` keys each worker's main process keeps alive (its model and device); job progress from the
+records; queue depths from the broker's lists in the same Redis. Queues nobody reads are flagged: a job for a
+model no worker serves waits there, visibly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import redis
+from celery import Celery
+
+from producer import keys
+from producer.contract import JobState, priority_queues
+from producer.status import JobNotFound, StatusStore
+
+
+@dataclass
+class WorkerView:
+    name: str
+    model: str | None = None
+    device: str | None = None
+    queues: list[str] = field(default_factory=list)
+    job: str | None = None
+    stage: str | None = None
+    progress: float | None = None
+
+
+@dataclass
+class QueueView:
+    name: str
+    waiting: int
+    readers: int
+
+
+@dataclass
+class Snapshot:
+    workers: list[WorkerView]
+    queues: list[QueueView]
+    states: dict[str, int]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[WorkerView]:
+    inspect = celery.control.inspect(timeout=timeout)
+    active = inspect.active() or {}
+    active_queues = inspect.active_queues() or {}
+    workers = []
+    for name in sorted(set(active) | set(active_queues)):
+        view = WorkerView(name, queues=[q["name"] for q in active_queues.get(name, [])])
+        info = {_text(k): _text(v) for k, v in status.redis.hgetall(keys.worker(name)).items()}
+        view.model, view.device = info.get("model"), info.get("device")
+        for task in active.get(name, []):
+            view.job = task.get("id")
+            with contextlib.suppress(JobNotFound):
+                record = status.get(view.job or "")
+                if record.state is JobState.STARTED:
+                    view.stage, view.progress = record.stage, record.progress
+        workers.append(view)
+    return workers
+
+
+def _queues(r: redis.Redis, base_queue: str, workers: list[WorkerView]) -> list[QueueView]:
+    names = set(priority_queues(base_queue))
+    for view in workers:
+        names.update(view.queues)
+    for job_id in r.zrevrange(keys.state_index(JobState.QUEUED.value), 0, 199):  # where waiting jobs were sent
+        queue = r.hget(keys.job(_text(job_id)), "queue")
+        if queue and (name := json.loads(queue)):
+            names.add(name)
+    ordered = sorted(names)
+    pipe = r.pipeline(transaction=False)
+    for name in ordered:
+        pipe.llen(name)  # kombu keeps a queue's messages in a Redis list of the same name
+    depths = pipe.execute()
+    return [
+        QueueView(name, int(depth), sum(name in w.queues for w in workers))
+        for name, depth in zip(ordered, depths, strict=True)
+    ]
+
+
+def snapshot(celery: Celery, status: StatusStore, base_queue: str, timeout: float = 1.0) -> Snapshot:
+    workers = _workers(celery, status, timeout)
+    queues = _queues(status.redis, base_queue, workers)
+    pipe = status.redis.pipeline(transaction=False)
+    for state in JobState:
+        pipe.zcard(keys.state_index(state.value))
+    states = {state.value: int(n) for state, n in zip(JobState, pipe.execute(), strict=True)}
+    return Snapshot(workers, queues, states)
+
+
+def render(snap: Snapshot) -> str:
+    lines = [f"svdq top   {time.strftime('%H:%M:%S')}   " + "  ".join(f"{k} {v}" for k, v in snap.states.items()), ""]
+    lines.append(f"{'WORKER':<28} {'MODEL':<28} {'JOB':<34} {'STAGE':<14} PROGRESS")
+    if not snap.workers:
+        lines.append("(no worker answers)")
+    for w in snap.workers:
+        bar = "" if w.progress is None else f"{'#' * int(w.progress * 20):<20} {w.progress:4.0%}"
+        lines.append(f"{w.name:<28} {(w.model or '?')[-28:]:<28} {w.job or 'idle':<34} {w.stage or '':<14} {bar}")
+    lines += ["", f"{'QUEUE':<40} {'WAITING':>8} {'READERS':>8}"]
+    for q in snap.queues:
+        if q.waiting or q.readers:
+            flag = "   <- no worker reads this queue" if q.waiting and not q.readers else ""
+            lines.append(f"{q.name:<40} {q.waiting:>8} {q.readers:>8}{flag}")
+    return "\n".join(lines)
+
+
+def as_json(snap: Snapshot) -> str:
+    return json.dumps(asdict(snap), indent=2)
+
+
+def run(celery: Celery, status: StatusStore, base_queue: str, interval: float, once: bool, json_out: bool) -> None:
+    while True:
+        snap = snapshot(celery, status, base_queue)
+        if json_out:
+            print(as_json(snap), flush=True)
+        else:
+            print(("" if once else "\x1b[H\x1b[2J") + render(snap), flush=True)
+        if once:
+            return
+        time.sleep(interval)

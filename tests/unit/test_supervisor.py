@@ -1,0 +1,58 @@
+"""`svdq worker --gpus`: which GPUs, and the supervision of one real child process per GPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from worker.supervisor import NoGPU, Supervisor, parse_gpus, worker_command
+
+
+def test_gpu_specs() -> None:
+    assert parse_gpus("all", 4) == [0, 1, 2, 3]
+    assert parse_gpus("0,1,3", 4) == [0, 1, 3]
+    for bad in ("4", "0,0", "x", ""):
+        with pytest.raises(NoGPU):
+            parse_gpus(bad, 4)
+    with pytest.raises(NoGPU, match="without --gpus"):
+        parse_gpus("all", 0)
+
+
+def test_each_child_is_pinned_named_and_given_its_own_metrics_port() -> None:
+    argv, env = worker_command(3, ["--loglevel=DEBUG"], {"SVDQ_METRICS_PORT": "9100", "PATH": "/bin"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["SVDQ_METRICS_PORT"] == "9103"
+    assert argv[1:] == ["-m", "worker", "--hostname=gpu3@%h", "--loglevel=DEBUG"]
+
+
+def sleeper(gpu: int) -> tuple[list[str], dict[str, str]]:
+    return [sys.executable, "-c", "import time; time.sleep(120)"], {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+
+
+def wait_for(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_crashed_child_is_restarted_and_sigterm_stops_them_all() -> None:
+    supervisor = Supervisor([0, 1], sleeper, backoff_max=1)
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(supervisor.run(poll=0.05)))
+    runner.start()
+    wait_for(lambda: all(c.proc is not None for c in supervisor.children))
+    first, second = supervisor.children
+    assert first.proc is not None and second.proc is not None
+    crashed, untouched = first.proc, second.proc
+    crashed.kill()
+    wait_for(lambda: first.proc is not crashed and first.proc is not None and first.proc.poll() is None)
+    assert second.proc is untouched and untouched.poll() is None
+    supervisor.stop()
+    runner.join(20)
+    assert result == [0]
+    assert all(c.proc is not None and c.proc.returncode == -signal.SIGTERM for c in supervisor.children)
