@@ -195,7 +195,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     settings = Settings()
     celery = producer_celery(settings)
     try:
-        top.run(celery, StatusStore(connect_redis(settings.redis_url), result_ttl=settings.result_ttl),
+        top.run(celery, StatusStore(connect_redis(settings), result_ttl=settings.result_ttl),
                 settings.queue, args.interval, args.once, args.json)  # fmt: skip
     finally:
         celery.close()

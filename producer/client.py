@@ -15,6 +15,7 @@ from celery import Celery
 from PIL import Image, UnidentifiedImageError
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from producer import keys
 from producer.contract import (
@@ -28,7 +29,7 @@ from producer.contract import (
     queue_for,
 )
 from producer.netguard import UnsafeURL, check_url
-from producer.settings import Settings
+from producer.settings import Settings, is_sentinel, parse_sentinel_url, sentinel_options
 from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore
 from producer.storage import ObjectStore, content_name, open_store
 
@@ -37,20 +38,35 @@ _URL_SCHEMES = ("s3://", "file://", "http://", "https://")
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
 
-def connect_redis(url: str, *, retry_for: float = 4.0) -> redis.Redis:
-    """A client that rides out a Redis restart of up to about `retry_for` seconds (more for workers).
+def connect_redis(settings: Settings, *, retry_for: float = 4.0) -> redis.Redis:
+    """A client for SVDQ_REDIS_URL that rides out a Redis restart (or failover) of about `retry_for` seconds.
 
     Short timeouts: a producer in a web request should fail fast, not hang, when Redis is away.
     """
     retries = max(1, int(retry_for * 2))  # jittered waits of half a second on average
-    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries)
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30, retry=retry)
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+    }
+    if not is_sentinel(settings.redis_url):
+        return redis.Redis.from_url(settings.redis_url, **options)
+    nodes, password, db = parse_sentinel_url(settings.redis_url)
+    sentinel = Sentinel(nodes, socket_timeout=5, sentinel_kwargs={"password": password} if password else None)
+    # Asks the sentinels for the current master on every (re)connection, so a failover is followed.
+    return sentinel.master_for(settings.sentinel_master, db=db, password=password, **options)
 
 
 def producer_celery(settings: Settings) -> Celery:
     """A Celery app that only sends: producers never import the worker (or torch)."""
     app = Celery("svdq-producer", broker=settings.redis_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=sentinel_options(settings),
+    )
     return app
 
 
@@ -143,7 +159,7 @@ class Client:
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
         settings = Settings(**overrides)
-        return cls(settings, connect_redis(settings.redis_url), open_store(settings), producer_celery(settings))
+        return cls(settings, connect_redis(settings), open_store(settings), producer_celery(settings))
 
     def close(self) -> None:
         self.redis.close()

@@ -18,8 +18,10 @@ def default_storage_url() -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SVDQ_", extra="ignore")
 
-    # Broker and status records share one Redis; `rediss://` and passwords work from the URL.
+    # Broker and status records share one Redis; `rediss://` and passwords work from the URL, and
+    # `sentinel://HOST:26379;sentinel://HOST2:26379/DB` finds the master through Redis Sentinel.
     redis_url: str = "redis://localhost:6379/0"
+    sentinel_master: str = "mymaster"
     # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
     storage_url: str = default_storage_url()
     s3_endpoint_url: str | None = None
@@ -39,8 +41,31 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
 
 
+def is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
+    """`sentinel://[:PASSWORD@]HOST[:PORT][;sentinel://...][/DB]` (kombu's form) -> nodes, password, db."""
+    nodes, password, db = [], None, 0
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        nodes.append((parts.hostname or "localhost", parts.port or 26379))
+        password = parts.password or password
+        if parts.path.strip("/"):
+            db = int(parts.path.strip("/"))
+    return nodes, password, db
+
+
+def sentinel_options(settings: Settings) -> dict[str, str]:
+    """kombu's transport options for a Sentinel broker URL (none for a plain one)."""
+    return {"master_name": settings.sentinel_master} if is_sentinel(settings.redis_url) else {}
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and messages."""
+    """The URL with any password replaced, for logs and messages (each part of a Sentinel list)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url

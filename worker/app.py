@@ -21,7 +21,7 @@ from celery.signals import (
 from producer import keys
 from producer.client import connect_redis, producer_celery
 from producer.contract import TASK_NAME
-from producer.settings import redact_url
+from producer.settings import redact_url, sentinel_options
 from producer.status import StatusStore
 from worker import runtime, tasks
 from worker.recovery import Recovery, Sweeper
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def broker_options(settings: WorkerSettings) -> dict[str, Any]:
     return {
+        **sentinel_options(settings),
         # Read the priority queues in the order given ({queue}.high, {queue}, {queue}.low), not round robin.
         "queue_order_strategy": "priority",
         "visibility_timeout": settings.visibility_timeout,
@@ -104,7 +105,7 @@ def _connect_signals(settings: WorkerSettings) -> None:
 
     def start_recovery(sender: Any = None, **_: Any) -> None:
         # In the main process, which outlives any pool process: it recovers jobs of dead workers anywhere.
-        status = StatusStore(connect_redis(settings.redis_url, retry_for=60), result_ttl=settings.result_ttl)
+        status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
         status.redis.delete(keys.stopping(sender.hostname))  # a restarted node is not stopping
         sender_app = producer_celery(settings)
         webhooks = sender_for(settings)

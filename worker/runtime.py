@@ -52,7 +52,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     # Pillow's own bomb check (a warning up to twice its limit, then an error) at svdq's limit.
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     # A worker waits out a Redis restart of up to a minute rather than failing the job it is rendering.
-    client = connect_redis(settings.redis_url, retry_for=60)
+    client = connect_redis(settings, retry_for=60)
     status = StatusStore(client, result_ttl=settings.result_ttl)
     store = open_store(settings)
     spool_dir = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
