@@ -16,7 +16,9 @@ from producer.contract import (
     check_params,
     check_request,
     sources_of,
+    worker_queues,
 )
+from producer.settings import Settings, parse_sentinel_url, redact_url, sentinel_options
 
 
 def test_defaults_are_svd_xt() -> None:
@@ -43,6 +45,8 @@ def test_defaults_are_svd_xt() -> None:
         ({"num_frames": 2.5}, "num_frames"),
         ({"min_guidance_scale": 2.0, "max_guidance_scale": 1.5}, "max_guidance_scale"),
         ({"frames_to_decode_at_once": 4}, "frames_to_decode_at_once"),
+        ({"model": "SVD XT"}, "model"),
+        ({"model": "a" * 65}, "model"),
     ],
 )
 def test_a_bad_parameter_is_named(params: dict[str, Any], named: str) -> None:
@@ -86,3 +90,18 @@ def test_retry_backoff_doubles_with_jitter_and_a_cap() -> None:
     assert [backoff(n, 2.0, 60.0, 0.5) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
     assert backoff(10, 2.0, 60.0, 0.5) == 60.0
     assert backoff(1, 2.0, 60.0, 0.0) == 1.0 and backoff(1, 2.0, 60.0, 0.999) < 3.0
+
+
+def test_a_worker_reads_its_model_and_any_model_at_each_priority_level() -> None:
+    assert worker_queues("celery", "svd-xt") == [
+        "celery@svd-xt.high", "celery.high", "celery@svd-xt", "celery", "celery@svd-xt.low", "celery.low",
+    ]  # fmt: skip
+    assert check_params({"model": "svd-xt"}).model == "svd-xt"
+
+
+def test_sentinel_urls() -> None:
+    url = "sentinel://:pw@10.0.0.1:26379;sentinel://:pw@10.0.0.2/2"
+    assert parse_sentinel_url(url) == ([("10.0.0.1", 26379), ("10.0.0.2", 26379)], "pw", 2)
+    assert redact_url(url) == "sentinel://:***@10.0.0.1:26379;sentinel://:***@10.0.0.2/2"
+    assert sentinel_options(Settings(redis_url=url, sentinel_master="renders")) == {"master_name": "renders"}
+    assert sentinel_options(Settings(redis_url="redis://localhost:6379/0")) == {}
