@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         "--hostname=svdq@%h",
         f"--queues={','.join(worker_queues(settings.queue, settings.served_model()))}",
         "--task-events",
+        # Mingle syncs revoked task ids at start-up and gossip follows other workers' events: svdq cancels
+        # through job records and needs neither, and a worker starts a second sooner without them.
+        "--without-mingle",
+        "--without-gossip",
     ]
     app.worker_main([*defaults, *rest])
 

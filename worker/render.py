@@ -335,6 +335,6 @@ def _notify(rt: Runtime, job_id: str) -> None:
 def _ended(rt: Runtime, job_id: str) -> None:
     """The job has reached its final state (or was canceled or taken over): webhook and metrics."""
     record = rt.status.get(job_id)
-    if record.state.is_terminal():
+    if record.state.is_terminal():  # not when another attempt took the job over: that one reports it
         rt.metrics.job_ended(record)
-    webhooks.notify_record(rt.webhooks, record)
+        webhooks.notify_record(rt.webhooks, record)

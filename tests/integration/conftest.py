@@ -28,8 +28,9 @@ BUCKET = "svdq-test"
 PREFIX = "renders"
 # Small enough to render in about a second on two CPU cores with the tiny model.
 SMALL = {"width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2, "fps": 8}
-# A job that denoises for several seconds, to act on while it runs.
-LONG = {**SMALL, "num_frames": 8, "num_inference_steps": 10}
+# Jobs that denoise for several seconds, to act on while they run.
+LONG = {**SMALL, "num_frames": 8, "num_inference_steps": 25}
+SLOW = {**SMALL, "num_inference_steps": 30}
 SVDQ = str(Path(sys.executable).with_name("svdq"))
 
 

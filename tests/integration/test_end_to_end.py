@@ -22,7 +22,7 @@ from producer import keys
 from producer.client import Client
 from producer.contract import DEFAULT_QUEUE, TASK_NAME, InvalidParameter, JobState
 from producer.status import StatusStore
-from tests.integration.conftest import BUCKET, PREFIX, SMALL, SVDQ, WorkerProcess
+from tests.integration.conftest import BUCKET, LONG, PREFIX, SMALL, SVDQ, WorkerProcess
 
 pytestmark = pytest.mark.integration
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -185,7 +185,7 @@ def test_plain_celery_message_without_a_record(
 def test_worker_answers_ping_while_rendering(
     client: Client, worker: WorkerProcess, celery_control: Celery, image_file: Path
 ) -> None:
-    job = client.submit(image_file, **{**SMALL, "num_frames": 8, "num_inference_steps": 12})
+    job = client.submit(image_file, **LONG)
     deadline = time.monotonic() + 60
     while (rec := job.status()).stage != "denoise":
         assert time.monotonic() < deadline and not rec.state.is_terminal(), rec

@@ -19,12 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer.client import Client
 from producer.contract import JobState
 from producer.local_redis import free_port
-from tests.integration.conftest import BUCKET, PREFIX, SMALL, SVDQ
+from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, SVDQ
 
 pytestmark = pytest.mark.integration
 
 FLOWER_AUTH = "ops:flower-test-pw"
-SLOW = {**SMALL, "num_inference_steps": 8}
 
 
 def get(url: str, auth: str | None = None) -> Any:

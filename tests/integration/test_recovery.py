@@ -20,13 +20,11 @@ import pytest
 from producer import keys
 from producer.client import Client, Job
 from producer.contract import JobRecord, JobState
-from tests.integration.conftest import BUCKET, PREFIX, SMALL, WorkerProcess
+from tests.integration.conftest import BUCKET, PREFIX, SLOW, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 FAST_RECOVERY = {"SVDQ_LEASE_TTL": "2", "SVDQ_VISIBILITY_TIMEOUT": "8"}
-# Several seconds of denoising: long enough to kill or stop a worker in the middle of it.
-SLOW = {**SMALL, "num_inference_steps": 8}
 
 
 def wait_for(job: Job, predicate: Any, timeout: float = 90) -> JobRecord:

@@ -12,7 +12,7 @@ import pytest
 from producer.client import Client
 from producer.contract import JobState
 from producer.local_redis import LocalRedis
-from tests.integration.conftest import SMALL
+from tests.integration.conftest import SLOW, SMALL
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_jobs_and_records_survive_a_redis_restart(
 ) -> None:
     worker = start_worker(env={"SVDQ_REDIS_URL": durable_redis.url})
     with Client.from_env(redis_url=durable_redis.url, queue=worker.queue) as client:
-        running = client.submit(image_file, **{**SMALL, "num_inference_steps": 8})
+        running = client.submit(image_file, **SLOW)
         deadline = time.monotonic() + 60
         while (record := running.status()).state is not JobState.STARTED or not record.step:
             assert time.monotonic() < deadline, record

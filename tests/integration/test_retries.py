@@ -13,7 +13,7 @@ import pytest
 
 from producer.client import Client
 from producer.contract import JobState
-from tests.integration.conftest import BUCKET, PREFIX, SMALL
+from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL
 from tests.integration.faults import CuttableProxy
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
                               "SVDQ_SPOOL_DIR": str(spool)})  # fmt: skip
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
-        job = client.submit(image, **{**SMALL, "num_inference_steps": 8})
+        job = client.submit(image, **SLOW)
         _wait(job, lambda r: r.stage == "denoise")  # the image is in: cut storage while the GPU works
         s3_proxy.down()
         pending = _wait(job, lambda r: r.stage == "upload_pending")
@@ -113,7 +113,7 @@ def test_a_full_spool_fails_the_job_clearly(
     fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_SPOOL_MAX_BYTES": "100"})
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
-        job = client.submit(image, **{**SMALL, "num_inference_steps": 8})
+        job = client.submit(image, **SLOW)
         _wait(job, lambda r: r.stage == "denoise")
         s3_proxy.down()
         final = job.wait(timeout=120)

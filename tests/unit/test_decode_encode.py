@@ -61,8 +61,11 @@ def test_chunked_decode_matches_the_pipelines_decode(pipe: Any, chunk: int) -> N
     with torch.no_grad():
         decoded = pipe.decode_latents(latents, num_frames=6, decode_chunk_size=chunk)
     stock = pipe.video_processor.postprocess_video(video=decoded, output_type="pil")[0]
-    assert ours.shape == (6, 32, 32, 3) and ours.dtype == np.uint8
-    assert np.array_equal(ours, np.stack([np.asarray(frame) for frame in stock]))
+    assert ours.shape == (6, 16 * pipe.vae_scale_factor, 16 * pipe.vae_scale_factor, 3) and ours.dtype == np.uint8
+    # The decoded floats agree to about 1e-6 (operations in another order); a value on a rounding edge can
+    # then land one level apart.
+    diff = np.abs(ours.astype(int) - np.stack([np.asarray(frame) for frame in stock]).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert (decoder.chunk_size, decoder.halvings) == (chunk, 0)
 
 
