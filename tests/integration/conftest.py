@@ -19,8 +19,8 @@ import pytest
 from celery import Celery
 from PIL import Image
 
-from producer.client import Client, producer_celery
-from producer.contract import DEFAULT_QUEUE, priority_queues
+from producer.client import Client, Job, producer_celery
+from producer.contract import DEFAULT_QUEUE, JobRecord, priority_queues
 from producer.local_redis import LocalRedis, free_port
 from producer.settings import Settings
 
@@ -111,6 +111,15 @@ def celery_control(svdq_env: dict[str, str]) -> Iterator[Celery]:
     app = producer_celery(Settings())
     yield app
     app.close()
+
+
+def wait_until(job: Job, predicate: Callable[[JobRecord], bool], timeout: float = 90) -> JobRecord:
+    """Poll the job's record until `predicate` holds; fails if it ends (or time runs out) first."""
+    deadline = time.monotonic() + timeout
+    while not predicate(record := job.status()):
+        assert time.monotonic() < deadline and not record.state.is_terminal(), record
+        time.sleep(0.05)
+    return record
 
 
 @dataclass

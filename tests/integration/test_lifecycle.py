@@ -14,19 +14,11 @@ from typing import Any
 import pytest
 
 from producer import keys
-from producer.client import Client, Job, NotCancelable
-from producer.contract import JobRecord, JobState
-from tests.integration.conftest import LONG, SLOW, SMALL, SVDQ, WorkerProcess
+from producer.client import Client, NotCancelable
+from producer.contract import JobState
+from tests.integration.conftest import LONG, SLOW, SMALL, SVDQ, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(job: Job, predicate: Any, timeout: float = 60) -> JobRecord:
-    deadline = time.monotonic() + timeout
-    while not predicate(record := job.status()):
-        assert time.monotonic() < deadline and not record.state.is_terminal(), record
-        time.sleep(0.05)
-    return record
 
 
 def test_progress_events_rise_step_by_step(client: Client, worker: WorkerProcess, image_file: Path) -> None:

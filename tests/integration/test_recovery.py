@@ -18,21 +18,13 @@ from typing import Any
 import pytest
 
 from producer import keys
-from producer.client import Client, Job
-from producer.contract import JobRecord, JobState
-from tests.integration.conftest import BUCKET, PREFIX, SLOW, WorkerProcess
+from producer.client import Client
+from producer.contract import JobState
+from tests.integration.conftest import BUCKET, PREFIX, SLOW, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
 FAST_RECOVERY = {"SVDQ_LEASE_TTL": "2", "SVDQ_VISIBILITY_TIMEOUT": "8"}
-
-
-def wait_for(job: Job, predicate: Any, timeout: float = 90) -> JobRecord:
-    deadline = time.monotonic() + timeout
-    while not predicate(record := job.status()):
-        assert time.monotonic() < deadline, record
-        time.sleep(0.05)
-    return record
 
 
 def rendering(attempt: int) -> Any:
@@ -66,7 +58,7 @@ def test_a_killed_worker_s_job_completes_on_another_worker_once(start_worker: An
     doomed = start_worker(queue=queue, env=FAST_RECOVERY)
     with Client.from_env(queue=queue) as client:
         job = client.submit(image_file, **SLOW)
-        wait_for(job, rendering(1))
+        wait_until(job, rendering(1))
         kill_all(doomed)
         rescuer = start_worker(queue=queue, env=FAST_RECOVERY)
         final = job.wait(timeout=120)
@@ -87,7 +79,7 @@ def test_a_killed_pool_process_s_job_is_recovered_by_its_own_worker(start_worker
     worker = start_worker(env=FAST_RECOVERY)
     with Client.from_env(queue=worker.queue) as client:
         job = client.submit(image_file, **SLOW)
-        wait_for(job, rendering(1))
+        wait_until(job, rendering(1))
         (child,) = pool_children(worker)
         os.kill(child, signal.SIGKILL)
         final = job.wait(timeout=120)
@@ -103,7 +95,7 @@ def test_a_job_that_keeps_killing_its_workers_fails_worker_lost(start_worker: An
         job = client.submit(image_file, **SLOW)
         for attempt in (1, 2):
             victim = start_worker(queue=queue, env=env)
-            wait_for(job, rendering(attempt))
+            wait_until(job, rendering(attempt))
             kill_all(victim)
         survivor = start_worker(queue=queue, env=env)
         final = job.wait(timeout=60)
@@ -117,7 +109,7 @@ def test_sigterm_lets_the_running_job_finish(start_worker: Any, image_file: Path
     worker = start_worker(env={"SVDQ_STOP_GRACE": "120"})
     with Client.from_env(queue=worker.queue) as client:
         job = client.submit(image_file, **SLOW)
-        wait_for(job, rendering(1))
+        wait_until(job, rendering(1))
         worker.proc.terminate()
         final = job.wait(timeout=120)
         assert worker.proc.wait(timeout=60) == 0
@@ -129,7 +121,7 @@ def test_sigterm_past_the_grace_period_hands_the_job_back(start_worker: Any, ima
     stopping = start_worker(queue=queue, env={"SVDQ_STOP_GRACE": "1", "SVDQ_LEASE_TTL": "2"})
     with Client.from_env(queue=queue) as client:
         job = client.submit(image_file, **SLOW)
-        wait_for(job, rendering(1))
+        wait_until(job, rendering(1))
         stopped_at = time.monotonic()
         stopping.proc.terminate()
         assert stopping.proc.wait(timeout=60) == 0

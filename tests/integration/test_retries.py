@@ -13,7 +13,7 @@ import pytest
 
 from producer.client import Client
 from producer.contract import JobState
-from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL
+from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, wait_until
 from tests.integration.faults import CuttableProxy
 
 pytestmark = pytest.mark.integration
@@ -72,14 +72,6 @@ def test_retries_stop_at_max_attempts_with_the_last_error(
     assert final.error is not None and final.error.code == "storage_unavailable"
 
 
-def _wait(job: Any, predicate: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while not predicate(record := job.status()):
-        assert time.monotonic() < deadline and not record.state.is_terminal(), record
-        time.sleep(0.05)
-    return record
-
-
 def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
     svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
@@ -89,9 +81,9 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
         job = client.submit(image, **SLOW)
-        _wait(job, lambda r: r.stage == "denoise")  # the image is in: cut storage while the GPU works
+        wait_until(job, lambda r: r.stage == "denoise")  # the image is in: cut storage while the GPU works
         s3_proxy.down()
-        pending = _wait(job, lambda r: r.stage == "upload_pending")
+        pending = wait_until(job, lambda r: r.stage == "upload_pending")
         assert pending.state is JobState.STARTED and pending.attempts == 1
         assert pending.error is not None and pending.error.code == "storage_unavailable"
         assert "upload spool" in pending.error.message
@@ -114,7 +106,7 @@ def test_a_full_spool_fails_the_job_clearly(
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
         job = client.submit(image, **SLOW)
-        _wait(job, lambda r: r.stage == "denoise")
+        wait_until(job, lambda r: r.stage == "denoise")
         s3_proxy.down()
         final = job.wait(timeout=120)
     assert final.state is JobState.FAILED and final.attempts == 1
