@@ -73,10 +73,10 @@ def _queues(r: redis.Redis, base_queue: str, workers: list[WorkerView]) -> list[
     names = set(priority_queues(base_queue))
     for view in workers:
         names.update(view.queues)
+    pipe = r.pipeline(transaction=False)
     for job_id in r.zrevrange(keys.state_index(JobState.QUEUED.value), 0, 199):  # where waiting jobs were sent
-        queue = r.hget(keys.job(_text(job_id)), "queue")
-        if queue and (name := json.loads(queue)):
-            names.add(name)
+        pipe.hget(keys.job(_text(job_id)), "queue")
+    names.update(name for queue in pipe.execute() if queue and (name := json.loads(queue)))
     ordered = sorted(names)
     pipe = r.pipeline(transaction=False)
     for name in ordered:
