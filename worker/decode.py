@@ -7,7 +7,7 @@ without touching the latents.
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -89,37 +89,73 @@ class ChunkedDecoder:
 
 
 @dataclass(frozen=True)
-class DecodeCost:
-    """Device memory a decode needs: `fixed + per_frame * n` bytes, measured at `pixels` per frame."""
+class DecodeProfile:
+    """Decode speed and memory by chunk size, measured at warm-up at one frame size (`pixels` per frame).
 
-    fixed: float
-    per_frame: float
+    `seconds_per_frame[n]` and `peak_bytes[n]` (above what was allocated before the decode) for each chunk
+    size `n` tried. Memory is modelled as `fixed + per_frame * n`, scaled by pixels for other frame sizes.
+    """
+
     pixels: int
+    seconds_per_frame: dict[int, float]
+    peak_bytes: dict[int, int]
 
-    def chunk_for(self, free_bytes: float, width: int, height: int, num_frames: int, headroom: float = 0.8) -> int:
-        """The largest chunk that fits `headroom` of the free memory at this size, within 1..num_frames."""
-        scale = width * height / self.pixels
-        budget = free_bytes * headroom - self.fixed * scale
-        if self.per_frame <= 0:
-            return num_frames
-        return max(1, min(num_frames, math.floor(budget / (self.per_frame * scale))))
+    def cost(self, chunk: int, pixels: int | None = None) -> float:
+        """Bytes a decode of `chunk` frames needs, at `pixels` per frame (default: the measured size)."""
+        sizes = sorted(self.peak_bytes)
+        low, high = sizes[0], sizes[-1]
+        per_frame = (self.peak_bytes[high] - self.peak_bytes[low]) / (high - low) if high > low else 0.0
+        fixed = self.peak_bytes[low] - per_frame * low
+        if per_frame <= 0:  # one size measured: assume the whole cost grows with the frames
+            fixed, per_frame = 0.0, self.peak_bytes[low] / low
+        return (max(fixed, 0.0) + per_frame * chunk) * (pixels or self.pixels) / self.pixels
+
+    def preferred(self, tolerance: float = 0.05) -> int:
+        """The smallest chunk whose speed is within `tolerance` of the fastest measured."""
+        best = min(self.seconds_per_frame.values())
+        return min(n for n, s in self.seconds_per_frame.items() if s <= best * (1 + tolerance))
+
+    def chunk_for(self, budget_bytes: float, width: int, height: int, num_frames: int) -> int:
+        """The preferred chunk, smaller where `budget_bytes` cannot hold it at this size; within 1..num_frames."""
+        pixels = width * height
+        chunk = min(self.preferred(), num_frames)
+        while chunk > 1 and self.cost(chunk, pixels) > budget_bytes:
+            chunk -= 1
+        return max(1, chunk)
 
 
-def measure_decode_cost(vae: torch.nn.Module, height: int, width: int, scale_factor: int) -> DecodeCost:
-    """Decode 1 and 2 frames of zeros at this size and read the device's peak memory for each."""
-    device = next(vae.decoder.parameters()).device
-    latents = torch.zeros(1, 2, vae.config.latent_channels, height // scale_factor, width // scale_factor,
-                          device=device)  # fmt: skip
-    peaks = []
-    for n in (1, 2):
+def profile_decode(
+    vae: torch.nn.Module,
+    device: torch.device,
+    height: int,
+    width: int,
+    scale_factor: int,
+    chunks: tuple[int, ...],
+    budget_bytes: float,
+) -> DecodeProfile:
+    """Time a decode of zeros at each chunk size, ascending, each after an untimed one at the same size (the first
+    call at a shape sets up kernels: on an H100 that made single timings useless). Sizes whose estimated cost
+    exceeds `budget_bytes`, once two sizes are known, are skipped."""
+    latent = torch.zeros(1, max(chunks), vae.config.latent_channels, height // scale_factor, width // scale_factor,
+                         device=device)  # fmt: skip
+    speed: dict[int, float] = {}
+    peaks: dict[int, int] = {}
+    for n in sorted(chunks):
+        if len(peaks) >= 2 and DecodeProfile(width * height, speed, peaks).cost(n) > budget_bytes:
+            break
+        for _ in ChunkedDecoder(vae, latent[:, :n], n):
+            pass
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in ChunkedDecoder(vae, latents[:, :n], n):
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in ChunkedDecoder(vae, latent[:, :n], n):
             pass
-        peaks.append(torch.cuda.max_memory_allocated(device) - base)
-    per_frame = max(peaks[1] - peaks[0], 1)
-    return DecodeCost(fixed=max(peaks[0] - per_frame, 0), per_frame=per_frame, pixels=width * height)
+        torch.cuda.synchronize(device)
+        speed[n] = (time.perf_counter() - started) / n
+        peaks[n] = torch.cuda.max_memory_allocated(device) - base
+    return DecodeProfile(pixels=width * height, seconds_per_frame=speed, peak_bytes=peaks)
 
 
 def free_device_memory(device: torch.device) -> int:

@@ -10,14 +10,25 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from producer.contract import JobParams
-from worker.decode import CPU_DECODE_CHUNK, DecodeCost, OutOfMemory, free_device_memory, measure_decode_cost
+from worker import compile_cache
+from worker.decode import CPU_DECODE_CHUNK, DecodeProfile, OutOfMemory, free_device_memory, profile_decode
 from worker.settings import WorkerSettings
+from worker.tuning import (
+    Tuned,
+    TuneOptions,
+    attention_first,
+    attention_shapes,
+    compile_seconds,
+    set_forward_chunking,
+    tune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +50,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+# Chunk sizes timed at warm-up; low VRAM keeps to the smallest.
+PROFILE_CHUNKS = (1, 2, 4, 8, 16)
+LOW_VRAM_CHUNKS = (1, 2)
+
+
 @dataclass
 class Renderer:
     pipe: Any  # diffusers.StableVideoDiffusionPipeline
     device: torch.device
     dtype: torch.dtype
     load_seconds: float = 0.0
-    decode_cost: DecodeCost | None = None  # measured at warm-up on CUDA
+    tuned: Tuned = field(default_factory=Tuned)
+    # Measured at warm-up on CUDA: decode speed and memory by chunk, the denoise's peak, the memory budget.
+    decode_profile: DecodeProfile | None = None
+    denoise_peak_bytes: int = 0
+    budget_bytes: float | None = None
     forward_chunking: bool = field(default=False)  # whether the last denoise needed it
+    # (width, height, frames) the compiled UNet has code for. Compiling a shape takes minutes the first time on
+    # a machine, so only the warm-up compiles (the default size and SVDQ_COMPILE_SHAPES); a job at another
+    # shape runs eagerly rather than stall its GPU unseen.
+    compiled_shapes: set[tuple[int, int, int]] = field(default_factory=set)
+    compile_new_shapes: bool = True
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -61,29 +86,48 @@ class Renderer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def needs_compile(self, params: JobParams) -> bool:
+        return self.compiles and self.compile_new_shapes and self.shape(params) not in self.compiled_shapes
+
+    def runs_compiled(self, params: JobParams) -> bool:
+        return self.compiles and (self.compile_new_shapes or self.shape(params) in self.compiled_shapes)
+
+    @property
+    def compiles(self) -> bool:
+        return bool(self.tuned.compiled_regions)
+
+    @staticmethod
+    def shape(params: JobParams) -> tuple[int, int, int]:
+        return (params.width, params.height, params.num_frames)
+
     def decode_chunk_size(self, requested: int | str, params: JobParams) -> int:
-        """A number as asked, or for "auto" the largest chunk that fits the free device memory now."""
+        """A number as asked, or for "auto" the smallest chunk within 5% of the fastest decode measured at
+        warm-up, made smaller where it would not fit the memory budget (or the free memory) at this size."""
         if requested != "auto":
             return min(int(requested), params.num_frames)
-        if self.device.type != "cuda" or self.decode_cost is None:
+        if self.device.type != "cuda" or self.decode_profile is None:
             return min(CPU_DECODE_CHUNK, params.num_frames)
-        free = free_device_memory(self.device)
-        return self.decode_cost.chunk_for(free, params.width, params.height, params.num_frames)
+        room = free_device_memory(self.device) * 0.9
+        if self.budget_bytes is not None:
+            room = min(room, self.budget_bytes - torch.cuda.memory_allocated(self.device))
+        return self.decode_profile.chunk_for(room, params.width, params.height, params.num_frames)
 
     def denoise(self, image: Image.Image, params: JobParams, seed: int, on_step: StepCallback) -> torch.Tensor:
         """Latents shaped (1, frames, 4, h, w). On out-of-memory, retries once with forward chunking."""
-        self.forward_chunking = False
+        self.forward_chunking = self.tuned.low_vram
+        if self.tuned.low_vram:  # already as lean as it gets
+            return self._denoise(image, params, seed, on_step)
         try:
             return self._denoise(image, params, seed, on_step)
         except OutOfMemory:
             log.warning("denoise ran out of memory; retrying with the UNet's forward chunking")
         torch.cuda.empty_cache()
         self.forward_chunking = True
-        self.pipe.unet.enable_forward_chunking()
+        set_forward_chunking(self.pipe.unet, True)
         try:
             return self._denoise(image, params, seed, on_step)
         finally:
-            self.pipe.unet.disable_forward_chunking()  # slower: only for the job that needs it
+            set_forward_chunking(self.pipe.unet, False)  # slower: only for the job that needs it
 
     def _denoise(self, image: Image.Image, params: JobParams, seed: int, on_step: StepCallback) -> torch.Tensor:
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +136,9 @@ class Renderer:
 
         # A CPU generator gives the same noise for a seed on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
-        with torch.inference_mode():
+        # "eager_on_recompile": compiled code where it exists for these shapes, eager PyTorch where it does not.
+        stance = "force_eager" if not self.compiles else "default" if self.compile_new_shapes else "eager_on_recompile"
+        with torch.inference_mode(), attention_first(self.tuned.attention), torch.compiler.set_stance(stance):
             out = self.pipe(
                 image,
                 height=params.height,
@@ -108,6 +154,8 @@ class Renderer:
                 output_type="latent",
                 callback_on_step_end=callback,
             )
+        if self.compiles and self.compile_new_shapes:
+            self.compiled_shapes.add(self.shape(params))
         return out.frames
 
 
@@ -119,36 +167,64 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
 
 
-def tune_for_gpu(pipe: Any, compile_unet: bool) -> None:
-    """Settings that only pay off on a GPU; each is applied once here, never per job."""
-    # SVD's VAE asks for fp32 (`force_upcast`), and the pipeline would cast the whole VAE to fp32 and
-    # back on every call. Keeping the encoder (one image per job) in fp32 for good, and the decoder
-    # (every frame) in fp16, gives the same numerics with no per-job casts.
-    if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
-        pipe.vae.encoder.to(torch.float32)
-        pipe.vae.quant_conv.to(torch.float32)
-    pipe.unet.to(memory_format=torch.channels_last)
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
+def tune_options(settings: WorkerSettings, device: torch.device) -> TuneOptions:
+    compile_unet = device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
+    return TuneOptions(
+        compile=compile_unet,
+        compile_backend=settings.compile_backend,
+        attention=settings.attention,
+        low_vram=settings.low_vram,
+    )
 
 
-def warm_up(renderer: Renderer) -> None:
-    """One short render at the default size, so the first job pays no kernel selection or compile."""
+def parse_shapes(spec: str) -> list[JobParams]:
+    """SVDQ_COMPILE_SHAPES: `WIDTHxHEIGHTxFRAMES[,...]`, e.g. `1024x576x14,576x1024x25`."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            width, height, frames = (int(n) for n in part.lower().split("x"))
+            shapes.append(JobParams(width=width, height=height, num_frames=frames, num_inference_steps=1))
+        except ValueError as exc:
+            raise ValueError(f"SVDQ_COMPILE_SHAPES: {part!r} is not WIDTHxHEIGHTxFRAMES within the job limits") from exc
+    return shapes
+
+
+def warm_up(renderer: Renderer, max_vram_gib: float | None = None, extra_shapes: list[JobParams] = ()) -> None:
+    """One short render at the default size (and at `extra_shapes`), so jobs pay no kernel selection or compile;
+    on CUDA, it also measures the denoise's peak and the decode's speed and memory by chunk, and sets the budget.
+    After it, shapes not seen here run eagerly instead of compiling."""
     defaults = JobParams()
     on_gpu = renderer.device.type == "cuda"
     size = {"width": defaults.width, "height": defaults.height} if on_gpu else {"width": 64, "height": 64}
     params = JobParams(num_frames=defaults.num_frames if on_gpu else 2, num_inference_steps=1, **size)
     image = Image.new("RGB", (params.width, params.height), (128, 128, 128))
+    for extra in extra_shapes:
+        renderer.denoise(image, extra, seed=0, on_step=lambda done, total: None)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(renderer.device)
     try:
-        renderer.denoise(image, params, seed=0, on_step=lambda done, total: None)
+        latents = renderer.denoise(image, params, seed=0, on_step=lambda done, total: None)
     except OutOfMemory:  # a smaller GPU: jobs will find their own way (forward chunking, smaller chunks)
         log.warning("warm-up at %dx%d ran out of memory; skipped", params.width, params.height)
         torch.cuda.empty_cache()
         return
-    if on_gpu:
-        renderer.decode_cost = measure_decode_cost(renderer.vae, params.height, params.width,
-                                                   renderer.vae_scale_factor)  # fmt: skip
-        torch.cuda.empty_cache()
+    finally:
+        renderer.compile_new_shapes = False
+    if not on_gpu:
+        return
+    renderer.denoise_peak_bytes = torch.cuda.max_memory_allocated(renderer.device)
+    del latents
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated(renderer.device)
+    explicit = max_vram_gib * 2**30 if max_vram_gib else None
+    # No cap given: the decode may use what the denoise already needed, never more (a chunk of 1 at least),
+    # so the job's peak is its denoise's, below what stock diffusers takes for the same job.
+    budget = explicit or renderer.denoise_peak_bytes
+    chunks = LOW_VRAM_CHUNKS if renderer.tuned.low_vram else PROFILE_CHUNKS
+    renderer.decode_profile = profile_decode(renderer.vae, renderer.device, params.height, params.width,
+                                             renderer.vae_scale_factor, chunks, budget - resident)  # fmt: skip
+    renderer.budget_bytes = max(budget, resident + renderer.decode_profile.cost(1))
+    torch.cuda.empty_cache()
 
 
 def load_renderer(settings: WorkerSettings) -> Renderer:
@@ -162,16 +238,33 @@ def load_renderer(settings: WorkerSettings) -> Renderer:
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    options = tune_options(settings, device)
+    extra_shapes = parse_shapes(settings.compile_shapes) if options.compile else []  # a bad value fails first
     started = time.perf_counter()
     kwargs = {_dtype_kwarg(): dtype, "variant": settings.model_variant}
     pipe = StableVideoDiffusionPipeline.from_pretrained(settings.model, **kwargs)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda":
-        tune_for_gpu(pipe, settings.compile)
+    cache_dir = None
+    if options.compile:
+        cache_dir = compile_cache.configure(Path(settings.compile_cache_dir or compile_cache.default_cache_dir()))
+        compile_cache.load_artifacts(cache_dir)
     renderer = Renderer(pipe=pipe, device=device, dtype=dtype)
+    defaults = JobParams()
+    shapes = attention_shapes(
+        pipe.unet, defaults.width, defaults.height, defaults.num_frames, renderer.vae_scale_factor
+    )
+    renderer.tuned = tune(pipe, device, dtype, options, shapes)
+    compiled_before = compile_seconds()
     if settings.warmup:
-        warm_up(renderer)
+        warm_up(renderer, settings.max_vram_gib, extra_shapes)
+    if cache_dir is not None and settings.warmup:
+        compile_cache.save_artifacts(cache_dir)
     renderer.load_seconds = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1fs", settings.model, device, dtype, renderer.load_seconds)
+    log.info("loaded %s on %s (%s) in %.1fs (compile %.1fs): %s", settings.model, device, dtype,
+             renderer.load_seconds, compile_seconds() - compiled_before, renderer.tuned.describe())  # fmt: skip
+    if renderer.decode_profile is not None:
+        log.info("decode chunk %d preferred (seconds per frame by chunk %s); budget %.1f GiB, denoise peak %.1f GiB",
+                 renderer.decode_profile.preferred(), renderer.decode_profile.seconds_per_frame,
+                 (renderer.budget_bytes or 0) / 2**30, renderer.denoise_peak_bytes / 2**30)  # fmt: skip
     return renderer

@@ -22,16 +22,30 @@ class WorkerSettings(Settings):
     metrics_port: int | None = None
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu
-    # Frames decoded by the VAE at once when a request does not say; memory grows with it.
-    # "auto": the largest chunk that fits the GPU's free memory (8 on a CPU).
+    # Frames decoded by the VAE at once when a request does not say; memory grows with it. "auto": the
+    # smallest chunk within 5% of the fastest decode measured at warm-up, within the memory budget (8 on a CPU).
     decode_chunk_size: int | Literal["auto"] = "auto"
+    # The most GPU memory a job may take, in GiB; unset: what its denoise needs, which the decode's chunk is then
+    # sized to stay under (so svdq never takes more than stock diffusers, which decodes 8 frames at once).
+    max_vram_gib: float | None = None
+    # Small GPUs: UNet feed-forward chunking, models on the GPU only while they run, decode chunks of 1-2.
+    low_vram: bool = False
     # x264 for mp4: veryfast with the slowest analysis steps cut, which encodes 25 frames of 1024x576
     # over 3x faster than diffusers' export_to_video at the same file size (bench/encode.py).
     x264_preset: str = "veryfast"
     x264_crf: int = 22
     x264_params: str = "subme=1:me=dia:trellis=0:ref=1:rc-lookahead=5"
-    # Compile the UNet with torch.compile (slow first start; faster renders at the warmed-up shapes).
-    compile: bool = False
+    # torch.compile the UNet's repeated blocks; "auto": on CUDA. The compiled code is cached on disk
+    # (SVDQ_COMPILE_CACHE_DIR, default svdq/compile under the user's cache dir), so only the first start on a
+    # machine, and the first job at a new size, pay for compiling (`timings.compile` in the job's record).
+    compile: bool | Literal["auto"] = "auto"
+    compile_backend: str = "inductor"
+    compile_cache_dir: str | None = None
+    # Shapes compiled at start-up besides the default 1024x576x25, `WIDTHxHEIGHTxFRAMES[,...]`. Jobs at other
+    # shapes run uncompiled (no stall while compiling; slower denoise).
+    compile_shapes: str = ""
+    # The SDPA kernel tried first: auto (the fastest exact one, timed at start-up), flash, cudnn, efficient, math.
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # Run one short render at start-up so the first real job is not the slow one.
     warmup: bool = True
     # Transient failures (storage unreachable) are retried: every execution counts as an attempt, and

@@ -6,6 +6,7 @@ does the device work and returns a PendingVideo, whose `finish()` waits for the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from worker.decode import ChunkedDecoder, to_yuv420p
 from worker.encode import Format, VideoWriter
 from worker.pipeline import Renderer
 from worker.settings import WorkerSettings
+from worker.tuning import compile_seconds
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[..., None]  # (stage, fraction, *, force=False, **fields); may raise to stop the render
 
@@ -76,8 +80,14 @@ def start_video(
     """Everything that needs the device; the caller finishes (or closes) what it returns."""
     clock = Stopwatch(timings)
 
-    # 1. Denoise to latents on the device (retried with forward chunking on out-of-memory).
-    progress("denoise", 0.05, force=True)
+    # 1. Denoise to latents on the device (retried with forward chunking on out-of-memory). A shape the
+    #    compiled UNet has not seen compiles first where allowed (the record shows the stage and
+    #    `timings.compile`), else runs uncompiled.
+    compiled_before = compile_seconds()
+    if renderer.compiles and not renderer.runs_compiled(params):
+        log.warning("%dx%d, %d frames is not a compiled shape: the UNet runs uncompiled (SVDQ_COMPILE_SHAPES "
+                    "adds shapes)", params.width, params.height, params.num_frames)  # fmt: skip
+    progress("compile" if renderer.needs_compile(params) else "denoise", 0.05, force=True)
     started = time.perf_counter()
     try:
         latents = renderer.denoise(
@@ -90,6 +100,9 @@ def start_video(
         memory["forward_chunking"] = renderer.forward_chunking
     renderer.synchronize()
     clock.add("denoise", started)
+    if (compiled := compile_seconds() - compiled_before) > 0:
+        timings["compile"] = round(compiled, 4)
+        timings["denoise"] = round(timings["denoise"] - compiled, 4)
 
     # 2. Decode chunk by chunk (halved on out-of-memory), each chunk converted to YUV on the device and
     #    queued for the encoder, which works in its own process meanwhile.

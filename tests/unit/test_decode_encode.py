@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from producer.contract import JobParams
-from worker.decode import ChunkedDecoder, DecodeCost, OutOfMemory, to_rgb24, to_yuv420p
+from worker.decode import ChunkedDecoder, DecodeProfile, OutOfMemory, to_rgb24, to_yuv420p
 from worker.encode import EncodeError, VideoWriter
 from worker.pipeline import Renderer
 from worker.tiny_model import build_tiny_pipeline
@@ -119,12 +119,26 @@ def test_decode_gives_up_when_one_frame_does_not_fit(pipe: Any) -> None:
     assert flaky.calls == [4, 2, 1]
 
 
-def test_auto_chunk_fits_the_free_memory() -> None:
-    cost = DecodeCost(fixed=1e9, per_frame=1e9, pixels=1024 * 576)
-    assert cost.chunk_for(free_bytes=11e9, width=1024, height=576, num_frames=25) == 7  # (11*0.8 - 1) / 1
-    assert cost.chunk_for(free_bytes=11e9, width=512, height=288, num_frames=25) == 25  # a quarter the pixels
-    assert cost.chunk_for(free_bytes=1e9, width=1024, height=576, num_frames=25) == 1  # never below 1
-    assert cost.chunk_for(free_bytes=1e12, width=1024, height=576, num_frames=14) == 14  # never above the video
+# Measured-like figures: speed levels off from 8 frames, memory is 1 GB + 1 GB per frame at 1024x576.
+PROFILE = DecodeProfile(
+    pixels=1024 * 576,
+    seconds_per_frame={1: 0.2, 2: 0.12, 4: 0.09, 8: 0.081, 16: 0.08},
+    peak_bytes={1: int(2e9), 2: int(3e9), 4: int(5e9), 8: int(9e9), 16: int(17e9)},
+)
+
+
+def test_auto_chunk_is_the_smallest_within_five_percent_of_the_fastest() -> None:
+    assert PROFILE.preferred() == 8  # 0.081 <= 0.08 * 1.05; 4 frames (0.09) is 12% slower
+    assert PROFILE.preferred(tolerance=0.2) == 4
+    assert PROFILE.cost(8) == pytest.approx(9e9) and PROFILE.cost(8, 512 * 288) == pytest.approx(9e9 / 4)
+
+
+def test_auto_chunk_shrinks_to_the_budget_and_stays_within_the_video() -> None:
+    assert PROFILE.chunk_for(budget_bytes=100e9, width=1024, height=576, num_frames=25) == 8  # no faster above 8
+    assert PROFILE.chunk_for(budget_bytes=6e9, width=1024, height=576, num_frames=25) == 5  # 1 + 5 x 1 GB
+    assert PROFILE.chunk_for(budget_bytes=6e9, width=512, height=288, num_frames=25) == 8  # a quarter the pixels
+    assert PROFILE.chunk_for(budget_bytes=1e9, width=1024, height=576, num_frames=25) == 1  # never below 1
+    assert PROFILE.chunk_for(budget_bytes=100e9, width=1024, height=576, num_frames=4) == 4  # never above the video
 
 
 def test_auto_on_a_cpu_is_a_fixed_chunk(pipe: Any) -> None:

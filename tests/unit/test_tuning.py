@@ -1,0 +1,201 @@
+"""Every transform the worker applies on a GPU, run on a CPU with the tiny pipeline: they fail the same way
+without a GPU (the channels_last call that crashed the first H100 start raises here too)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from producer.contract import JobParams
+from worker.pipeline import Renderer, load_renderer, tune_options
+from worker.settings import WorkerSettings
+from worker.tiny_model import build_tiny_pipeline, make_tiny_model
+from worker.tuning import (
+    COMPILE_REGIONS,
+    SplitFeedForward,
+    TuneOptions,
+    attention_first,
+    attention_shapes,
+    conv2d_channels_last,
+    pick_attention,
+    set_forward_chunking,
+    split_vae_precision,
+    time_attention,
+    tune,
+)
+from worker.video import start_video
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+PARAMS = JobParams(width=64, height=64, num_frames=4, num_inference_steps=2)
+
+
+def tiny(dtype: torch.dtype = torch.float32) -> Any:
+    pipe = build_tiny_pipeline()
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(pipe: Any, dtype: torch.dtype = torch.float32, attention: str = "default") -> torch.Tensor:
+    renderer = Renderer(pipe=pipe, device=CPU, dtype=dtype)
+    renderer.tuned.attention = attention
+    return renderer.denoise(Image.new("RGB", (64, 64), (90, 160, 30)), PARAMS, seed=3, on_step=lambda d, t: None)
+
+
+def test_channels_last_on_the_whole_unet_raises_and_per_conv2d_does_not_change_the_output() -> None:
+    pipe = tiny()
+    with pytest.raises(RuntimeError, match="rank 4"):  # the temporal Conv3d weights: what crashed on the H100
+        pipe.unet.to(memory_format=torch.channels_last)
+    pipe = tiny()
+    before = latents(pipe)
+    assert conv2d_channels_last(pipe.unet) == sum(isinstance(m, torch.nn.Conv2d) for m in pipe.unet.modules())
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(latents(pipe), before, rtol=1e-3, atol=1e-3)
+
+
+def test_vae_split_keeps_the_encoder_in_fp32_and_renders_in_half_precision() -> None:
+    pipe = tiny(torch.float16)
+    assert split_vae_precision(pipe)
+    assert pipe.vae.encoder.conv_in.weight.dtype == torch.float32
+    assert pipe.vae.decoder.conv_in.weight.dtype == torch.float16
+    assert not split_vae_precision(pipe)  # once: the pipeline now reads the VAE as fp32 and casts nothing
+    assert latents(pipe, torch.float16).dtype == torch.float16
+
+
+def test_split_feed_forward_goes_on_and_off_and_keeps_the_output() -> None:
+    pipe = tiny()
+    before = latents(pipe)
+    blocks = [m for m in pipe.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    feed_forwards = sum(hasattr(b, "ff") + hasattr(b, "ff_in") for b in blocks)
+    assert set_forward_chunking(pipe.unet, True) == feed_forwards == 18
+    assert all(isinstance(b.ff, SplitFeedForward) for b in blocks)
+    assert set_forward_chunking(pipe.unet, True) == 0  # not twice
+    torch.testing.assert_close(latents(pipe), before, rtol=1e-3, atol=1e-3)
+    assert set_forward_chunking(pipe.unet, False) == 18
+    assert not any(isinstance(m, SplitFeedForward) for m in pipe.unet.modules())
+
+
+def test_split_feed_forward_takes_batches_that_do_not_divide() -> None:
+    ff = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(13, 5, 4)  # 13 rows in 8 parts: diffusers' chunking demands divisibility
+    torch.testing.assert_close(SplitFeedForward(ff, 8)(x), ff(x))
+
+
+def test_attention_choice_and_every_preferred_kernel_render() -> None:
+    pipe = tiny()
+    shapes = attention_shapes(pipe.unet, 64, 64, 4, int(pipe.vae_scale_factor))
+    assert shapes == [(8, 8, 256, 4), (512, 8, 4, 4)]  # 32 channels / 8 heads; 16x16 latent tokens; CFG's 2x
+    assert pick_attention("auto", shapes, CPU, torch.float32) == ("default", {})  # nothing to choose on a CPU
+    assert pick_attention("cudnn", shapes, CPU, torch.float32) == ("cudnn", {})
+    with pytest.raises(ValueError, match="SVDQ_ATTENTION"):
+        pick_attention("fastest", shapes, CPU, torch.float32)
+    assert time_attention("math", shapes, CPU, torch.float32, repeat=1) is not None
+    assert time_attention("cudnn", shapes, CPU, torch.float32, repeat=1) is None  # no such kernel here
+    expected = latents(pipe)
+    for name in ("flash", "cudnn", "efficient", "math"):  # first choice where it runs, PyTorch's order elsewhere
+        with attention_first(name):
+            pass
+        torch.testing.assert_close(latents(pipe, attention=name), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_every_transform_together_in_fp16_through_the_render_path() -> None:
+    """Regional compile (traced by Dynamo; aot_eager instead of Inductor to keep it quick), attention preference,
+    forward chunking and the VAE split at once, then a whole video through worker.video as a job renders it."""
+    pipe = tiny(torch.float16)
+    options = TuneOptions(compile=True, compile_backend="aot_eager", attention="flash", low_vram=True)
+    renderer = Renderer(pipe=pipe, device=CPU, dtype=torch.float16)
+    renderer.tuned = tune(pipe, CPU, torch.float16, options, attention_shapes(pipe.unet, 64, 64, 4, 4))
+    regions = [m for m in pipe.unet.modules() if type(m).__name__ in COMPILE_REGIONS]
+    assert renderer.tuned.compiled_regions == len(regions) == 18
+    assert renderer.tuned.vae_split and renderer.tuned.low_vram and renderer.tuned.attention == "flash"
+    assert renderer.needs_compile(PARAMS)
+    timings: dict[str, float] = {}
+    memory: dict[str, Any] = {}
+    stages: list[str] = []
+    pending = start_video(renderer, Image.new("RGB", (64, 64)), PARAMS, 0, WorkerSettings(), timings=timings,
+                          memory=memory, progress=lambda stage, *a, **k: stages.append(stage))  # fmt: skip
+    video = pending.finish()
+    assert video.frames == 4 and video.data[4:8] == b"ftyp"
+    assert stages[0] == "compile" and "denoise" in stages  # a first shape compiles first, and says so
+    assert timings["compile"] > 0 and timings["denoise"] >= 0
+    assert memory["forward_chunking"] is True
+    assert not renderer.needs_compile(PARAMS)
+
+
+def test_compile_defaults_to_cuda_only_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tune_options(WorkerSettings(), torch.device("cuda")).compile is True
+    assert tune_options(WorkerSettings(), CPU).compile is False
+    monkeypatch.setenv("SVDQ_COMPILE", "0")
+    assert tune_options(WorkerSettings(), torch.device("cuda")).compile is False
+    monkeypatch.setenv("SVDQ_COMPILE", "1")
+    assert tune_options(WorkerSettings(), CPU).compile is True
+
+
+def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(tmp_path: Path) -> None:
+    """load_renderer as the worker calls it, with compile forced on a CPU: the cache folder is configured, the
+    warm-up shape and SVDQ_COMPILE_SHAPES are compiled, and a job at another shape never stalls on a compile."""
+    model = make_tiny_model(tmp_path / "tiny")
+    settings = WorkerSettings(model=str(model), compile=True, compile_backend="aot_eager",
+                              compile_cache_dir=str(tmp_path / "cache"), compile_shapes="64x64x3")  # fmt: skip
+    renderer = load_renderer(settings)
+    assert renderer.tuned.compiled_regions == 18 and renderer.load_seconds > 0
+    assert (tmp_path / "cache" / "inductor").is_dir()
+    assert renderer.compiled_shapes == {(64, 64, 2), (64, 64, 3)}
+    image = Image.new("RGB", (64, 64))
+
+    def render(frames: int) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        params = JobParams(width=64, height=64, num_frames=frames, num_inference_steps=2)
+        start_video(renderer, image, params, 0, settings, timings=timings, memory={}).finish()
+        return timings
+
+    assert "compile" not in render(4)  # not a compiled shape: eager, no compile
+    assert renderer.compiled_shapes == {(64, 64, 2), (64, 64, 3)}
+    assert "compile" not in render(3) and renderer.runs_compiled(JobParams(width=64, height=64, num_frames=3))
+    with pytest.raises(ValueError, match="SVDQ_COMPILE_SHAPES"):
+        load_renderer(WorkerSettings(model=str(model), compile=True, compile_shapes="64x64"))
+
+
+def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) -> None:
+    """Inductor on a CPU, in two processes sharing SVDQ_COMPILE_CACHE_DIR: the second compiles from the cache."""
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        import torch
+        from worker import compile_cache
+        from worker.tuning import compile_seconds
+
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = torch.nn.Linear(8, 8)
+
+            def forward(self, x):
+                return torch.nn.functional.gelu(self.linear(x)) * 2
+
+        directory = compile_cache.configure(Path(sys.argv[1]))
+        loaded = compile_cache.load_artifacts(directory)
+        block = Block()
+        block.compile()
+        with torch.inference_mode():
+            block(torch.randn(2, 8))
+        print(loaded, compile_seconds(), compile_cache.save_artifacts(directory))
+    """)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=240, check=True)  # fmt: skip
+        loaded, seconds, size = out.stdout.split()
+        runs.append((loaded == "True", float(seconds), int(size)))
+    (cold_loaded, cold, cold_size), (warm_loaded, warm, _) = runs
+    assert not cold_loaded and warm_loaded and cold_size > 0 and (tmp_path / "artifacts.bin").is_file()
+    assert warm < cold / 2, runs
