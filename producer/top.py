@@ -30,6 +30,7 @@ class WorkerView:
     job: str | None = None
     stage: str | None = None
     progress: float | None = None
+    error: str | None = None  # why a worker that answers nothing stopped (its model failed to load)
 
 
 @dataclass
@@ -66,6 +67,12 @@ def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[Worker
                 if record.state is JobState.STARTED:
                     view.stage, view.progress = record.stage, record.progress
         workers.append(view)
+    answered = {w.name for w in workers}
+    for key in status.redis.scan_iter(match=keys.worker("*"), count=500):
+        name = _text(key).removeprefix(keys.worker(""))
+        info = {_text(k): _text(v) for k, v in status.redis.hgetall(key).items()}
+        if name not in answered and info.get("error"):
+            workers.append(WorkerView(name, model=info.get("model"), stage="failed", error=info["error"]))
     return workers
 
 
@@ -105,7 +112,8 @@ def render(snap: Snapshot) -> str:
         lines.append("(no worker answers)")
     for w in snap.workers:
         bar = "" if w.progress is None else f"{'#' * int(w.progress * 20):<20} {w.progress:4.0%}"
-        lines.append(f"{w.name:<28} {(w.model or '?')[-28:]:<28} {w.job or 'idle':<34} {w.stage or '':<14} {bar}")
+        job = "-" if w.error else w.job or "idle"
+        lines.append(f"{w.name:<28} {(w.model or '?')[-28:]:<28} {job:<34} {w.stage or '':<14} {w.error or bar}")
     lines += ["", f"{'QUEUE':<40} {'WAITING':>8} {'READERS':>8}"]
     for q in snap.queues:
         if q.waiting or q.readers:

@@ -7,19 +7,10 @@ import logging
 import os
 import re
 import sys
-from pathlib import Path
 
 from producer.contract import MODEL_NAME_PATTERN, worker_queues
 from worker.settings import WorkerSettings
-
-
-def check_model(model: str) -> str | None:
-    """A reason the model cannot load, found before any process forks; None if it looks loadable."""
-    path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path / "model_index.json").is_file():
-        return f"SVDQ_MODEL={model!r} is not a diffusers pipeline folder (no model_index.json)"
-    return None
+from worker.startup import LOAD_FAILED, LoadFailure, check_model, report_to_presence
 
 
 def svdq_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -44,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     if not problem and not re.fullmatch(MODEL_NAME_PATTERN, settings.served_model()):
         problem = f"model name {settings.served_model()!r} must be lowercase letters, digits, - and _"
     if problem:
-        sys.exit(f"svdq worker: {problem}. Build a test model with `svdq make-tiny-model DIR`.")
+        _report_early(settings, rest, problem)
+        print(f"svdq worker: the model cannot load: {problem}", file=sys.stderr)
+        sys.exit(LOAD_FAILED)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s")
     if ours.gpus:
         from worker.supervisor import NoGPU, supervise
@@ -58,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from worker.app import create_app
 
     app = create_app(settings)
+    failure = LoadFailure.create()
     # Our defaults first: later options on the command line override them.
     defaults = [
         "worker",
@@ -72,7 +66,26 @@ def main(argv: list[str] | None = None) -> None:
         "--without-mingle",
         "--without-gossip",
     ]
-    app.worker_main([*defaults, *rest])
+    try:
+        app.worker_main([*defaults, *rest])
+    finally:
+        error = failure.read()
+        failure.discard()
+        if error:  # the pool process could not load the model: the reason is the last thing printed
+            # sys.stderr is still Celery's logging proxy here: write to the real one, last.
+            print(f"svdq worker: the model failed to load: {error}", file=sys.__stderr__, flush=True)
+            sys.exit(LOAD_FAILED)
+
+
+def _report_early(settings: WorkerSettings, argv: list[str], problem: str) -> None:
+    """The presence key of the node this worker would have been (`svdq top` lists it with the problem)."""
+    from celery.utils.nodenames import host_format
+
+    from producer.client import connect_redis
+
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--hostname=")]
+    report_to_presence(connect_redis(settings, retry_for=1), host_format(names[-1] if names else "svdq@%h"),
+                       settings.served_model(), problem)  # fmt: skip
 
 
 if __name__ == "__main__":

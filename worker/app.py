@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from producer.status import StatusStore
 from worker import runtime, tasks
 from worker.recovery import Recovery, Sweeper
 from worker.settings import WorkerSettings
+from worker.startup import LOAD_FAILED, LoadFailure, describe, report_to_presence
 from worker.webhooks import notify, sender_for
 
 log = logging.getLogger(__name__)
@@ -93,12 +97,33 @@ def _presence(status: StatusStore, hostname: str, settings: WorkerSettings, ttl:
     return refresh
 
 
+def _load_model(settings: WorkerSettings, sender: str | None = None, **_: Any) -> None:
+    log.info("worker process loading %s (broker %s)", settings.model, redact_url(settings.redis_url))
+    try:
+        runtime.start(settings)
+    except BaseException as exc:  # Celery would log it and carry on with a process that has no model
+        _load_failed(settings, sender, exc)
+
+
+def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseException) -> None:
+    """In the pool process: say why, hand the reason to the main process, stop the whole worker, leave."""
+    message = describe(exc)
+    log.critical("the model %s failed to load", settings.model, exc_info=exc)
+    if hostname:
+        with contextlib.suppress(Exception):
+            report_to_presence(connect_redis(settings), hostname, settings.served_model(), message)
+    failure = LoadFailure.from_env()
+    if failure is not None:
+        failure.record(message)
+    else:
+        os.kill(os.getppid(), signal.SIGTERM)
+    log.critical("svdq worker stops: the model failed to load: %s", message)
+    logging.shutdown()
+    os._exit(LOAD_FAILED)
+
+
 def _connect_signals(settings: WorkerSettings) -> None:
     state: dict[str, Any] = {}
-
-    def load_model(**_: Any) -> None:
-        log.info("worker process loading %s (broker %s)", settings.model, redact_url(settings.redis_url))
-        runtime.start(settings)
 
     def finish_last_job(**_: Any) -> None:
         runtime.stop()
@@ -144,10 +169,14 @@ def _connect_signals(settings: WorkerSettings) -> None:
     def stop_recovery(sender: Any = None, **_: Any) -> None:
         if "sweeper" in state:
             state["sweeper"].stop()
-            state["status"].redis.delete(keys.worker(state["hostname"]))
+            failure = LoadFailure.from_env()
+            if failure is not None and (error := failure.read()):  # keep the reason for `svdq top`
+                report_to_presence(state["status"].redis, state["hostname"], settings.served_model(), error)
+            else:
+                state["status"].redis.delete(keys.worker(state["hostname"]))
 
     # After the fork, in the child that runs jobs: CUDA must not be initialised in the parent.
-    worker_process_init.connect(load_model, weak=False)
+    worker_process_init.connect(functools.partial(_load_model, settings), weak=False)
     worker_process_shutdown.connect(finish_last_job, weak=False)
     worker_ready.connect(start_recovery, weak=False)
     worker_shutting_down.connect(begin_grace, weak=False)

@@ -58,7 +58,11 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     spool_dir = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
     metrics = Metrics()
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port)  # before the load: a scrape shows the model is not warm yet
+        try:
+            metrics.serve(settings.metrics_port)  # before the load: a scrape shows the model is not warm yet
+        except OSError as exc:
+            raise RuntimeError(f"SVDQ_METRICS_PORT={settings.metrics_port}: cannot listen there ({exc.strerror}); "
+                               "another process holds the port") from exc  # fmt: skip
     renderer = load_renderer(settings)
     metrics.model_loaded(settings.served_model(), str(renderer.device), renderer.load_seconds)
     return Runtime(

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from worker.startup import LOAD_FAILED
+
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +104,9 @@ class Supervisor:
                 # A child that ran a while before dying starts afresh; one that keeps dying waits longer.
                 child.failures = 1 if now - child.started > self.stable_after else child.failures + 1
                 delay = min(self.backoff_max, 2.0 ** (child.failures - 1))
-                log.error("gpu%d: worker exited with %s; restarting in %.0fs", child.gpu, code, delay)
+                why = "its model failed to load (the reason ends its log)" if code == LOAD_FAILED else f"exit {code}"
+                log.error("gpu%d: worker stopped, %s; failure %d in a row, restarting in %.0fs (backing off up to "
+                          "%.0fs)", child.gpu, why, child.failures, delay, self.backoff_max)  # fmt: skip
                 restart_at[child.gpu] = now + delay
             self.stopping.wait(poll)
         codes = [child.proc.wait() for child in self.children if child.proc is not None]

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from worker.startup import LOAD_FAILED
 from worker.supervisor import NoGPU, Supervisor, parse_gpus, worker_command
 
 
@@ -56,3 +57,22 @@ def test_a_crashed_child_is_restarted_and_sigterm_stops_them_all() -> None:
     runner.join(20)
     assert result == [0]
     assert all(c.proc is not None and c.proc.returncode == -signal.SIGTERM for c in supervisor.children)
+
+
+def test_a_child_whose_model_cannot_load_is_retried_with_growing_waits_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def failing(gpu: int) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, "-c", f"raise SystemExit({LOAD_FAILED})"], dict(os.environ)
+
+    supervisor = Supervisor([0], failing, backoff_max=2)
+    runner = threading.Thread(target=lambda: supervisor.run(poll=0.05))
+    with caplog.at_level("ERROR", logger="worker.supervisor"):
+        runner.start()
+        wait_for(lambda: supervisor.children[0].failures >= 3)
+        supervisor.stop()
+        runner.join(20)
+    messages = [r.getMessage() for r in caplog.records]
+    assert all("its model failed to load" in m for m in messages)
+    assert "restarting in 1s" in messages[0] and "restarting in 2s" in messages[1]  # backs off, capped at 2
+    assert "failure 2 in a row" in messages[1]

@@ -1,0 +1,112 @@
+"""A worker whose model cannot load exits non-zero within seconds with the real error last, `svdq top` shows why,
+and a job submitted meanwhile stays queued until a healthy worker takes it at once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from producer.client import Client
+from producer.contract import JobState, priority_queues
+from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
+from worker.startup import LOAD_FAILED, check_safetensors
+
+pytestmark = pytest.mark.integration
+
+
+def damaged_copy(tiny_model: Path, tmp_path: Path, damage: Callable[[Path], Path]) -> tuple[Path, Path]:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    return model, damage(model)
+
+
+def truncate_unet(model: Path) -> Path:
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    return weights
+
+
+def break_unet_config(model: Path) -> Path:
+    config = model / "unet" / "config.json"
+    config.write_text('{"_class_name": "UNetSpatioTemporalConditionModel", ')
+    return config
+
+
+def run_failing_worker(env: dict[str, str], model: Path, queue: str, hostname: str) -> subprocess.CompletedProcess:
+    started = time.monotonic()
+    done = subprocess.run(
+        [SVDQ, "worker", f"--hostname={hostname}", f"--queues={','.join(priority_queues(queue))}"],
+        env={**env, "SVDQ_MODEL": str(model)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    assert time.monotonic() - started < 60  # within seconds, not a crash loop
+    return done
+
+
+def top_entry(env: dict[str, str], hostname: str) -> dict:
+    out = subprocess.run([SVDQ, "top", "--once", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return next(w for w in json.loads(out.stdout)["workers"] if w["name"] == hostname)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (truncate_unet, "truncated"),  # caught before Celery starts, from the file's own header
+        (break_unet_config, "config.json"),  # raised by from_pretrained in the pool process
+    ],
+)
+def test_a_worker_whose_model_cannot_load_exits_and_the_job_waits_for_a_healthy_one(
+    svdq_env: dict[str, str],
+    tiny_model: Path,
+    tmp_path: Path,
+    image_file: Path,
+    start_worker: Callable[..., WorkerProcess],
+    damage: Callable[[Path], Path],
+    expected: str,
+) -> None:
+    model, damaged = damaged_copy(tiny_model, tmp_path, damage)
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    with Client.from_env(queue=queue) as client:
+        job = client.submit(image_file, **SMALL)
+    hostname = f"broken{uuid.uuid4().hex[:6]}@test"
+
+    done = run_failing_worker(svdq_env, model, queue, hostname)
+
+    assert done.returncode == LOAD_FAILED
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("svdq worker: the model") and expected in last and str(damaged) in last
+    assert "Address already in use" not in done.stderr + done.stdout  # one failure, not another in its place
+    with Client.from_env(queue=queue) as client:
+        assert client.job(job.id).status().state is JobState.QUEUED
+    shown = top_entry(svdq_env, hostname)
+    assert shown["stage"] == "failed" and str(damaged) in shown["error"]
+
+    started = time.monotonic()
+    start_worker(queue=queue)
+    with Client.from_env(queue=queue) as client:
+        record = client.job(job.id).wait(timeout=60)
+    assert record.state is JobState.SUCCEEDED, record
+    assert time.monotonic() - started < 45  # at once: the message was back on its queue, no visibility timeout
+
+
+def test_safetensors_check_names_what_is_wrong(tiny_model: Path, tmp_path: Path) -> None:
+    weights = tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
+    assert check_safetensors(weights) is None
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(weights.read_bytes()[:-1])
+    assert "truncated" in (check_safetensors(short) or "")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    assert "not a readable safetensors file" in (check_safetensors(garbage) or "")

@@ -1,0 +1,128 @@
+"""A worker whose model cannot load stops at once: non-zero exit, the real error as its log's last lines.
+
+Two checks, one before and one after the fork:
+1. `check_model` in the main process, before Celery starts: a local model folder must be a diffusers pipeline
+   folder whose safetensors files are whole (a truncated download is caught from the file's own header, in
+   milliseconds, naming the file).
+2. Anything else (a CUDA error while tuning, out of memory at load, a bad config) raises in the pool process
+   that loads the model. That process writes the error where the main process finds it (`LoadFailure`), asks
+   the main process to stop, and exits with LOAD_FAILED; the main process then exits with the same code and
+   prints the error last. Without this, Celery logs the exception, keeps the process, and every job it takes
+   fails, or the pool restarts it in a loop while a job waits unseen.
+
+In both cases the worker's presence key (`svdq:worker:NAME`) keeps the error for an hour: `svdq top` shows it.
+A message the worker had reserved goes back to its queue when the broker connection closes (kombu restores
+unacknowledged messages on close), so another worker takes the job at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+LOAD_FAILED = 3  # the exit code of a worker whose model could not load (`--gpus` backs off on it)
+ERROR_TTL = 3600  # seconds the presence key keeps a failed worker's error
+
+
+def check_model(model: str) -> str | None:
+    """A reason the model cannot load, found before any process forks; None if it looks loadable."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists()
+    if not looks_local:
+        return None  # a hub id: from_pretrained finds it, or fails in the pool process with its own error
+    if not (path / "model_index.json").is_file():
+        return (
+            f"SVDQ_MODEL={model!r} is not a diffusers pipeline folder (no model_index.json); "
+            "build a test model with `svdq make-tiny-model DIR`"
+        )
+    for weights in sorted(path.rglob("*.safetensors")):
+        if problem := check_safetensors(weights):
+            return problem
+    return None
+
+
+def check_safetensors(path: Path) -> str | None:
+    """safetensors files start with the length of a JSON header that gives every tensor's byte range: a file
+    shorter than the last range ends is truncated (an interrupted download or copy)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(fh.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{path}: not a readable safetensors file ({exc}); download or copy it again"
+    needed = 8 + header_len + max(ends, default=0)
+    if size < needed:
+        return f"{path}: truncated ({size} bytes of {needed}); download or copy it again"
+    return None
+
+
+class LoadFailure:
+    """A file, named in the environment so forked pool processes inherit it, that carries a load error from
+    the pool process to the main process."""
+
+    ENV = "SVDQ_LOAD_ERROR_FILE"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls) -> LoadFailure:
+        fd, name = tempfile.mkstemp(prefix="svdq-load-error-")
+        os.close(fd)
+        os.unlink(name)  # exists only once a pool process has written an error to it
+        os.environ[cls.ENV] = name
+        return cls(Path(name))
+
+    @classmethod
+    def from_env(cls) -> LoadFailure | None:
+        name = os.environ.get(cls.ENV)
+        return cls(Path(name)) if name else None
+
+    def record(self, message: str) -> None:
+        """In the pool process: keep the error, stop the main process (warm shutdown), leave."""
+        self.path.write_text(message)
+        os.kill(os.getppid(), signal.SIGTERM)
+
+    def read(self) -> str | None:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the log's last line and the presence key: the error's type and message, no traceback."""
+    text = " ".join(str(exc).split())[:800]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def report_to_presence(redis_client: redis.Redis, hostname: str, model: str, message: str) -> None:
+    """Best effort: `svdq top` lists the worker with its error although it answers no ping."""
+    from producer import keys
+
+    try:
+        key = keys.worker(hostname)
+        pipe = redis_client.pipeline()
+        pipe.delete(key)
+        pipe.hset(key, mapping={"model": model, "error": message, "failed_at": str(int(time.time()))})
+        pipe.expire(key, ERROR_TTL)
+        pipe.execute()
+    except Exception as exc:  # Redis down too: the log and the exit code still say it
+        log.warning("could not record the load failure in Redis: %s", describe(exc))
