@@ -1,4 +1,4 @@
-"""`svdq`: submit, follow and fetch renders; start workers; watch the fleet; build the tiny model; run the demo.
+"""`svdq`: submit, follow and fetch renders; start workers; watch the fleet; benchmark; build the tiny model; demo.
 
 Exit codes: 0 ok (or the job succeeded), 1 the job failed or was canceled, 2 bad usage or a bad
 parameter, 3 no such job, 4 timed out waiting, 5 Redis or storage unreachable, 6 refused (cancel of
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_list)
 
     sub.add_parser("worker", help="start a worker (other options go to `celery worker`)", add_help=False)
+    sub.add_parser("bench", help="stock diffusers vs svdq on this GPU and model (`svdq bench --help`)", add_help=False)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weights SVD pipeline to DIR")
     tiny.add_argument("directory", type=Path)
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["worker"]:
             run_worker_module("worker", argv[1:])
+        if argv[:1] == ["bench"]:
+            run_worker_module("worker.bench", argv[1:])
         args = build_parser().parse_args(argv)
         code = args.func(args)
     except CliError as exc:

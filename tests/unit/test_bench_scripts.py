@@ -25,7 +25,20 @@ def test_encode_bench_reports_speed_and_size_ratios() -> None:
 
 
 def test_gpu_bench_runs_small_on_a_cpu() -> None:
-    lines = run("gpu_svd.py", "--small", "--repeat", "1", "--no-compile")
-    paths = {line["path"] for line in lines}
-    assert paths == {"stock decode_chunk_size=8", "svdq"}
-    assert any(line["figure"] == "speedup_vs_stock" for line in lines)
+    lines = run("gpu_svd.py", "--small", "--repeat", "1")
+    figures = {(line["path"], line["figure"]): line["value"] for line in lines}
+    assert {line["path"] for line in lines} == {"load", "stock", "lowvram", "svdq"}
+    for path in ("lowvram", "svdq"):
+        assert figures[(path, "speedup_vs_stock")] > 0 and figures[(path, "cold_start_seconds")] > 0
+        assert {"total", "denoise", "decode", "encode", "decode_chunk_size"} <= {f for p, f in figures if p == path}
+
+
+def test_svdq_bench_prints_a_table_or_json_lines() -> None:
+    svdq = str(Path(sys.executable).with_name("svdq"))
+    table = subprocess.run([svdq, "bench", "--small", "--paths", "stock,svdq"], capture_output=True, text=True,
+                           timeout=240)  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[2:]}
+    assert set(rows) == {"stock", "svdq"} and float(rows["svdq"][1]) > 0  # total seconds
+    bad = subprocess.run([svdq, "bench", "--paths", "turbo"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown turbo" in bad.stderr

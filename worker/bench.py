@@ -1,0 +1,283 @@
+"""`svdq bench`: stock diffusers against svdq's paths on this machine's GPU and model, in one process.
+
+Paths, in this order (each later one changes the pipeline the earlier ones used untouched):
+  stock     pipe(image, decode_chunk_size=8) then diffusers' export_to_video: what users of diffusers run
+  svdq      the worker's defaults: tuned, compiled on CUDA (cold start and compile seconds reported), auto chunk
+  eager     svdq's render path without torch.compile (--paths eager; off by default)
+  lowvram   SVDQ_LOW_VRAM=1: split feed-forward, model CPU offload, decode chunks of 1-2 (uncompiled here)
+Each path is warmed up first (one step at the same size), then timed `--repeat` times; the median is reported.
+`--json` prints one JSON line per figure (what bench/gpu_svd.py and docs/PERFORMANCE.md use), else a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from producer.contract import JobParams
+from worker import compile_cache
+from worker.pipeline import Renderer, resolve_device, tune_options, warm_up
+from worker.settings import WorkerSettings
+from worker.tuning import attention_shapes, compile_seconds, disable_low_vram, tune
+from worker.video import start_video
+
+PATHS = ("stock", "svdq", "eager", "lowvram")
+
+
+def build_full_svd_xt(device: torch.device, dtype: torch.dtype) -> Any:
+    """SVD-XT's architecture with random weights, built on `device`: the real model's cost, no download."""
+    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from worker.tiny_model import build_tiny_pipeline
+
+    scheduler = build_tiny_pipeline().scheduler  # SVD-XT's scheduler config
+    with device:  # allocate straight on the GPU: 2.3B parameters initialised on a CPU take minutes
+        unet = UNetSpatioTemporalConditionModel()  # the defaults are SVD-XT's UNet
+        vae = AutoencoderKLTemporalDecoder(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+        )
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=1280,
+                num_hidden_layers=32,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=224,
+                projection_dim=1024,
+                intermediate_size=5120,
+            )
+        )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )  # fmt: skip
+    return pipe.to(device=device, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_stock(pipe: Any, image: Image.Image, params: JobParams, chunk: int, device: torch.device) -> dict:
+    from diffusers.utils import export_to_video
+
+    marks: list[float] = []
+
+    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if step + 1 == params.num_inference_steps:
+            _sync(device)
+            marks.append(time.perf_counter())
+        return tensors
+
+    _peak_reset(device)
+    _sync(device)
+    started = time.perf_counter()
+    generator = torch.Generator("cpu").manual_seed(0)
+    with torch.inference_mode():
+        frames = pipe(image, width=params.width, height=params.height, num_frames=params.num_frames,
+                      num_inference_steps=params.num_inference_steps, decode_chunk_size=chunk,
+                      generator=generator, callback_on_step_end=on_step).frames[0]  # fmt: skip
+    decoded = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        size = Path(export_to_video(frames, str(Path(tmp) / "stock.mp4"), fps=params.fps)).stat().st_size
+    done = time.perf_counter()
+    return {"total": done - started, "denoise": marks[-1] - started, "decode": decoded - marks[-1],
+            "encode": done - decoded, "bytes": size, "peak_vram_gib": _peak_gib(device),
+            "decode_chunk_size": chunk}  # fmt: skip
+
+
+def run_svdq(renderer: Renderer, image: Image.Image, params: JobParams, settings: WorkerSettings) -> dict:
+    _peak_reset(renderer.device)
+    timings: dict[str, float] = {}
+    memory: dict[str, Any] = {}
+    started = time.perf_counter()
+    pending = start_video(renderer, image, params, 0, settings, timings=timings, memory=memory)
+    try:
+        video = pending.finish()
+    finally:
+        pending.close()
+    return {"total": time.perf_counter() - started, **timings, "bytes": len(video.data),
+            "peak_vram_gib": _peak_gib(renderer.device), "decode_chunk_size": memory["decode_chunk_size"]}  # fmt: skip
+
+
+class Report:
+    """Collects figures per path; prints JSON lines as they come (--json) or a table at the end."""
+
+    def __init__(self, common: dict[str, Any], as_json: bool):
+        self.common, self.as_json = common, as_json
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def figure(self, path: str, figure: str, value: float, **extra: Any) -> None:
+        self.rows.setdefault(path, {})[figure] = value
+        if self.as_json:
+            print(json.dumps({**self.common, "path": path, "figure": figure, "value": round(value, 3), **extra}),
+                  flush=True)  # fmt: skip
+
+    def runs(self, path: str, runs: list[dict]) -> dict[str, float]:
+        for key in runs[0]:
+            if runs[0][key] is not None:
+                self.figure(path, key, statistics.median(r[key] for r in runs))
+        return self.rows[path]
+
+    def table(self) -> str:
+        cols = [("total", "total s"), ("denoise", "denoise"), ("compile", "compile"), ("decode", "decode"),
+                ("encode", "encode"), ("peak_vram_gib", "peak GiB"), ("decode_chunk_size", "chunk"),
+                ("speedup_vs_stock", "vs stock"), ("cold_start_seconds", "start s")]  # fmt: skip
+        lines = [f"{self.common['device']}, {self.common['model']} (loaded in {self.rows['load']['seconds']:.1f}s), "
+                 f"{self.common['size']}, "
+                 f"{self.common['frames']} frames, {self.common['steps']} steps, {self.common['dtype']}",
+                 f"{'path':<10}" + "".join(f"{title:>10}" for _, title in cols)]  # fmt: skip
+        for path, row in self.rows.items():
+            if path == "load":
+                continue
+            cells = "".join(f"{row[key]:>10.2f}" if key in row else f"{'-':>10}" for key, _ in cols)
+            lines.append(f"{path:<10}{cells}")
+        return "\n".join(lines)
+
+
+def load_pipeline(args: argparse.Namespace, settings: WorkerSettings, device: torch.device, dtype: torch.dtype) -> Any:
+    if args.small:
+        from worker.tiny_model import build_tiny_pipeline
+
+        return build_tiny_pipeline().to(device=device, dtype=dtype)
+    if args.random_weights:
+        return build_full_svd_xt(device, dtype)
+    from diffusers import StableVideoDiffusionPipeline
+
+    from worker.pipeline import _dtype_kwarg
+
+    kwargs = {_dtype_kwarg(): dtype, "variant": settings.model_variant}
+    return StableVideoDiffusionPipeline.from_pretrained(args.model or settings.model, **kwargs).to(device)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="svdq bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", help="hub id or local folder (default: SVDQ_MODEL)")
+    parser.add_argument("--random-weights", action="store_true", help="SVD-XT's architecture, random weights")
+    parser.add_argument("--small", action="store_true", help="the tiny model at 64x64, 4 frames, 2 steps (CPU)")
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per path after its warm-up")
+    parser.add_argument("--paths", default="stock,svdq,lowvram", help=f"comma list of {', '.join(PATHS)}")
+    parser.add_argument("--stock-chunk", type=int, default=8, help="decode_chunk_size of the stock path")
+    parser.add_argument("--json", action="store_true", help="one JSON line per figure")
+    args = parser.parse_args(argv)
+    args.paths = [p for p in args.paths.split(",") if p]
+    if unknown := set(args.paths) - set(PATHS):
+        parser.error(f"--paths: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PATHS)})")
+    return args
+
+
+def bench_path(
+    report: Report,
+    path: str,
+    pipe: Any,
+    image: Image.Image,
+    params: JobParams,
+    settings: WorkerSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeat: int,
+) -> None:
+    """One of svdq's paths: tune the pipeline as a worker would, warm up (cold start), then the timed runs."""
+    options = tune_options(settings, device)
+    options = replace(options, compile=options.compile and path == "svdq", low_vram=path == "lowvram")
+    if options.compile:
+        compile_cache.load_artifacts(compile_cache.configure(Path(settings.compile_cache_dir or
+                                                                   compile_cache.default_cache_dir())))  # fmt: skip
+    started, compiled = time.perf_counter(), compile_seconds()
+    renderer = Renderer(pipe=pipe, device=device, dtype=dtype)
+    shapes = attention_shapes(pipe.unet, params.width, params.height, params.num_frames, renderer.vae_scale_factor)
+    renderer.tuned = tune(pipe, device, dtype, options, shapes)
+    warm_up(renderer, settings.max_vram_gib)
+    one_step = params.model_copy(update={"num_inference_steps": 1})
+    run_svdq(renderer, image, one_step, settings)  # warms the benchmark's size too, if not the default
+    report.figure(path, "cold_start_seconds", time.perf_counter() - started, attention=renderer.tuned.attention)
+    if renderer.tuned.compiled_regions:
+        report.figure(path, "compile_seconds", compile_seconds() - compiled)
+    for backend, seconds in (renderer.tuned.attention_timings or {}).items():
+        report.figure(path, f"attention_{backend}_ms", seconds * 1000)
+    if (profile := renderer.decode_profile) is not None:  # what the auto chunk was chosen from
+        report.figure(path, "denoise_peak_gib", renderer.denoise_peak_bytes / 2**30)
+        report.figure(path, "budget_gib", (renderer.budget_bytes or 0) / 2**30)
+        for n, seconds in profile.seconds_per_frame.items():
+            report.figure(path, f"decode_ms_per_frame_chunk{n}", seconds * 1000)
+            report.figure(path, f"decode_gib_chunk{n}", profile.peak_bytes[n] / 2**30)
+    figures = report.runs(path, [run_svdq(renderer, image, params, settings) for _ in range(repeat)])
+    if "stock" in report.rows:
+        report.figure(path, "speedup_vs_stock", report.rows["stock"]["total"] / figures["total"])
+        if figures.get("peak_vram_gib"):
+            report.figure(path, "vram_vs_stock", figures["peak_vram_gib"] / report.rows["stock"]["peak_vram_gib"])
+    if options.low_vram:
+        disable_low_vram(pipe, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = WorkerSettings(decode_chunk_size="auto")
+    device = resolve_device(settings.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    small = JobParams(width=64, height=64, num_frames=4, num_inference_steps=2)
+    base = small if args.small else JobParams()
+    params = JobParams(width=args.width or base.width, height=args.height or base.height,
+                       num_frames=args.frames or base.num_frames,
+                       num_inference_steps=args.steps or base.num_inference_steps)  # fmt: skip
+    model = "tiny" if args.small else "SVD-XT architecture, random weights" if args.random_weights else (
+        args.model or settings.model)  # fmt: skip
+    report = Report({"bench": "gpu_svd", "machine": platform.node(), "model": model,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "size": f"{params.width}x{params.height}", "frames": params.num_frames,
+                     "steps": params.num_inference_steps, "dtype": str(dtype).removeprefix("torch."),
+                     "torch": torch.__version__}, args.json)  # fmt: skip
+    started = time.perf_counter()
+    pipe = load_pipeline(args, settings, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    report.figure("load", "seconds", time.perf_counter() - started)
+    image = Image.new("RGB", (params.width, params.height), (180, 120, 60))
+
+    # 1. Stock diffusers, untouched.
+    if "stock" in args.paths:
+        run_stock(pipe, image, params.model_copy(update={"num_inference_steps": 1}), args.stock_chunk, device)
+        report.runs("stock", [run_stock(pipe, image, params, args.stock_chunk, device) for _ in range(args.repeat)])
+
+    # 2-4. svdq's paths, each tuning the same pipeline further.
+    for path in [p for p in PATHS[1:] if p in args.paths]:
+        bench_path(report, path, pipe, image, params, settings, device, dtype, args.repeat)
+    if not args.json:
+        print(report.table())
+    sys.stdout.flush()
+    os._exit(0)  # compile workers and offload hooks can hold the interpreter's exit for a long time
+
+
+if __name__ == "__main__":
+    main()
