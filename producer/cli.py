@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
 import redis
 
 from producer import top
@@ -23,7 +24,7 @@ from producer.client import Client, Job, NotCancelable, connect_redis, producer_
 from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState
 from producer.flower import FlowerRefused, flower_command
 from producer.settings import Settings
-from producer.status import JobNotFound, StatusStore
+from producer.status import JobNotFound, MalformedRecord, StatusStore
 from producer.storage import StorageUnavailable
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
@@ -184,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_flower(args: argparse.Namespace) -> int:
     try:
-        argv, env = flower_command(Settings(), args.port, unsafe_no_auth=args.unsafe_no_auth)
+        argv, env = flower_command(Settings(), args.port, address=args.address, unsafe_no_auth=args.unsafe_no_auth)
     except FlowerRefused as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     os.execve(argv[0], argv, env)
@@ -264,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     flower = sub.add_parser("flower", help="start Flower, Celery's dashboard, on the configured broker (basic auth)")
-    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--port", type=int, default=5555, help="default: 5555")
+    flower.add_argument("--address", default="127.0.0.1",
+                        help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")  # fmt: skip
     flower.add_argument("--unsafe-no-auth", action="store_true", help="allow Flower without authentication")
     flower.set_defaults(func=cmd_flower)
 
@@ -296,10 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidParameter as exc:
         print(f"svdq: invalid parameter {exc.param}: {exc.message}", file=sys.stderr)
         code = EXIT_USAGE
-    except JobNotFound as exc:
+    except (JobNotFound, MalformedRecord) as exc:
         print(f"svdq: {exc}", file=sys.stderr)
         code = EXIT_NOT_FOUND
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, kombu.exceptions.OperationalError) as exc:  # the latter: through Celery
         print(f"svdq: cannot reach Redis ({exc}); check SVDQ_REDIS_URL", file=sys.stderr)
         code = EXIT_UNAVAILABLE
     except StorageUnavailable as exc:

@@ -24,6 +24,7 @@ from producer.contract import (
     InvalidParameter,
     JobRecord,
     JobState,
+    check_job_id,
     check_params,
     model_queue,
     queue_for,
@@ -172,7 +173,8 @@ class Client:
         self.close()
 
     def job(self, job_id: str) -> Job:
-        return Job(job_id, self)
+        """A handle on a job by its id; an id outside the job-id grammar raises InvalidParameter("job_id")."""
+        return Job(check_job_id(job_id), self)
 
     def list(self, state: JobState | str | None = None, limit: int = 20) -> list[JobRecord]:
         """The newest jobs, optionally in one state."""

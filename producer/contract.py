@@ -7,6 +7,7 @@ message format and this module cannot drift apart.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,9 +18,27 @@ TASK_NAME = "svdq.generate_video"
 DEFAULT_QUEUE = "celery"
 
 
+# Job ids name Redis keys, storage keys, log lines and lease holders: one grammar, checked wherever an id
+# enters (the client, the worker's task, every store path built from one). Ours are uuid4 hex (32 characters).
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_job_id(value: object) -> str:
+    """The id itself if it is a string of 1-64 of A-Z, a-z, 0-9, _ and -; else InvalidParameter("job_id")."""
+    if isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value):
+        return value
+    raise InvalidParameter("job_id", f"must be 1-64 characters of A-Z, a-z, 0-9, _ and - (got {shown(value)})")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """An untrusted value for a log line or a message: repr (newlines and control characters escaped), cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def result_name(job_id: str, fmt: str = "mp4") -> str:
     """Where a job's video lives, relative to the store's prefix."""
-    return f"{job_id}/video.{fmt}"
+    return f"{check_job_id(job_id)}/video.{fmt}"
 
 
 class JobState(str, enum.Enum):

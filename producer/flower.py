@@ -20,7 +20,12 @@ class FlowerRefused(RuntimeError):
 
 
 def flower_command(
-    settings: Settings, port: int, *, unsafe_no_auth: bool = False, extra: list[str] | None = None
+    settings: Settings,
+    port: int,
+    *,
+    address: str = "127.0.0.1",
+    unsafe_no_auth: bool = False,
+    extra: list[str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start Flower."""
     if importlib.util.find_spec("flower") is None:
@@ -38,5 +43,28 @@ def flower_command(
         env["FLOWER_BASIC_AUTH"] = auth
     else:
         env.pop("FLOWER_BASIC_AUTH", None)
-    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}", *(extra or [])]
+    argv = [sys.executable, "-m", "producer.flower", f"--port={port}", f"--address={address}", *(extra or [])]
     return argv, env
+
+
+def protect_monitoring() -> None:
+    """Flower answers /metrics and /healthcheck without asking for credentials (its other pages ask): with
+    basic auth on, these ask too. Prometheus scrapes with `basic_auth` in its scrape config."""
+    import tornado.web
+    from flower.views import monitor
+
+    for handler in (monitor.Metrics, monitor.Healthcheck):
+        handler.get = tornado.web.authenticated(handler.get)  # type: ignore[method-assign]
+
+
+def main(argv: list[str]) -> None:
+    """`python -m producer.flower [flower options]`: Flower with every path behind its authentication."""
+    from celery.bin.celery import main as celery_main
+
+    protect_monitoring()
+    sys.argv = ["celery", "flower", *argv]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 Resolver = Callable[..., list[tuple]]
 
@@ -30,11 +30,36 @@ class CheckedURL:
     path: str  # path and query, for the request line
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and routes to: IPv4-mapped (::ffff:a.b.c.d), NAT64
+    (64:ff9b::a.b.c.d, RFC 6052 and 8215), 6to4 (2002:AABB:CCDD::), Teredo (server and client), and the
+    deprecated IPv4-compatible form (::a.b.c.d). Each is reachable as that IPv4 address."""
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if any(ip in net for net in _NAT64) or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
 def is_public(address: str) -> bool:
+    """True for a globally reachable unicast address, judged by every IPv4 address an IPv6 one embeds too
+    (64:ff9b::7f00:1 is 127.0.0.1 through NAT64, whatever the IPv6 tables say of it)."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever its notation
-    return ip.is_global and not ip.is_multicast
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates += embedded_ipv4(ip)
+    return all(c.is_global and not c.is_multicast for c in candidates)
+
+
+def _split(url: str) -> tuple[SplitResult, int]:
+    try:
+        parts = urlsplit(url)
+        return parts, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # "Invalid IPv6 URL", a port out of range or not a number
+        raise UnsafeURL(f"malformed URL: {exc}") from None
 
 
 def check_url(
@@ -44,18 +69,19 @@ def check_url(
     resolve: Resolver = socket.getaddrinfo,
     public: Callable[[str], bool] | None = None,
 ) -> CheckedURL:
-    parts = urlsplit(url)
+    parts, port = _split(url)
     if parts.scheme not in ("http", "https"):
         raise UnsafeURL(f"only http and https URLs are allowed, not {parts.scheme or 'none'!r}")
     if not parts.hostname:
         raise UnsafeURL("the URL has no host")
     if parts.username or parts.password:
         raise UnsafeURL("credentials in the URL are not allowed")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = resolve(parts.hostname, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UnsafeURL(f"cannot resolve {parts.hostname}: {exc.strerror}") from None
+    except UnicodeError as exc:  # a label over 63 characters, or one IDNA cannot encode
+        raise UnsafeURL(f"malformed host name: {exc}") from None
     addresses = [str(info[4][0]) for info in infos]
     if not addresses:
         raise UnsafeURL(f"{parts.hostname} has no address")

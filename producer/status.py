@@ -9,14 +9,18 @@ capped stream of all events), so none of them can disagree with the record.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from producer import keys
-from producer.contract import JobRecord, JobState, sources_of
+from producer.contract import JobRecord, JobState, shown, sources_of
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 
@@ -115,6 +119,14 @@ class JobNotFound(LookupError):
     def __init__(self, job_id: str):
         self.job_id = job_id
         super().__init__(f"no job {job_id!r} (unknown id, or its record expired)")
+
+
+class MalformedRecord(ValueError):
+    """A record that does not read as a JobRecord (written by hand, or by a bug): reported, never fatal."""
+
+    def __init__(self, job_id: str, detail: str):
+        self.job_id = job_id
+        super().__init__(f"the record of job {shown(job_id)} is malformed ({detail}); delete it or fix it by hand")
 
 
 class InvalidTransition(RuntimeError):
@@ -329,7 +341,7 @@ class StatusStore:
         raw = self.redis.hgetall(keys.job(job_id))
         if not raw:
             raise JobNotFound(job_id)
-        return _record(raw)
+        return _record(job_id, raw)
 
     def list(self, state: JobState | None = None, limit: int = 20) -> list[JobRecord]:
         """The most recent jobs, newest first, from the per-state indexes (no key scan)."""
@@ -340,14 +352,26 @@ class StatusStore:
                 scored.append((score, _text(member)))
         scored.sort(reverse=True)
         pipe = self.redis.pipeline(transaction=False)
-        for _, job_id in scored[:limit]:
+        ids = [job_id for _, job_id in scored[:limit]]
+        for job_id in ids:
             pipe.hgetall(keys.job(job_id))
-        return [_record(raw) for raw in pipe.execute() if raw]  # an expired record is simply skipped
+        records = []
+        for job_id, raw in zip(ids, pipe.execute(), strict=True):
+            if not raw:  # expired meanwhile
+                continue
+            try:
+                records.append(_record(job_id, raw))
+            except MalformedRecord as exc:  # one bad record must not hide everyone's jobs
+                log.warning("listing skips %s", exc)
+        return records
 
 
-def _record(raw: dict[Any, Any]) -> JobRecord:
+def _record(job_id: str, raw: dict[Any, Any]) -> JobRecord:
     data: dict[str, Any] = {}
-    for name, value in raw.items():
-        name, value = _text(name), _text(value)
-        data[name] = value if name == "state" else json.loads(value)
-    return JobRecord.model_validate(data)
+    try:
+        for name, value in raw.items():
+            name, value = _text(name), _text(value)
+            data[name] = value if name == "state" else json.loads(value)
+        return JobRecord.model_validate(data)
+    except (ValueError, ValidationError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MalformedRecord(job_id, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None

@@ -6,6 +6,7 @@ references in requests are full URLs (`s3://bucket/key`, `file:///path`) or such
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -61,7 +62,10 @@ class FileStore:
         self.url = self.root.as_uri()
 
     def _path(self, name: str) -> Path:
-        path = (self.root / name).resolve()
+        try:
+            path = (self.root / name).resolve()
+        except ValueError:  # an embedded NUL byte
+            raise InvalidReference(f"{name!r} is not a valid name") from None
         if not path.is_relative_to(self.root):
             raise InvalidReference(f"{name!r} is outside the store")
         return path
@@ -89,17 +93,19 @@ class FileStore:
     def read(self, ref: str) -> bytes:
         parts = urlsplit(ref)
         if parts.scheme == "file":
-            path = Path(unquote(parts.path)).resolve()
-            if not path.is_relative_to(self.root):
-                raise InvalidReference("file:// images must be inside the configured store")
+            path = self._path(unquote(parts.path))  # absolute: checked against the store's root
         elif parts.scheme:
             raise InvalidReference(f"{parts.scheme}:// images need an s3:// SVDQ_STORAGE_URL")
         else:
             path = self._path(ref)
         try:
             return path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(f"no image at {ref}") from None
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # permanent: retrying cannot shorten it
+                raise InvalidReference(f"the name is too long: {exc.strerror}") from None
+            raise
 
     def read_key(self, key: str) -> bytes:
         return self.read(key)
@@ -146,7 +152,7 @@ class S3Store:
             raise InvalidReference(f"{parts.scheme}:// images are not read by an s3:// store")
         else:
             bucket, key = self.bucket, self._key(ref)
-        with _s3_errors(key):
+        with _s3_errors(key, reading=True):
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def read_key(self, key: str) -> bytes:
@@ -158,18 +164,27 @@ class S3Store:
         )
 
 
+# Answers to a read that no retry can change: the input is wrong, not the store away.
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_INVALID = {"InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidURI", "400"}
+
+
 @contextmanager
-def _s3_errors(key: str) -> Iterator[None]:
-    """Turn botocore's exceptions into the store's three kinds: missing, refused, unreachable."""
-    from botocore.exceptions import BotoCoreError, ClientError
+def _s3_errors(key: str, *, reading: bool = False) -> Iterator[None]:
+    """Turn botocore's exceptions into the store's kinds: missing, invalid (reads), refused, unreachable."""
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
     try:
         yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"404", "NoSuchKey", "NotFound"}:
+        if code in _MISSING and (reading or code != "NoSuchBucket"):  # a write to no bucket: the operator's
             raise ObjectNotFound(f"no object {key}") from None
+        if reading and code in _INVALID:
+            raise InvalidReference(f"not a readable object name ({code})") from None
         raise StorageUnavailable(f"storage refused {key}: {code}") from None
+    except ParamValidationError as exc:  # rejected by boto3 before sending: a bad bucket name, say
+        raise InvalidReference(f"not a valid object reference: {exc}") from None
     except BotoCoreError as exc:
         raise StorageUnavailable(f"storage unreachable: {type(exc).__name__}") from None
 

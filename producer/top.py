@@ -18,7 +18,7 @@ from celery import Celery
 
 from producer import keys
 from producer.contract import JobState, priority_queues
-from producer.status import JobNotFound, StatusStore
+from producer.status import JobNotFound, MalformedRecord, StatusStore
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[Worker
         view.model, view.device = info.get("model"), info.get("device")
         for task in active.get(name, []):
             view.job = task.get("id")
-            with contextlib.suppress(JobNotFound):
+            with contextlib.suppress(JobNotFound, MalformedRecord):
                 record = status.get(view.job or "")
                 if record.state is JobState.STARTED:
                     view.stage, view.progress = record.stage, record.progress

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from producer import keys
-from producer.contract import ErrorCode, JobState, queue_for
+from producer.contract import ErrorCode, JobState, queue_for, shown
 from producer.status import InvalidTransition, JobNotFound, StatusStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,13 @@ class Recovery:
         """Recover every abandoned job once; returns (job id, what was done) for each."""
         done = []
         for job_id in self.status.abandoned(older_than=self.lease_ttl):
-            outcome = self.recover(job_id)
+            try:
+                outcome = self.recover(job_id)
+            except (redis.RedisError, OSError):
+                raise  # Redis away: the whole sweep waits for the next round
+            except Exception as exc:  # one bad record (or a bug on one) must not strand the jobs behind it
+                log.error("recovery skips job %s: %s: %s", shown(job_id), type(exc).__name__, exc)
+                continue
             if outcome:
                 done.append((job_id, outcome))
         return done

@@ -27,8 +27,17 @@ from typing import Any
 import redis
 import torch
 
-from producer.contract import ErrorCode, InvalidParameter, JobRequest, JobState, check_request, result_name
-from producer.status import AttemptsExhausted, InvalidTransition, Leased, StatusStore
+from producer.contract import (
+    ErrorCode,
+    InvalidParameter,
+    JobRequest,
+    JobState,
+    check_job_id,
+    check_request,
+    result_name,
+    shown,
+)
+from producer.status import AttemptsExhausted, InvalidTransition, JobNotFound, Leased, MalformedRecord, StatusStore
 from producer.storage import StorageUnavailable, Stored
 from worker import webhooks
 from worker.decode import OutOfMemory
@@ -84,19 +93,14 @@ class Progress:
             log.warning("job %s: progress not written (%s)", job_id, exc)
 
 
-def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str, queue: str | None = None) -> dict[str, Any]:
-    status = rt.status
+def run_job(rt: Runtime, job_id: Any, raw_request: Any, worker: str, queue: str | None = None) -> dict[str, Any]:
+    # 1. Check the message: its id, its request, and that it asks for what the job's record asks for.
+    accepted = _accept(rt, job_id, raw_request, queue)
+    if isinstance(accepted, dict):
+        return accepted
+    request = accepted
 
-    # 1. Check the message: a malformed request fails its own job, never the worker.
-    try:
-        request = check_request(raw_request if isinstance(raw_request, dict) else {})
-    except InvalidParameter as exc:
-        log.warning("job %s has an invalid request: %s", job_id, exc)
-        status.create(job_id, raw_request if isinstance(raw_request, dict) else {}, queue=queue)
-        return _fail(rt, Attempt(job_id, 0, ""), JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
-
-    # 2. Claim the job and its lease. A plain Celery client may have sent no record: create it first.
-    status.create(job_id, request.model_dump(), queue=queue)
+    # 2. Claim the job and its lease.
     attempt = _claim(rt, job_id, worker)
     if isinstance(attempt, dict):
         return attempt
@@ -128,6 +132,45 @@ def run_job(rt: Runtime, job_id: str, raw_request: Any, worker: str, queue: str 
     # 5. Hand the rest to the finisher and free the GPU for the next job.
     rt.finisher.submit(job_id, lambda: _complete(rt, attempt, request, seed, pending, timings, memory))
     return {"job_id": job_id, "state": JobState.STARTED.value, "stage": "finishing"}
+
+
+def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> JobRequest | dict[str, Any]:
+    """The request to render, or the outcome for a message that must not run.
+
+    An id outside the grammar names no record, key or file: dropped. A malformed request fails its own job,
+    never the worker, and never a job that already has a record. The record is the truth: a plain Celery
+    client may have sent none (it is created here), and a message whose request is not its record's is
+    refused, or any sender could re-render someone else's job."""
+    status = rt.status
+    try:
+        check_job_id(job_id)
+    except InvalidParameter:
+        log.error("dropped a message with an invalid job id %s", shown(job_id))
+        return {"job_id": None, "state": None, "dropped": "invalid job_id"}
+    body = raw_request if isinstance(raw_request, dict) else {}
+    try:
+        request = check_request(body)
+    except InvalidParameter as exc:
+        if not status.create(job_id, body, queue=queue):
+            log.warning("job %s: dropped a message with an invalid request (%s); its record stands", job_id, exc)
+            return {"job_id": job_id, "state": None, "dropped": "invalid request"}
+        log.warning("job %s has an invalid request: %s", job_id, exc)
+        return _fail(rt, Attempt(job_id, 0, ""), JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
+    if not status.create(job_id, request.model_dump(), queue=queue) and (refused := _refused(status, job_id, request)):
+        log.warning("job %s: message dropped: %s", job_id, refused)
+        return {"job_id": job_id, "state": None, "dropped": refused}
+    return request
+
+
+def _refused(status: StatusStore, job_id: str, request: JobRequest) -> str | None:
+    """Why a message for a job that has a record must not run it; None when the record asks for the same."""
+    try:
+        recorded = check_request(status.get(job_id).request)
+    except JobNotFound:  # expired just now: the claim finds no record and refuses on its own
+        return None
+    except (MalformedRecord, InvalidParameter) as exc:
+        return f"the job's record is unreadable ({exc})"
+    return None if recorded == request else "its request differs from the job's record"
 
 
 def _claim(rt: Runtime, job_id: str, worker: str) -> Attempt | dict[str, Any]:

@@ -60,6 +60,22 @@ def test_flower_needs_auth_unless_told_otherwise(svdq_env: dict[str, str]) -> No
     assert refused.returncode == 2 and "SVDQ_FLOWER_BASIC_AUTH" in refused.stderr
 
 
+def test_flower_asks_for_credentials_on_every_path_and_listens_on_loopback(flower: str) -> None:
+    for path in ("/metrics", "/healthcheck", "/api/workers", "/tasks"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(flower + path, timeout=10)
+        refused.value.close()
+        assert refused.value.code == 401, path
+    request = urllib.request.Request(flower + "/healthcheck")
+    request.add_header("Authorization", "Basic " + base64.b64encode(FLOWER_AUTH.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.read() == b"OK"
+    port = int(flower.rsplit(":", 1)[1])
+    table = Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    listening = [row.split()[1] for row in table if row.split()[3] == "0A" and row.split()[1].endswith(f":{port:04X}")]
+    assert listening == [f"0100007F:{port:04X}"], listening  # 127.0.0.1 only (little-endian hex), no IPv6 either
+
+
 def test_flower_shows_the_worker_online_while_it_renders_and_the_finished_task(
     flower: str, start_worker: Any, image_file: Path, svdq_env: dict[str, str]
 ) -> None:

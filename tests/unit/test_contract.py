@@ -13,8 +13,10 @@ from producer.contract import (
     InvalidParameter,
     JobParams,
     JobState,
+    check_job_id,
     check_params,
     check_request,
+    result_name,
     sources_of,
     worker_queues,
 )
@@ -105,3 +107,21 @@ def test_sentinel_urls() -> None:
     assert redact_url(url) == "sentinel://:***@10.0.0.1:26379;sentinel://:***@10.0.0.2/2"
     assert sentinel_options(Settings(redis_url=url, sentinel_master="renders")) == {"master_name": "renders"}
     assert sentinel_options(Settings(redis_url="redis://localhost:6379/0")) == {}
+
+
+@pytest.mark.parametrize("bad", [12345, 1.5, None, True, [1], {"a": 1}, "", "a/../b", "../../x", "x\nFAKE", "a" * 65,
+                                 "nul\x00", "sp ace", "é"])  # fmt: skip
+def test_job_ids_have_one_grammar_checked_where_a_path_is_built(bad: object) -> None:
+    with pytest.raises(InvalidParameter) as refused:
+        check_job_id(bad)
+    assert refused.value.param == "job_id" and "\n" not in str(refused.value)
+    if isinstance(bad, str):
+        with pytest.raises(InvalidParameter):
+            result_name(bad)
+
+
+def test_our_own_ids_fit_the_grammar() -> None:
+    import uuid
+
+    assert check_job_id(uuid.uuid4().hex) and check_job_id("a" * 64) and check_job_id("Job_1-2")
+    assert result_name("abc", "webm") == "abc/video.webm"

@@ -20,7 +20,10 @@ def resolver(*addresses: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1", "fc00::1",
-     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"],
+     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1",
+     # IPv6 forms that embed an IPv4 address and route to it: NAT64, 6to4, IPv4-compatible, Teredo
+     "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:7f00:1::1", "2002:a9fe:a9fe::1",
+     "::127.0.0.1", "::10.0.0.1", "2001:0:4136:e378:8000:63bf:80ff:fffe"],
 )  # fmt: skip
 def test_non_public_addresses_are_refused(address: str) -> None:
     assert not is_public(address)
@@ -49,3 +52,15 @@ def test_only_plain_http_urls(url: str) -> None:
 
 def test_private_addresses_when_allowed() -> None:
     assert check_url("http://127.0.0.1:9/x", allow_private=True, resolve=resolver("127.0.0.1")).address == "127.0.0.1"
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "8.8.8.8", "2606:4700:4700::1111"])
+def test_embedded_public_ipv4_stays_allowed(address: str) -> None:
+    assert is_public(address)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://example.com:99999/x", "http://example.com:port/x",
+                                 f"http://{'a' * 64}.example.com/x"])  # fmt: skip
+def test_malformed_urls_are_unsafe_not_crashes(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="malformed"):
+        check_url(url)

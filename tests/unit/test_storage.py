@@ -52,3 +52,22 @@ def test_redact_url_hides_passwords() -> None:
     assert redact_url("redis://:hunter2@host:6380/1") == "redis://:***@host:6380/1"
     assert redact_url("rediss://user:pw@host/0") == "rediss://user:***@host/0"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_unreadable_names_are_permanent_input_errors_not_outages(tmp_path: Path) -> None:
+    """A NUL byte, a directory, a name over the file system's limit: refused as the job's input (never
+    retried as `storage_unavailable`)."""
+    from producer.contract import ErrorCode
+    from worker.errors import JobFailed
+    from worker.inputs import fetch_image
+
+    store = FileStore(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    cases = {"inputs/a\x00b.png": InvalidReference, "inputs": ObjectNotFound, "x" * 300 + ".png": InvalidReference,
+             (tmp_path / "inputs").as_uri(): ObjectNotFound}  # fmt: skip
+    for ref, kind in cases.items():
+        with pytest.raises(kind):
+            store.read(ref)
+        with pytest.raises(JobFailed) as failed:
+            fetch_image(store, ref, max_bytes=1000)
+        assert failed.value.code is ErrorCode.INVALID_INPUT, ref

@@ -1,0 +1,133 @@
+"""Raw Celery messages and records as an attacker (or a buggy backend) could write them: a bad job id never
+becomes a record, a key or a log line of its own; a message cannot take over a job that has a record; one
+malformed record never stops a sweep, a listing or a status call."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from producer import keys
+from producer.client import Client
+from producer.contract import TASK_NAME, JobState
+from producer.settings import Settings
+from producer.status import StatusStore
+from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
+from worker.recovery import Recovery
+
+pytestmark = pytest.mark.integration
+
+BAD_IDS: list[Any] = [12345, 1.5, None, True, [1], {"a": 1}, "", "a/../b", "../../x", "x\nFAKE LOG LINE", "a" * 65,
+                      "nul\x00byte", "space id"]  # fmt: skip
+
+
+def queued_job(image_file: Path) -> tuple[Client, Any]:
+    """A job on a queue no worker reads: it stays queued, with its record and its stored image."""
+    client = Client.from_env(queue=f"nobody-{uuid.uuid4().hex[:8]}")
+    return client, client.submit(image_file, **SMALL)
+
+
+def test_bad_job_ids_are_dropped_and_the_worker_goes_on(
+    start_worker: Callable[..., WorkerProcess], celery_control: Celery, image_file: Path
+) -> None:
+    worker = start_worker()
+    idle_client, idle = queued_job(image_file)
+    request = idle.status().request
+    before = set(idle_client.redis.scan_iter(match=keys.JOB_PATTERN, count=1000))
+
+    for bad in BAD_IDS:
+        celery_control.send_task(TASK_NAME, kwargs={"job_id": bad, "request": request}, queue=worker.queue)
+    with Client.from_env(queue=worker.queue) as client:
+        record = client.submit(image_file, **SMALL).wait(timeout=120)  # behind them on the same queue
+        assert record.state is JobState.SUCCEEDED, record
+
+        after = set(client.redis.scan_iter(match=keys.JOB_PATTERN, count=1000))
+    assert after - before == {keys.job(record.id).encode()}  # no record for any bad id
+    log = worker.log_text()
+    assert log.count("dropped a message with an invalid job id") == len(BAD_IDS)
+    assert "\nFAKE LOG LINE" not in log and "'x\\nFAKE LOG LINE'" in log  # escaped, never a line of its own
+    idle.cancel()
+    idle_client.close()
+
+
+def test_a_message_cannot_take_over_a_job_that_has_a_record(
+    start_worker: Callable[..., WorkerProcess], celery_control: Celery, image_file: Path
+) -> None:
+    worker = start_worker()
+    idle_client, victim = queued_job(image_file)
+    original = victim.status().request
+    other = {**original, "seed": 7, "num_frames": 6}
+    broken = {**original, "num_frames": 0}
+    for request in (other, broken):  # sent by hand with the victim's id, to a queue a worker reads
+        celery_control.send_task(TASK_NAME, kwargs={"job_id": victim.id, "request": request}, queue=worker.queue)
+    with Client.from_env(queue=worker.queue) as client:
+        assert client.submit(image_file, **SMALL).wait(timeout=120).state is JobState.SUCCEEDED
+
+    record = victim.status()
+    assert record.state is JobState.QUEUED and record.request == original and record.attempts == 0
+    log = worker.log_text()
+    assert f"job {victim.id}: message dropped: its request differs from the job's record" in log
+    assert f"job {victim.id}: dropped a message with an invalid request" in log
+    victim.cancel()
+    idle_client.close()
+
+
+def test_a_malformed_record_never_stops_a_sweep_a_listing_or_a_status(svdq_env: dict[str, str]) -> None:
+    settings = Settings()
+    with Client.from_env() as client:
+        status = StatusStore(client.redis, result_ttl=60)
+        r = client.redis
+        # A record as a raw message with a numeric id used to leave it: unreadable, `started`, no lease.
+        bad = f"bad{uuid.uuid4().hex[:8]}"
+        r.hset(keys.job(bad), mapping={"state": "started", "id": "12345", "attempts": "1", "request": "{not json"})
+        r.zadd(keys.state_index("started"), {bad: time.time() - 3600})
+        # Behind it, a real job whose worker died: started, lease lapsed.
+        good = uuid.uuid4().hex
+        status.create(good, {**SMALL, "image": "inputs/x.png"}, queue=f"gone-{good[:6]}")
+        status.claim(good, "dead-worker/1", lease_seconds=0.05, worker="dead-worker")
+        time.sleep(0.3)
+
+        sent: list[tuple[str, str]] = []
+        recovery = Recovery(status, lambda job_id, request, queue: sent.append((job_id, queue)), lease_ttl=0.1,
+                            max_attempts=3, default_queue=settings.queue)  # fmt: skip
+        done = recovery.sweep()
+        assert (good, "requeued") in done and sent == [(good, f"gone-{good[:6]}")]
+        assert status.get(good).state is JobState.QUEUED
+
+        listed = client.list(limit=200)
+        assert good in {rec.id for rec in listed} and bad not in {rec.id for rec in listed}
+
+        shown = subprocess.run([SVDQ, "status", bad], env=svdq_env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 3 and "malformed" in shown.stderr and "Traceback" not in shown.stderr
+        refused = subprocess.run([SVDQ, "status", "../x"], env=svdq_env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "job_id" in refused.stderr
+        r.delete(keys.job(bad))
+        r.zrem(keys.state_index("started"), bad)
+        status.transition(good, JobState.CANCELED)
+
+
+def test_svdq_top_without_redis_says_so(svdq_env: dict[str, str]) -> None:
+    env = {**svdq_env, "SVDQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+    out = subprocess.run([SVDQ, "top", "--once"], env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 5 and "cannot reach Redis" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_reads_of_missing_buckets_and_bad_names_are_input_errors(svdq_env: dict[str, str]) -> None:
+    """Through boto3 against the S3 server: no retry can fix these, so they are `invalid_input`."""
+    from producer.contract import ErrorCode
+    from producer.storage import open_store
+    from worker.errors import JobFailed
+    from worker.inputs import fetch_image
+
+    store = open_store(Settings())
+    for ref in ("s3://no-such-bucket-svdq/x.png", "s3://Bad_Bucket!/x.png", "inputs/missing.png"):
+        with pytest.raises(JobFailed) as failed:
+            fetch_image(store, ref, max_bytes=1000)
+        assert failed.value.code is ErrorCode.INVALID_INPUT, (ref, failed.value)
