@@ -12,4 +12,6 @@ RUN pip install ".[worker]"
 # Celery warns against running as root, and a render needs no privileges.
 RUN useradd --create-home svdq
 USER svdq
+# Volumes mount here (docker-compose.yml): made by the image's user, so they are writable by it.
+RUN mkdir -p /home/svdq/.cache/huggingface /home/svdq/.cache/svdq/compile
 CMD ["svdq", "worker"]

@@ -145,7 +145,7 @@ class JobParams(BaseModel):
     max_guidance_scale: float = Field(3.0, ge=0.0, le=20.0)
     width: int = Field(1024, ge=64, le=2048, multiple_of=8)
     height: int = Field(576, ge=64, le=2048, multiple_of=8)
-    # Frames the VAE decodes at once. "auto": the largest that fits the GPU's free memory.
+    # Frames the VAE decodes at once. "auto": the worker's choice from its decode profile and memory budget.
     # None: the worker's SVDQ_DECODE_CHUNK_SIZE (itself "auto" unless set).
     decode_chunk_size: Annotated[int, Field(ge=1, le=128)] | Literal["auto"] | None = None
     format: Literal["mp4", "webm", "gif"] = "mp4"

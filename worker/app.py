@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +96,9 @@ def _presence(status: StatusStore, hostname: str, settings: WorkerSettings, ttl:
     return refresh
 
 
+POOL_EXIT_DELAY = 5.0
+
+
 def _load_model(settings: WorkerSettings, sender: str | None = None, **_: Any) -> None:
     log.info("worker process loading %s (broker %s)", settings.model, redact_url(settings.redis_url))
     try:
@@ -106,20 +108,28 @@ def _load_model(settings: WorkerSettings, sender: str | None = None, **_: Any) -
 
 
 def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseException) -> None:
-    """In the pool process: say why, hand the reason to the main process, stop the whole worker, leave."""
-    message = describe(exc)
-    log.critical("the model %s failed to load", settings.model, exc_info=exc)
-    if hostname:
-        with contextlib.suppress(Exception):
-            report_to_presence(connect_redis(settings), hostname, settings.served_model(), message)
+    """Say why, hand the reason to the main process, stop the whole worker. In a pool process this always ends
+    the process (Celery would otherwise keep it, model-less); where the model loads in the main process
+    (`--pool=solo`), SystemExit stops the worker and its main() prints the reason last."""
     failure = LoadFailure.from_env()
-    if failure is not None:
-        failure.record(message)
-    else:
-        os.kill(os.getppid(), signal.SIGTERM)
-    log.critical("svdq worker stops: the model failed to load: %s", message)
-    logging.shutdown()
-    os._exit(LOAD_FAILED)
+    in_main = failure is not None and failure.in_main_process()
+    try:
+        message = describe(exc)
+        log.critical("the model %s failed to load", settings.model, exc_info=exc)
+        if hostname:
+            with contextlib.suppress(Exception):
+                report_to_presence(connect_redis(settings), hostname, settings.served_model(), message)
+        if failure is not None:
+            failure.record(message)
+        log.critical("svdq worker stops: the model failed to load: %s", message)
+    finally:
+        if in_main:
+            raise SystemExit(LOAD_FAILED)
+        # Leave once the main process has begun its shutdown: a pool process that exits at once is replaced
+        # by the pool, and the new one would load the model again (minutes, for a real checkpoint).
+        time.sleep(POOL_EXIT_DELAY)
+        logging.shutdown()
+        os._exit(LOAD_FAILED)
 
 
 def _connect_signals(settings: WorkerSettings) -> None:
@@ -132,6 +142,7 @@ def _connect_signals(settings: WorkerSettings) -> None:
         # In the main process, which outlives any pool process: it recovers jobs of dead workers anywhere.
         status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
         status.redis.delete(keys.stopping(sender.hostname))  # a restarted node is not stopping
+        status.redis.hdel(keys.worker(sender.hostname), "error", "failed_at")  # nor failed, as it may have been
         sender_app = producer_celery(settings)
         webhooks = sender_for(settings)
 

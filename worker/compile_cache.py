@@ -44,7 +44,7 @@ def load_artifacts(directory: Path) -> bool:
     import torch
 
     path = directory / ARTIFACTS
-    if not path.is_file():
+    if not path.is_file() or not hasattr(torch.compiler, "load_cache_artifacts"):  # PyTorch < 2.7
         return False
     try:
         torch.compiler.load_cache_artifacts(path.read_bytes())
@@ -58,7 +58,13 @@ def save_artifacts(directory: Path) -> int:
     """Write what this process compiled to `artifacts.bin` (atomically); returns its size in bytes."""
     import torch
 
-    saved = torch.compiler.save_cache_artifacts()
+    if not hasattr(torch.compiler, "save_cache_artifacts"):  # PyTorch < 2.7: the on-disk caches still work
+        return 0
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # the worker is warm and serving: a cache not written is only slower next time
+        log.warning("compile cache artifacts not saved (%s: %s)", type(exc).__name__, exc)
+        return 0
     if saved is None:
         return 0
     data, _info = saved

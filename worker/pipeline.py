@@ -26,6 +26,7 @@ from worker.tuning import (
     attention_first,
     attention_shapes,
     compile_seconds,
+    compiler_stance,
     set_forward_chunking,
     tune,
 )
@@ -53,6 +54,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # Chunk sizes timed at warm-up; low VRAM keeps to the smallest.
 PROFILE_CHUNKS = (1, 2, 4, 8, 16)
 LOW_VRAM_CHUNKS = (1, 2)
+UNPROFILED_CUDA_CHUNK = 2  # 8 frames of 1024x576 take 10.7 GiB: a small GPU would halve its way down anyway
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Renderer:
     # (width, height, frames) the compiled UNet has code for. Compiling a shape takes minutes the first time on
     # a machine, so only the warm-up compiles (the default size and SVDQ_COMPILE_SHAPES); a job at another
     # shape runs eagerly rather than stall its GPU unseen.
-    compiled_shapes: set[tuple[int, int, int]] = field(default_factory=set)
+    compiled_shapes: set[tuple[int, int, int, bool]] = field(default_factory=set)
     compile_new_shapes: bool = True
 
     @property
@@ -97,16 +99,19 @@ class Renderer:
         return bool(self.tuned.compiled_regions)
 
     @staticmethod
-    def shape(params: JobParams) -> tuple[int, int, int]:
-        return (params.width, params.height, params.num_frames)
+    def shape(params: JobParams) -> tuple[int, int, int, bool]:
+        """What the compiled graphs are specialised on: the size, the frames, and the guidance's batch of 2."""
+        return (params.width, params.height, params.num_frames, params.max_guidance_scale > 1)
 
     def decode_chunk_size(self, requested: int | str, params: JobParams) -> int:
         """A number as asked, or for "auto" the smallest chunk within 5% of the fastest decode measured at
         warm-up, made smaller where it would not fit the memory budget (or the free memory) at this size."""
         if requested != "auto":
             return min(int(requested), params.num_frames)
-        if self.device.type != "cuda" or self.decode_profile is None:
+        if self.device.type != "cuda":
             return min(CPU_DECODE_CHUNK, params.num_frames)
+        if self.decode_profile is None:  # no warm-up (SVDQ_WARMUP=0, or it ran out of memory): play safe
+            return min(UNPROFILED_CUDA_CHUNK, params.num_frames)
         room = free_device_memory(self.device) * 0.9
         if self.budget_bytes is not None:
             room = min(room, self.budget_bytes - torch.cuda.memory_allocated(self.device))
@@ -138,7 +143,7 @@ class Renderer:
         generator = torch.Generator("cpu").manual_seed(seed)
         # "eager_on_recompile": compiled code where it exists for these shapes, eager PyTorch where it does not.
         stance = "force_eager" if not self.compiles else "default" if self.compile_new_shapes else "eager_on_recompile"
-        with torch.inference_mode(), attention_first(self.tuned.attention), torch.compiler.set_stance(stance):
+        with torch.inference_mode(), attention_first(self.tuned.attention), compiler_stance(stance):
             out = self.pipe(
                 image,
                 height=params.height,

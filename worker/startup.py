@@ -17,6 +17,7 @@ unacknowledged messages on close), so another worker takes the job at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,12 +73,13 @@ def check_safetensors(path: Path) -> str | None:
 
 class LoadFailure:
     """A file, named in the environment so forked pool processes inherit it, that carries a load error from
-    the pool process to the main process."""
+    the pool process to the worker's main process (whose pid travels beside it)."""
 
     ENV = "SVDQ_LOAD_ERROR_FILE"
+    PID_ENV = "SVDQ_WORKER_MAIN_PID"
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, main_pid: int | None = None):
+        self.path, self.main_pid = path, main_pid
 
     @classmethod
     def create(cls) -> LoadFailure:
@@ -85,17 +87,27 @@ class LoadFailure:
         os.close(fd)
         os.unlink(name)  # exists only once a pool process has written an error to it
         os.environ[cls.ENV] = name
-        return cls(Path(name))
+        os.environ[cls.PID_ENV] = str(os.getpid())
+        return cls(Path(name), os.getpid())
 
     @classmethod
     def from_env(cls) -> LoadFailure | None:
-        name = os.environ.get(cls.ENV)
-        return cls(Path(name)) if name else None
+        name, pid = os.environ.get(cls.ENV), os.environ.get(cls.PID_ENV, "")
+        return cls(Path(name), int(pid) if pid.isdigit() else None) if name else None
+
+    def in_main_process(self) -> bool:
+        """True where the model loads in the main process itself (`--pool=solo`, `--pool=threads`)."""
+        return self.main_pid == os.getpid()
 
     def record(self, message: str) -> None:
-        """In the pool process: keep the error, stop the main process (warm shutdown), leave."""
-        self.path.write_text(message)
-        os.kill(os.getppid(), signal.SIGTERM)
+        """Keep the error for the main process, and ask it to stop (a warm shutdown)."""
+        try:
+            self.path.write_text(message)
+        except OSError as exc:  # the log and the exit code still say why
+            log.error("could not hand the load error to the main process: %s", exc)
+        if self.main_pid and not self.in_main_process():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.main_pid, signal.SIGTERM)
 
     def read(self) -> str | None:
         try:

@@ -5,8 +5,9 @@ code that first ran on a GPU crashed on it: `unet.to(memory_format=torch.channel
 4-D *and* 5-D parameter and raises on the temporal Conv3d weights, so the first H100 worker never started.
 
 1. VAE precision split: encoder in fp32 (one image per job), decoder in fp16 (every frame).
-2. channels_last on the UNet's 2-D convolutions only (opt-in: on an H100 the eager UNet with it and cuDNN
-   attention denoised in 18.6 s against stock's 16.9 s, docs/PERFORMANCE.md; Inductor picks its own layouts).
+2. channels_last on the UNet's 2-D convolutions only (`TuneOptions.channels_last`, which the worker leaves off:
+   on an H100 the eager UNet with it and cuDNN attention denoised in 18.6 s against stock's 16.9 s,
+   docs/PERFORMANCE.md; Inductor picks its own layouts).
 3. Attention: the fastest exact SDPA kernel, timed at the model's own largest attention shapes (CUDA).
 4. Regional compilation: torch.compile on each repeated block rather than the whole UNet, so there are
    few distinct graphs to build; the compiled code lives in a persistent cache (worker.compile_cache).
@@ -16,6 +17,7 @@ code that first ran on a GPU crashed on it: `unet.to(memory_format=torch.channel
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -98,9 +100,10 @@ def compile_regions(module: torch.nn.Module, backend: str = "inductor") -> int:
     # best kernels, and the default limit of 8 per code object would send the rest back to eager mode.
     config = torch._dynamo.config
     config.automatic_dynamic_shapes = False
+    # About 14 graphs per block class for each SVD-XT shape (levels x in/out channels), times the warmed shapes.
     for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across PyTorch releases
         if hasattr(config, limit):
-            setattr(config, limit, max(getattr(config, limit), 64))
+            setattr(config, limit, max(getattr(config, limit), 256))
     count = 0
     for sub in module.modules():
         if type(sub).__name__ in COMPILE_REGIONS:
@@ -172,15 +175,33 @@ def pick_attention(
     return min(timings, key=timings.__getitem__), timings
 
 
+def _has_parameter(function: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# PyTorch 2.6 added kernel priorities and compiler stances; on older releases both are skipped (no preference,
+# and new shapes compile when they come), never an error.
+_SDPA_PRIORITY = _has_parameter(torch.nn.attention.sdpa_kernel, "set_priority")
+_STANCES = hasattr(torch.compiler, "set_stance")
+
+
 @contextlib.contextmanager
 def attention_first(name: str) -> Iterator[None]:
     """Prefer the chosen SDPA kernel; the others stay allowed, in PyTorch's order, for shapes it cannot run."""
-    if name not in ATTENTION_BACKENDS:
+    if name not in ATTENTION_BACKENDS or not _SDPA_PRIORITY:
         yield
         return
     order = [ATTENTION_BACKENDS[name], *(b for n, b in ATTENTION_BACKENDS.items() if n != name)]
     with torch.nn.attention.sdpa_kernel(order, set_priority=True):
         yield
+
+
+def compiler_stance(stance: str) -> contextlib.AbstractContextManager[Any]:
+    """torch.compiler.set_stance as a context manager ("force_eager", "eager_on_recompile", "default")."""
+    return torch.compiler.set_stance(stance) if _STANCES else contextlib.nullcontext()
 
 
 class SplitFeedForward(torch.nn.Module):
@@ -221,7 +242,7 @@ def set_forward_chunking(unet: torch.nn.Module, on: bool, parts: int = SPLIT_PAR
 
 def enable_low_vram(pipe: Any, device: torch.device) -> None:
     """Feed-forward in slices in the UNet's transformer blocks, and each model on the GPU only while it runs
-    (diffusers' model CPU offload: the image encoder and VAE leave the GPU while the UNet denoises)."""
+    (diffusers' model CPU offload: each model goes back to the CPU when the next one in the sequence runs)."""
     set_forward_chunking(pipe.unet, True)
     if device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)

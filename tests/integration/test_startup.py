@@ -15,6 +15,7 @@ import pytest
 
 from producer.client import Client
 from producer.contract import JobState, priority_queues
+from producer.local_redis import free_port
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
 from worker.startup import LOAD_FAILED, check_safetensors
 
@@ -40,11 +41,14 @@ def break_unet_config(model: Path) -> Path:
     return config
 
 
-def run_failing_worker(env: dict[str, str], model: Path, queue: str, hostname: str) -> subprocess.CompletedProcess:
+def run_failing_worker(
+    env: dict[str, str], model: Path, queue: str, hostname: str, *extra: str
+) -> subprocess.CompletedProcess:
     started = time.monotonic()
     done = subprocess.run(
-        [SVDQ, "worker", f"--hostname={hostname}", f"--queues={','.join(priority_queues(queue))}"],
-        env={**env, "SVDQ_MODEL": str(model)},
+        [SVDQ, "worker", f"--hostname={hostname}", f"--queues={','.join(priority_queues(queue))}", *extra],
+        # With metrics on: a restarted pool process used to fail on the port, hiding the real error.
+        env={**env, "SVDQ_MODEL": str(model), "SVDQ_METRICS_PORT": str(free_port())},
         capture_output=True,
         text=True,
         timeout=120,
@@ -61,10 +65,11 @@ def top_entry(env: dict[str, str], hostname: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("damage", "expected"),
+    ("damage", "expected", "pool"),
     [
-        (truncate_unet, "truncated"),  # caught before Celery starts, from the file's own header
-        (break_unet_config, "config.json"),  # raised by from_pretrained in the pool process
+        (truncate_unet, "truncated", "prefork"),  # caught before Celery starts, from the file's own header
+        (break_unet_config, "config.json", "prefork"),  # raised by from_pretrained in the pool process
+        (break_unet_config, "config.json", "solo"),  # raised in the main process itself
     ],
 )
 def test_a_worker_whose_model_cannot_load_exits_and_the_job_waits_for_a_healthy_one(
@@ -75,6 +80,7 @@ def test_a_worker_whose_model_cannot_load_exits_and_the_job_waits_for_a_healthy_
     start_worker: Callable[..., WorkerProcess],
     damage: Callable[[Path], Path],
     expected: str,
+    pool: str,
 ) -> None:
     model, damaged = damaged_copy(tiny_model, tmp_path, damage)
     queue = f"test-{uuid.uuid4().hex[:8]}"
@@ -82,12 +88,13 @@ def test_a_worker_whose_model_cannot_load_exits_and_the_job_waits_for_a_healthy_
         job = client.submit(image_file, **SMALL)
     hostname = f"broken{uuid.uuid4().hex[:6]}@test"
 
-    done = run_failing_worker(svdq_env, model, queue, hostname)
+    done = run_failing_worker(svdq_env, model, queue, hostname, f"--pool={pool}")
 
     assert done.returncode == LOAD_FAILED
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("svdq worker: the model") and expected in last and str(damaged) in last
-    assert "Address already in use" not in done.stderr + done.stdout  # one failure, not another in its place
+    output = done.stderr + done.stdout
+    assert output.count("worker process loading") <= 1 and "Address already in use" not in output  # no reload
     with Client.from_env(queue=queue) as client:
         assert client.job(job.id).status().state is JobState.QUEUED
     shown = top_entry(svdq_env, hostname)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from producer.contract import JobParams
+from worker.decode import OutOfMemory
 from worker.pipeline import Renderer, load_renderer, tune_options
 from worker.settings import WorkerSettings
 from worker.tiny_model import build_tiny_pipeline, make_tiny_model
@@ -140,16 +141,20 @@ def test_compile_defaults_to_cuda_only_and_can_be_turned_off(monkeypatch: pytest
     assert tune_options(WorkerSettings(), CPU).compile is True
 
 
-def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(tmp_path: Path) -> None:
+def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """load_renderer as the worker calls it, with compile forced on a CPU: the cache folder is configured, the
     warm-up shape and SVDQ_COMPILE_SHAPES are compiled, and a job at another shape never stalls on a compile."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # set by the load; restored after the test
+        monkeypatch.setenv(name, str(tmp_path / "unused"))
     model = make_tiny_model(tmp_path / "tiny")
     settings = WorkerSettings(model=str(model), compile=True, compile_backend="aot_eager",
                               compile_cache_dir=str(tmp_path / "cache"), compile_shapes="64x64x3")  # fmt: skip
     renderer = load_renderer(settings)
     assert renderer.tuned.compiled_regions == 18 and renderer.load_seconds > 0
     assert (tmp_path / "cache" / "inductor").is_dir()
-    assert renderer.compiled_shapes == {(64, 64, 2), (64, 64, 3)}
+    assert renderer.compiled_shapes == {(64, 64, 2, True), (64, 64, 3, True)}
     image = Image.new("RGB", (64, 64))
 
     def render(frames: int) -> dict[str, float]:
@@ -159,7 +164,7 @@ def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(tm
         return timings
 
     assert "compile" not in render(4)  # not a compiled shape: eager, no compile
-    assert renderer.compiled_shapes == {(64, 64, 2), (64, 64, 3)}
+    assert renderer.compiled_shapes == {(64, 64, 2, True), (64, 64, 3, True)}
     assert "compile" not in render(3) and renderer.runs_compiled(JobParams(width=64, height=64, num_frames=3))
     with pytest.raises(ValueError, match="SVDQ_COMPILE_SHAPES"):
         load_renderer(WorkerSettings(model=str(model), compile=True, compile_shapes="64x64"))
@@ -199,3 +204,28 @@ def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) ->
     (cold_loaded, cold, cold_size), (warm_loaded, warm, _) = runs
     assert not cold_loaded and warm_loaded and cold_size > 0 and (tmp_path / "artifacts.bin").is_file()
     assert warm < cold / 2, runs
+
+
+def test_out_of_memory_retries_once_with_the_feed_forward_split_then_restores_it() -> None:
+    """The OOM path toggles modules inside compiled regions: it must render the same and leave no split behind."""
+    pipe = tiny()
+    renderer = Renderer(pipe=pipe, device=CPU, dtype=torch.float32)
+    renderer.tuned = tune(pipe, CPU, torch.float32, TuneOptions(compile=True, compile_backend="aot_eager"),
+                          attention_shapes(pipe.unet, 64, 64, 4, 4))  # fmt: skip
+    image = Image.new("RGB", (64, 64), (90, 160, 30))
+    expected = renderer.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)
+    renderer.compile_new_shapes = False  # as after a warm-up
+    split_when_called: list[bool] = []
+    forward = pipe.unet.forward
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        split_when_called.append(any(isinstance(m, SplitFeedForward) for m in pipe.unet.modules()))
+        if len(split_when_called) == 1:
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    pipe.unet.forward = flaky
+    retried = renderer.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)
+    assert split_when_called[:2] == [False, True] and renderer.forward_chunking
+    assert not any(isinstance(m, SplitFeedForward) for m in pipe.unet.modules())
+    torch.testing.assert_close(retried, expected, rtol=1e-3, atol=1e-3)
