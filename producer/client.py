@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 from celery import Celery
@@ -32,9 +32,9 @@ from producer.contract import (
 from producer.netguard import UnsafeURL, check_url
 from producer.settings import Settings, is_sentinel, parse_sentinel_url, sentinel_options
 from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore
-from producer.storage import ObjectStore, content_name, open_store
+from producer.storage import ObjectStore, content_name, not_readable, open_store
 
-ImageInput = str | Path | bytes | Image.Image
+ImageInput = str | Path | bytes | Image.Image | BinaryIO
 _URL_SCHEMES = ("s3://", "file://", "http://", "https://")
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
@@ -128,7 +128,7 @@ class Job:
             events.close()
 
     def cancel(self) -> JobRecord:
-        """Cancel a queued job (it never starts) or a running one (it stops at its next step)."""
+        """Cancel a queued job (it never starts) or a running one (it stops within its current step)."""
         try:
             self.client.status.transition(self.id, JobState.CANCELED)
         except InvalidTransition as exc:
@@ -197,6 +197,7 @@ class Client:
         """
         # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
         checked = check_params(params)
+        self.settings.check_caps(checked)
         queue = queue_for(model_queue(self.settings.queue, checked.model), priority)
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
             raise InvalidParameter("idempotency_key", "must be 1 to 200 characters")
@@ -240,28 +241,46 @@ class Client:
         return Job(job_id, self)
 
     def _image_bytes(self, image: ImageInput) -> tuple[bytes | None, str]:
-        """The image's bytes and file suffix, or (None, "") for a URL the worker reads itself."""
+        """The image's bytes and file suffix, or (None, "") for a reference the worker reads itself.
+
+        A `str` is never a path on this machine: a web backend passes its users' strings straight through, and
+        they must not name the backend's own files. A local file is a `pathlib.Path` (or its bytes, or an open
+        binary file)."""
         if isinstance(image, Image.Image):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             data = buf.getvalue()
-        elif isinstance(image, bytes):
-            data = image
-        elif isinstance(image, str) and image.startswith(_URL_SCHEMES):
-            if image.startswith(("http://", "https://")):  # fetched by the worker, through the same guard
-                try:
-                    check_url(image, allow_private=self.settings.allow_private_urls)
-                except UnsafeURL as exc:
-                    raise InvalidParameter("image", str(exc)) from None
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        elif isinstance(image, str):
+            self._check_reference(image)
             return None, ""
-        else:
-            path = Path(image)
-            if not path.is_file():
-                raise InvalidParameter("image", f"no such file: {path}")
-            if path.stat().st_size > self.settings.max_image_bytes:
+        elif isinstance(image, Path):
+            if not image.is_file():
+                raise InvalidParameter("image", f"no such file: {image}")
+            if image.stat().st_size > self.settings.max_image_bytes:
                 raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
-            data = path.read_bytes()
+            data = image.read_bytes()
+        elif hasattr(image, "read"):
+            data = image.read(self.settings.max_image_bytes + 1)
+            if not isinstance(data, bytes):
+                raise InvalidParameter("image", "a file object must be opened in binary mode ('rb')")
+        else:
+            raise InvalidParameter("image", f"must be a URL or store key (str), a pathlib.Path, bytes, a binary file "
+                                   f"or a PIL image, not {type(image).__name__}")  # fmt: skip
         return data, self._check_image(data)
+
+    def _check_reference(self, ref: str) -> None:
+        """A URL the worker fetches (through the address guard), or an image in a place this service reads."""
+        if ref.startswith(("http://", "https://")):
+            try:
+                check_url(ref, allow_private=self.settings.allow_private_urls)
+            except UnsafeURL as exc:
+                raise InvalidParameter("image", str(exc)) from None
+            return
+        hint = "" if ref.startswith(_URL_SCHEMES) else " (a local file is passed as pathlib.Path)"
+        if not self.store.may_read(ref) or (not ref.startswith(_URL_SCHEMES) and not self.store.exists(ref)):
+            raise InvalidParameter("image", str(not_readable(ref)) + hint)
 
     def _check_image(self, data: bytes) -> str:
         if not data:

@@ -161,6 +161,20 @@ class JobParams(BaseModel):
         return self
 
 
+def check_caps(params: JobParams, *, max_frames: int, max_pixels: int, max_steps: int) -> None:
+    """The operator's limits (SVDQ_MAX_FRAMES, SVDQ_MAX_PIXELS, SVDQ_MAX_STEPS), below the contract's own bounds:
+    they keep any one job's GPU time, and so a cancel's wait for the next step, bounded."""
+    if params.num_frames > max_frames:
+        raise InvalidParameter("num_frames", f"{params.num_frames} is over this service's SVDQ_MAX_FRAMES={max_frames}")
+    if params.width * params.height > max_pixels:
+        raise InvalidParameter("width", f"{params.width}x{params.height} is {params.width * params.height:,} pixels, "
+                               f"over this service's SVDQ_MAX_PIXELS={max_pixels:,}")  # fmt: skip
+    if params.num_inference_steps > max_steps:
+        raise InvalidParameter(
+            "num_inference_steps", f"{params.num_inference_steps} is over this service's SVDQ_MAX_STEPS={max_steps}"
+        )
+
+
 class JobRequest(JobParams):
     """What travels in the Celery message: parameters plus where the input image is.
 

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.contract import DEFAULT_QUEUE
+from producer.contract import DEFAULT_QUEUE, JobParams, check_caps
 
 
 def default_storage_url() -> str:
@@ -18,6 +18,9 @@ def default_storage_url() -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SVDQ_", extra="ignore")
 
+    def check_caps(self, params: JobParams) -> None:
+        check_caps(params, max_frames=self.max_frames, max_pixels=self.max_pixels, max_steps=self.max_steps)
+
     # Broker and status records share one Redis; `rediss://` and passwords work from the URL, and
     # `sentinel://HOST:26379;sentinel://HOST2:26379/DB` finds the master through Redis Sentinel.
     redis_url: str = "redis://localhost:6379/0"
@@ -25,11 +28,19 @@ class Settings(BaseSettings):
     # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
     storage_url: str = default_storage_url()
     s3_endpoint_url: str | None = None
+    # Where else images may be read from, besides the store: `s3://BUCKET[/PREFIX]`, `file:///ABS/PATH`, comma-
+    # separated. Any other s3:// or file:// reference is refused as "not found", whether or not it exists.
+    input_allow: str = ""
     queue: str = DEFAULT_QUEUE
     # Terminal records expire after this many seconds.
     result_ttl: int = 7 * 24 * 3600
     # Presigned result URLs expire after this many seconds (S3 allows at most 7 days).
     presign_ttl: int = 24 * 3600
+    # Operator caps on one job, checked at submit and again by the worker (the contract allows up to 128 frames,
+    # 2048x2048 and 200 steps): they bound a job's GPU time, and so how long a cancel waits for the next step.
+    max_frames: int = 64
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 100
     max_image_bytes: int = 50 * 1024 * 1024
     # Larger images are refused from their header (decompression bombs); SVD renders at most 2048x2048.
     max_image_pixels: int = 40_000_000

@@ -32,6 +32,21 @@ class InvalidReference(ValueError):
     """A reference this store will not read (wrong scheme, or a path outside the store)."""
 
 
+def not_readable(ref: str) -> ObjectNotFound:
+    """One answer for "outside the places this service reads" and "not there", so neither reveals the other."""
+    return ObjectNotFound(f"no image at {ref.split('?', 1)[0]} that this service may read")
+
+
+def parse_allow(spec: str) -> list[str]:
+    """SVDQ_INPUT_ALLOW: `s3://BUCKET[/PREFIX]` and `file:///ABS/PATH` entries, comma-separated."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    for entry in entries:
+        parts = urlsplit(entry)
+        if not ((parts.scheme == "s3" and parts.netloc) or (parts.scheme == "file" and parts.path.startswith("/"))):
+            raise ValueError(f"SVDQ_INPUT_ALLOW: {entry!r} is not s3://BUCKET[/PREFIX] or file:///ABS/PATH")
+    return entries
+
+
 @dataclass(frozen=True)
 class Stored:
     key: str  # the object's key in its bucket, or its path under the store's root
@@ -48,6 +63,7 @@ class ObjectStore(Protocol):
 
     def put(self, name: str, data: bytes, content_type: str) -> Stored: ...
     def exists(self, name: str) -> bool: ...
+    def may_read(self, ref: str) -> bool: ...
     def ref(self, name: str) -> str: ...
     def read(self, ref: str) -> bytes: ...
     def read_key(self, key: str) -> bytes: ...
@@ -57,9 +73,12 @@ class ObjectStore(Protocol):
 class FileStore:
     """A folder on one machine: the embedded default, for a producer and workers on the same host."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, allow: list[str] | None = None):
         self.root = root.resolve()
         self.url = self.root.as_uri()
+        # Besides the store itself, folders images may be read from (SVDQ_INPUT_ALLOW's file:// entries).
+        self.readable = [self.root, *(Path(unquote(urlsplit(a).path)).resolve() for a in allow or []
+                                      if a.startswith("file://"))]  # fmt: skip
 
     def _path(self, name: str) -> Path:
         try:
@@ -87,24 +106,43 @@ class FileStore:
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
 
+    def may_read(self, ref: str) -> bool:
+        """Whether `ref` is somewhere this store reads images from (not whether it exists)."""
+        parts = urlsplit(ref)
+        if parts.scheme not in ("", "file"):
+            return False
+        try:
+            path = Path(unquote(parts.path)).resolve() if parts.scheme else self._path(ref)
+        except (ValueError, InvalidReference):
+            return False
+        return any(path.is_relative_to(folder) for folder in self.readable)
+
     def ref(self, name: str) -> str:
         return self._path(name).as_uri()
 
     def read(self, ref: str) -> bytes:
         parts = urlsplit(ref)
         if parts.scheme == "file":
-            path = self._path(unquote(parts.path))  # absolute: checked against the store's root
+            try:
+                path = Path(unquote(parts.path)).resolve()
+            except ValueError:  # an embedded NUL byte
+                raise not_readable(ref) from None
+            if not any(path.is_relative_to(folder) for folder in self.readable):
+                raise not_readable(ref)
         elif parts.scheme:
             raise InvalidReference(f"{parts.scheme}:// images need an s3:// SVDQ_STORAGE_URL")
         else:
-            path = self._path(ref)
+            try:
+                path = self._path(ref)
+            except InvalidReference:  # outside the store, or not a name at all
+                raise not_readable(ref) from None
         try:
             return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ObjectNotFound(f"no image at {ref}") from None
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+            raise not_readable(ref) from None
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:  # permanent: retrying cannot shorten it
-                raise InvalidReference(f"the name is too long: {exc.strerror}") from None
+                raise not_readable(ref) from None
             raise
 
     def read_key(self, key: str) -> bytes:
@@ -117,12 +155,28 @@ class FileStore:
 class S3Store:
     """Any S3-compatible store through boto3: AWS, MinIO, R2, moto."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "", presign_ttl: int = 3600):
+    def __init__(
+        self, client: Any, bucket: str, prefix: str = "", presign_ttl: int = 3600, allow: list[str] | None = None
+    ):
         self.s3 = client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.presign_ttl = presign_ttl
         self.url = f"s3://{bucket}/{self.prefix}"
+        # (bucket, key prefix) pairs images may be read from: the store, and SVDQ_INPUT_ALLOW's s3:// entries.
+        self.readable = [(bucket, self.prefix)] + [
+            (urlsplit(a).netloc, urlsplit(a).path.lstrip("/")) for a in allow or [] if a.startswith("s3://")
+        ]
+
+    def allows(self, bucket: str, key: str) -> bool:
+        return ".." not in key.split("/") and any(bucket == b and key.startswith(p) for b, p in self.readable)
+
+    def may_read(self, ref: str) -> bool:
+        """Whether `ref` is somewhere this store reads images from (not whether it exists)."""
+        parts = urlsplit(ref)
+        if parts.scheme == "s3":
+            return self.allows(parts.netloc, parts.path.lstrip("/"))
+        return not parts.scheme and ".." not in ref.split("/")
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -148,6 +202,8 @@ class S3Store:
         parts = urlsplit(ref)
         if parts.scheme == "s3":
             bucket, key = parts.netloc, parts.path.lstrip("/")
+            if not self.allows(bucket, key):
+                raise not_readable(ref)  # never asked of S3: the worker's credentials may reach other buckets
         elif parts.scheme:
             raise InvalidReference(f"{parts.scheme}:// images are not read by an s3:// store")
         else:
@@ -178,7 +234,9 @@ def _s3_errors(key: str, *, reading: bool = False) -> Iterator[None]:
         yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING and (reading or code != "NoSuchBucket"):  # a write to no bucket: the operator's
+        if code in _MISSING and reading:
+            raise not_readable(key) from None
+        if code in _MISSING and code != "NoSuchBucket":  # a write to no bucket: the operator's to fix
             raise ObjectNotFound(f"no object {key}") from None
         if reading and code in _INVALID:
             raise InvalidReference(f"not a readable object name ({code})") from None
@@ -208,9 +266,10 @@ def make_s3_client(settings: Settings) -> Any:
 
 def open_store(settings: Settings, s3_client: Any | None = None) -> ObjectStore:
     parts = urlsplit(settings.storage_url)
+    allow = parse_allow(settings.input_allow)
     if parts.scheme == "s3" and parts.netloc:
         client = s3_client if s3_client is not None else make_s3_client(settings)
-        return S3Store(client, parts.netloc, parts.path, settings.presign_ttl)
+        return S3Store(client, parts.netloc, parts.path, settings.presign_ttl, allow)
     if parts.scheme == "file" and parts.path.startswith("/"):
-        return FileStore(Path(unquote(parts.path)))
+        return FileStore(Path(unquote(parts.path)), allow)
     raise ValueError(f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}")

@@ -38,20 +38,15 @@ PATHS = ("stock", "svdq", "eager", "lowvram")
 
 def build_full_svd_xt(device: torch.device, dtype: torch.dtype) -> Any:
     """SVD-XT's architecture with random weights, built on `device`: the real model's cost, no download."""
-    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from worker.tiny_model import build_tiny_pipeline
+    from worker.tiny_model import build_tiny_pipeline, svd_vae
 
     scheduler = build_tiny_pipeline().scheduler  # SVD-XT's scheduler config
     with device:  # allocate straight on the GPU: 2.3B parameters initialised on a CPU take minutes
         unet = UNetSpatioTemporalConditionModel()  # the defaults are SVD-XT's UNet
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-        )
+        vae = svd_vae()
         image_encoder = CLIPVisionModelWithProjection(
             CLIPVisionConfig(
                 hidden_size=1280,

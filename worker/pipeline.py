@@ -74,6 +74,17 @@ class Renderer:
     # shape runs eagerly rather than stall its GPU unseen.
     compiled_shapes: set[tuple[int, int, int, bool]] = field(default_factory=set)
     compile_new_shapes: bool = True
+    # Called before each of the UNet's down, mid and up blocks while a job denoises: may raise to stop it there.
+    checkpoint: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        unet = self.pipe.unet
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            block.register_forward_pre_hook(self._at_block)
+
+    def _at_block(self, module: torch.nn.Module, args: Any) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint()
 
     @property
     def vae(self) -> torch.nn.Module:

@@ -74,7 +74,22 @@ class Progress:
     ):
         self.status, self.attempt, self.interval, self.clock = status, attempt, interval, clock
         self.hand_back = hand_back
-        self._last = float("-inf")
+        self._last = self._last_check = float("-inf")
+
+    def check(self) -> None:
+        """Between the UNet's blocks, inside a step (a step at the caps takes seconds on a GPU): the same stop
+        conditions as a step's, with the record read at most every `interval` seconds."""
+        if self.hand_back():
+            raise HandBack(self.attempt.job_id)
+        now = self.clock()
+        if now - self._last_check < self.interval:
+            return
+        self._last_check = now
+        try:
+            if self.status.state(self.attempt.job_id) is not JobState.STARTED:
+                raise JobCanceled(self.attempt.job_id)
+        except redis.RedisError:  # Redis restarting: the next step's write will tell
+            return
 
     def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
         if self.hand_back():
@@ -107,6 +122,10 @@ def run_job(rt: Runtime, job_id: Any, raw_request: Any, worker: str, queue: str 
     if request.model and request.model != (served := rt.settings.served_model()):
         wrong = f"this worker serves model {served!r}, the job asks for {request.model!r} (it reached the wrong queue)"
         return _fail(rt, attempt, JobFailed(ErrorCode.INVALID_INPUT, wrong))
+    try:
+        rt.settings.check_caps(request)  # the producer checked with its own settings: these are this GPU's
+    except InvalidParameter as exc:
+        return _fail(rt, attempt, JobFailed(ErrorCode.INVALID_INPUT, str(exc)))
 
     # 3-4. Fetch the image and render on the device.
     timings = {"load": round(rt.take_load_seconds(), 4)}
@@ -213,7 +232,15 @@ def _render(
     # 4. Denoise, then decode streamed into the encoder (worker.video).
     progress = Progress(rt.status, attempt, hand_back=rt.heartbeat.should_hand_back)
     return start_video(
-        rt.renderer, image, request, seed, rt.settings, timings=timings, memory=memory, progress=progress
+        rt.renderer,
+        image,
+        request,
+        seed,
+        rt.settings,
+        timings=timings,
+        memory=memory,
+        progress=progress,
+        checkpoint=progress.check,
     )
 
 

@@ -13,6 +13,18 @@ from typing import Any
 import torch
 
 
+def svd_vae() -> Any:
+    """SVD's real VAE architecture, random weights."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    return AutoencoderKLTemporalDecoder(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    )
+
+
 def build_tiny_pipeline(full_vae: bool = False) -> Any:
     from diffusers import (
         AutoencoderKLTemporalDecoder,
@@ -53,13 +65,7 @@ def build_tiny_pipeline(full_vae: bool = False) -> Any:
     )
     torch.manual_seed(0)
     if full_vae:
-        # SVD's real VAE architecture (random weights): what memory benchmarks must measure.
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-        )
+        vae = svd_vae()  # what memory benchmarks must measure
     else:
         # Three blocks: latents 4x smaller than the frames. With two (2x), the UNet's attention over a
         # 64x64 video's 32x32 latents made each step about five times slower on a CPU.

@@ -76,8 +76,10 @@ def start_video(
     timings: dict[str, float],
     memory: dict[str, Any],
     progress: ProgressFn = _no_progress,
+    checkpoint: Callable[[], None] | None = None,
 ) -> PendingVideo:
-    """Everything that needs the device; the caller finishes (or closes) what it returns."""
+    """Everything that needs the device; the caller finishes (or closes) what it returns. `checkpoint` runs
+    between the UNet's blocks and may raise to stop the render mid-step."""
     clock = Stopwatch(timings)
 
     # 1. Denoise to latents on the device (retried with forward chunking on out-of-memory). A shape the
@@ -89,6 +91,7 @@ def start_video(
                     "adds shapes)", params.width, params.height, params.num_frames)  # fmt: skip
     progress("compile" if renderer.needs_compile(params) else "denoise", 0.05, force=True)
     started = time.perf_counter()
+    renderer.checkpoint = checkpoint
     try:
         latents = renderer.denoise(
             image,
@@ -97,6 +100,7 @@ def start_video(
             on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total, step=done, total_steps=total),
         )
     finally:
+        renderer.checkpoint = None
         memory["forward_chunking"] = renderer.forward_chunking
     renderer.synchronize()
     clock.add("denoise", started)

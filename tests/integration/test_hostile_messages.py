@@ -16,10 +16,10 @@ from celery import Celery
 
 from producer import keys
 from producer.client import Client
-from producer.contract import TASK_NAME, JobState
+from producer.contract import TASK_NAME, InvalidParameter, JobState
 from producer.settings import Settings
 from producer.status import StatusStore
-from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
+from tests.integration.conftest import BUCKET, PREFIX, SMALL, SVDQ, WorkerProcess
 from worker.recovery import Recovery
 
 pytestmark = pytest.mark.integration
@@ -131,3 +131,65 @@ def test_reads_of_missing_buckets_and_bad_names_are_input_errors(svdq_env: dict[
         with pytest.raises(JobFailed) as failed:
             fetch_image(store, ref, max_bytes=1000)
         assert failed.value.code is ErrorCode.INVALID_INPUT, (ref, failed.value)
+
+
+def test_operator_caps_refuse_at_submit_and_in_the_worker(
+    svdq_env: dict[str, str], start_worker: Callable[..., WorkerProcess], celery_control: Celery, image_file: Path
+) -> None:
+    queue = f"caps-{uuid.uuid4().hex[:8]}"
+    refused = subprocess.run([SVDQ, "submit", str(image_file), "--frames", "6", "--width", "64", "--height", "64"],
+                             env={**svdq_env, "SVDQ_QUEUE": queue, "SVDQ_MAX_FRAMES": "4"}, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "num_frames" in refused.stderr and "SVDQ_MAX_FRAMES=4" in refused.stderr
+    with Client.from_env(queue=queue) as client:
+        assert client.redis.llen(queue) == 0  # nothing enqueued
+
+    # A producer with laxer caps (or a raw message): the worker's own caps decide, and the worker goes on.
+    worker = start_worker(env={"SVDQ_MAX_FRAMES": "4"})
+    with Client.from_env(queue=worker.queue) as client:
+        over = client.submit(image_file, **{**SMALL, "num_frames": 6}).wait(timeout=120)
+        assert over.state is JobState.FAILED and over.error is not None
+        assert over.error.code == "invalid_input" and "SVDQ_MAX_FRAMES=4" in over.error.message
+        assert client.submit(image_file, **SMALL).wait(timeout=120).state is JobState.SUCCEEDED
+
+
+def test_images_are_read_only_from_the_store_or_allowed_places(
+    svdq_env: dict[str, str], s3: Any, start_worker: Callable[..., WorkerProcess], celery_control: Celery,
+    image_file: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    other = f"private-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=other)
+    s3.put_object(Bucket=other, Key="hr/scan.png", Body=image_file.read_bytes())
+    s3.put_object(Bucket=other, Key="public/ok.png", Body=image_file.read_bytes())
+    secret = tmp_path / "backend-secret.png"
+    secret.write_bytes(image_file.read_bytes())
+    worker = start_worker(env={"SVDQ_INPUT_ALLOW": f"s3://{other}/public"})
+    with Client.from_env(queue=worker.queue) as client:
+        answers = set()
+        for ref in (f"s3://{other}/hr/scan.png", f"s3://{other}/hr/missing.png", f"s3://{BUCKET}/elsewhere/x.png",
+                    f"s3://{BUCKET}/{PREFIX}/../elsewhere/x.png", secret.as_uri()):  # fmt: skip
+            with pytest.raises(InvalidParameter) as refused:
+                client.submit(ref, **SMALL)
+            assert refused.value.param == "image"
+            answers.add(refused.value.message.replace(ref, "REF"))
+        assert answers == {"no image at REF that this service may read"}  # exists or not: the same answer
+        with pytest.raises(InvalidParameter, match=r"pathlib\.Path"):
+            client.submit(str(secret), **SMALL)  # a str is never a local path of the producer
+        assert client.submit(secret, **SMALL).wait(timeout=120).state is JobState.SUCCEEDED  # a Path is
+
+        # A raw message for another bucket: refused by the worker without reading it, as if it did not exist.
+        job_id = uuid.uuid4().hex
+        request = {**SMALL, "image": f"s3://{other}/hr/scan.png"}
+        celery_control.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, queue=worker.queue)
+        deadline = time.monotonic() + 120
+        while not client.redis.exists(keys.job(job_id)):  # the worker writes the record when it takes the message
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        record = client.job(job_id).wait(timeout=120)
+        assert record.state is JobState.FAILED and record.error is not None and record.error.code == "invalid_input"
+        assert "that this service may read" in record.error.message
+
+    # SVDQ_INPUT_ALLOW opens a place to producer and worker alike.
+    with Client.from_env(queue=worker.queue, input_allow=f"s3://{other}/public") as client:
+        ok = client.submit(f"s3://{other}/public/ok.png", **SMALL).wait(timeout=120)
+        assert ok.state is JobState.SUCCEEDED, ok

@@ -71,8 +71,8 @@ def test_wait_is_woken_by_events_not_by_polling(client: Client, worker: WorkerPr
 def test_cancel_a_running_job_frees_the_warm_worker(
     svdq_env: dict[str, str], start_worker: Any, image_file: Path
 ) -> None:
-    fresh = start_worker()
-    with Client.from_env(queue=fresh.queue) as client:
+    fresh = start_worker(env={"SVDQ_MAX_STEPS": "200"})  # above the default cap, for a long job
+    with Client.from_env(queue=fresh.queue, max_steps=200) as client:
         client.submit(image_file, **SMALL).wait(timeout=120)  # pays the first-job load
         running = client.submit(image_file, **{**LONG, "num_inference_steps": 200})
         wait_until(running, lambda r: (r.step or 0) >= 1)

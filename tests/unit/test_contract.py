@@ -13,6 +13,7 @@ from producer.contract import (
     InvalidParameter,
     JobParams,
     JobState,
+    check_caps,
     check_job_id,
     check_params,
     check_request,
@@ -125,3 +126,19 @@ def test_our_own_ids_fit_the_grammar() -> None:
 
     assert check_job_id(uuid.uuid4().hex) and check_job_id("a" * 64) and check_job_id("Job_1-2")
     assert result_name("abc", "webm") == "abc/video.webm"
+
+
+def test_operator_caps_name_the_parameter_and_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    caps = {"max_frames": 64, "max_pixels": 1024 * 1024, "max_steps": 100}
+    check_caps(check_params({"num_frames": 64, "width": 1024, "height": 1024, "num_inference_steps": 100}), **caps)
+    for params, param, cap in [
+        ({"num_frames": 65}, "num_frames", "SVDQ_MAX_FRAMES=64"),
+        ({"width": 2048, "height": 576}, "width", "SVDQ_MAX_PIXELS=1,048,576"),
+        ({"num_inference_steps": 101}, "num_inference_steps", "SVDQ_MAX_STEPS=100"),
+    ]:
+        with pytest.raises(InvalidParameter) as refused:
+            check_caps(check_params(params), **caps)
+        assert refused.value.param == param and cap in refused.value.message
+    monkeypatch.setenv("SVDQ_MAX_FRAMES", "8")
+    with pytest.raises(InvalidParameter, match="SVDQ_MAX_FRAMES=8"):
+        Settings().check_caps(check_params({"num_frames": 9}))

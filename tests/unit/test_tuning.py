@@ -229,3 +229,29 @@ def test_out_of_memory_retries_once_with_the_feed_forward_split_then_restores_it
     assert split_when_called[:2] == [False, True] and renderer.forward_chunking
     assert not any(isinstance(m, SplitFeedForward) for m in pipe.unet.modules())
     torch.testing.assert_close(retried, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step() -> None:
+    """Cancel and hand-back need not wait for a step to end: a step at the caps takes seconds on a GPU."""
+
+    class Stop(Exception):
+        pass
+
+    pipe = tiny()
+    renderer = Renderer(pipe=pipe, device=CPU, dtype=torch.float32)
+    calls: list[int] = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 3:  # two blocks into the first step (the UNet has 2 down, 1 mid and 2 up blocks)
+            raise Stop
+
+    steps: list[int] = []
+    pending = None
+    with pytest.raises(Stop):
+        pending = start_video(renderer, Image.new("RGB", (64, 64)), PARAMS, 0, WorkerSettings(), timings={},
+                              memory={}, progress=lambda stage, *a, **k: steps.append(k.get("step", 0)),
+                              checkpoint=checkpoint)  # fmt: skip
+    assert pending is None and len(calls) == 3 and max(steps) == 0  # stopped before any step ended
+    assert renderer.checkpoint is None  # the next job starts clean
+    latents(pipe)  # and renders
