@@ -164,8 +164,11 @@ class S3Store:
         self.presign_ttl = presign_ttl
         self.url = f"s3://{bucket}/{self.prefix}"
         # (bucket, key prefix) pairs images may be read from: the store, and SVDQ_INPUT_ALLOW's s3:// entries.
+        # A prefix ends at a "/", so s3://b/public does not open s3://b/publicity.
         self.readable = [(bucket, self.prefix)] + [
-            (urlsplit(a).netloc, urlsplit(a).path.lstrip("/")) for a in allow or [] if a.startswith("s3://")
+            (urlsplit(a).netloc, urlsplit(a).path.strip("/") + "/" if urlsplit(a).path.strip("/") else "")
+            for a in allow or []
+            if a.startswith("s3://")
         ]
 
     def allows(self, bucket: str, key: str) -> bool:
@@ -206,6 +209,8 @@ class S3Store:
                 raise not_readable(ref)  # never asked of S3: the worker's credentials may reach other buckets
         elif parts.scheme:
             raise InvalidReference(f"{parts.scheme}:// images are not read by an s3:// store")
+        elif not self.may_read(ref):
+            raise not_readable(ref)
         else:
             bucket, key = self.bucket, self._key(ref)
         with _s3_errors(key, reading=True):

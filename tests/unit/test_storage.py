@@ -73,3 +73,14 @@ def test_unreadable_names_are_permanent_input_errors_not_outages(tmp_path: Path)
         with pytest.raises(JobFailed) as failed:
             fetch_image(store, ref, max_bytes=1000)
         assert failed.value.code is ErrorCode.INVALID_INPUT, ref
+
+
+def test_s3_allow_list_prefixes_end_at_a_slash_and_refuse_dot_dot() -> None:
+    store = S3Store(object(), "svdq", "renders", allow=["s3://other/public", "s3://whole"])
+    assert store.may_read("s3://svdq/renders/inputs/a.png") and store.may_read("inputs/a.png")
+    assert store.may_read("s3://other/public/a.png") and store.may_read("s3://whole/any/key.png")
+    for ref in ("s3://other/publicity/a.png", "s3://svdq/elsewhere/a.png", "s3://svdq/renders/../x.png",
+                "../x.png", "s3://private/hr/scan.png"):  # fmt: skip
+        assert not store.may_read(ref), ref
+        with pytest.raises(ObjectNotFound, match="that this service may read"):
+            store.read(ref)  # refused before any request (the client here is not even an S3 client)
