@@ -278,8 +278,9 @@ class Client:
             except UnsafeURL as exc:
                 raise InvalidParameter("image", str(exc)) from None
             return
-        hint = "" if ref.startswith(_URL_SCHEMES) else " (a local file is passed as pathlib.Path)"
-        if not self.store.may_read(ref) or (not ref.startswith(_URL_SCHEMES) and not self.store.exists(ref)):
+        # Whether it exists is the worker's to find out: asking here would answer it for anyone who submits.
+        if not self.store.may_read(ref):
+            hint = "" if ref.startswith(_URL_SCHEMES) else " (a local file is passed as pathlib.Path)"
             raise InvalidParameter("image", str(not_readable(ref)) + hint)
 
     def _check_image(self, data: bytes) -> str:

@@ -30,8 +30,11 @@ class CheckedURL:
     path: str  # path and query, for the request line
 
 
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# Ranges that embed IPv4 in layouts that vary (RFC 6052's /32-/64 forms under the local-use NAT64 prefix, SIIT's
+# ::ffff:0:0:0/96) or that are for local networks: never public, whatever the IPv4 inside.
+_NEVER_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("::ffff:0:0:0/96"))
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -39,7 +42,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     (64:ff9b::a.b.c.d, RFC 6052 and 8215), 6to4 (2002:AABB:CCDD::), Teredo (server and client), and the
     deprecated IPv4-compatible form (::a.b.c.d). Each is reachable as that IPv4 address."""
     found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-    if any(ip in net for net in _NAT64) or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
         found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return [v4 for v4 in found if v4 is not None]
 
@@ -50,6 +53,8 @@ def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
     if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _NEVER_PUBLIC):
+            return False
         candidates += embedded_ipv4(ip)
     return all(c.is_global and not c.is_multicast for c in candidates)
 

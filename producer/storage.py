@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,15 @@ class InvalidReference(ValueError):
 def not_readable(ref: str) -> ObjectNotFound:
     """One answer for "outside the places this service reads" and "not there", so neither reveals the other."""
     return ObjectNotFound(f"no image at {ref.split('?', 1)[0]} that this service may read")
+
+
+_RESULT = re.compile(r"[A-Za-z0-9_-]{1,64}/video\.(mp4|webm|gif)")
+
+
+def is_result(name: str) -> bool:
+    """Whether a name relative to the store is a job's video (contract.result_name): never another job's input,
+    or one user could feed another's video through the pipeline."""
+    return bool(_RESULT.fullmatch(name))
 
 
 def parse_allow(spec: str) -> list[str]:
@@ -65,8 +75,8 @@ class ObjectStore(Protocol):
     def exists(self, name: str) -> bool: ...
     def may_read(self, ref: str) -> bool: ...
     def ref(self, name: str) -> str: ...
-    def read(self, ref: str) -> bytes: ...
-    def read_key(self, key: str) -> bytes: ...
+    def read(self, ref: str) -> bytes: ...  # an input image, where inputs may come from
+    def read_key(self, key: str) -> bytes: ...  # what this store wrote under `key` (a job's video)
     def public_url(self, key: str) -> str | None: ...
 
 
@@ -83,7 +93,7 @@ class FileStore:
     def _path(self, name: str) -> Path:
         try:
             path = (self.root / name).resolve()
-        except ValueError:  # an embedded NUL byte
+        except (ValueError, RuntimeError):  # an embedded NUL byte, a symlink loop
             raise InvalidReference(f"{name!r} is not a valid name") from None
         if not path.is_relative_to(self.root):
             raise InvalidReference(f"{name!r} is outside the store")
@@ -104,7 +114,10 @@ class FileStore:
         return Stored(key=str(path.relative_to(self.root)), ref=path.as_uri())
 
     def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+        try:
+            return self._path(name).is_file()
+        except OSError:  # a name over the file system's limit
+            return False
 
     def may_read(self, ref: str) -> bool:
         """Whether `ref` is somewhere this store reads images from (not whether it exists)."""
@@ -113,7 +126,9 @@ class FileStore:
             return False
         try:
             path = Path(unquote(parts.path)).resolve() if parts.scheme else self._path(ref)
-        except (ValueError, InvalidReference):
+        except (ValueError, RuntimeError, InvalidReference):
+            return False
+        if path.is_relative_to(self.root) and is_result(str(path.relative_to(self.root))):
             return False
         return any(path.is_relative_to(folder) for folder in self.readable)
 
@@ -123,30 +138,23 @@ class FileStore:
     def read(self, ref: str) -> bytes:
         parts = urlsplit(ref)
         if parts.scheme == "file":
-            try:
-                path = Path(unquote(parts.path)).resolve()
-            except ValueError:  # an embedded NUL byte
-                raise not_readable(ref) from None
-            if not any(path.is_relative_to(folder) for folder in self.readable):
+            if not self.may_read(ref):
                 raise not_readable(ref)
+            path = Path(unquote(parts.path)).resolve()
         elif parts.scheme:
             raise InvalidReference(f"{parts.scheme}:// images need an s3:// SVDQ_STORAGE_URL")
+        elif not self.may_read(ref):  # outside the store, a result, or not a name at all
+            raise not_readable(ref)
         else:
-            try:
-                path = self._path(ref)
-            except InvalidReference:  # outside the store, or not a name at all
-                raise not_readable(ref) from None
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-            raise not_readable(ref) from None
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:  # permanent: retrying cannot shorten it
-                raise not_readable(ref) from None
-            raise
+            path = self._path(ref)
+        return _read_file(path, ref)
 
     def read_key(self, key: str) -> bytes:
-        return self.read(key)
+        try:
+            path = self._path(key)
+        except InvalidReference:
+            raise not_readable(key) from None
+        return _read_file(path, key)
 
     def public_url(self, key: str) -> str | None:
         return (self.root / key).as_uri()
@@ -172,14 +180,16 @@ class S3Store:
         ]
 
     def allows(self, bucket: str, key: str) -> bool:
-        return ".." not in key.split("/") and any(bucket == b and key.startswith(p) for b, p in self.readable)
+        if ".." in key.split("/") or (bucket == self.bucket and is_result(key.removeprefix(self.prefix))):
+            return False
+        return any(bucket == b and key.startswith(p) for b, p in self.readable)
 
     def may_read(self, ref: str) -> bool:
         """Whether `ref` is somewhere this store reads images from (not whether it exists)."""
         parts = urlsplit(ref)
         if parts.scheme == "s3":
             return self.allows(parts.netloc, parts.path.lstrip("/"))
-        return not parts.scheme and ".." not in ref.split("/")
+        return not parts.scheme and not ref.startswith("/") and self.allows(self.bucket, self._key(ref))
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -213,11 +223,14 @@ class S3Store:
             raise not_readable(ref)
         else:
             bucket, key = self.bucket, self._key(ref)
-        with _s3_errors(key, reading=True):
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return self._get(bucket, key)
 
     def read_key(self, key: str) -> bytes:
-        return self.read(f"s3://{self.bucket}/{key}")
+        return self._get(self.bucket, key)
+
+    def _get(self, bucket: str, key: str) -> bytes:
+        with _s3_errors(key, reading=True):
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def public_url(self, key: str) -> str | None:
         return self.s3.generate_presigned_url(
@@ -228,6 +241,17 @@ class S3Store:
 # Answers to a read that no retry can change: the input is wrong, not the store away.
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _INVALID = {"InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidURI", "400"}
+
+
+def _read_file(path: Path, ref: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        raise not_readable(ref) from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # permanent: retrying cannot shorten it
+            raise not_readable(ref) from None
+        raise
 
 
 @contextmanager

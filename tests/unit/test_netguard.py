@@ -23,7 +23,9 @@ def resolver(*addresses: str):  # type: ignore[no-untyped-def]
      "::ffff:127.0.0.1", "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1",
      # IPv6 forms that embed an IPv4 address and route to it: NAT64, 6to4, IPv4-compatible, Teredo
      "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:7f00:1::1", "2002:a9fe:a9fe::1",
-     "::127.0.0.1", "::10.0.0.1", "2001:0:4136:e378:8000:63bf:80ff:fffe"],
+     "::127.0.0.1", "::10.0.0.1", "2001:0:4136:e378:8000:63bf:80ff:fffe",
+     # RFC 6052's other layouts under the local-use prefix, and SIIT's form
+     "64:ff9b:1:0:7f:0:100:0", "64:ff9b:1:0:a:0:5ff:0", "64:ff9b:1:a9fe:a9:fe00:808:808", "::ffff:0:7f00:1"],
 )  # fmt: skip
 def test_non_public_addresses_are_refused(address: str) -> None:
     assert not is_public(address)

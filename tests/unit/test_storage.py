@@ -21,7 +21,9 @@ def test_file_store_round_trip(tmp_path: Path) -> None:
     stored = store.put("job1/video.mp4", b"data", "video/mp4")
     assert stored.key == "job1/video.mp4"
     assert store.exists("job1/video.mp4") and not store.exists("job2/video.mp4")
-    assert store.read(stored.ref) == b"data" == store.read("job1/video.mp4")
+    assert store.read_key(stored.key) == b"data"  # a job's video is read back by its key
+    with pytest.raises(ObjectNotFound):
+        store.read(stored.ref)  # but never taken as another job's input
     assert list(tmp_path.rglob(".part-*")) == []
 
 
@@ -80,7 +82,23 @@ def test_s3_allow_list_prefixes_end_at_a_slash_and_refuse_dot_dot() -> None:
     assert store.may_read("s3://svdq/renders/inputs/a.png") and store.may_read("inputs/a.png")
     assert store.may_read("s3://other/public/a.png") and store.may_read("s3://whole/any/key.png")
     for ref in ("s3://other/publicity/a.png", "s3://svdq/elsewhere/a.png", "s3://svdq/renders/../x.png",
-                "../x.png", "s3://private/hr/scan.png"):  # fmt: skip
+                "../x.png", "s3://private/hr/scan.png", "/etc/passwd"):  # fmt: skip
         assert not store.may_read(ref), ref
         with pytest.raises(ObjectNotFound, match="that this service may read"):
             store.read(ref)  # refused before any request (the client here is not even an S3 client)
+
+
+def test_videos_are_never_inputs_and_odd_paths_are_not_readable(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    victim = store.put("abc123/video.gif", b"GIF89a", "image/gif")
+    for ref in ("abc123/video.gif", victim.ref, "a" * 300):
+        assert not store.may_read(ref) or ref == "a" * 300  # a place it may read, but no file can have that name
+        with pytest.raises(ObjectNotFound, match="that this service may read"):
+            store.read(ref)
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert not store.may_read("loop1/x.png") and not store.may_read((tmp_path / "loop1").as_uri())
+    assert not store.exists("a" * 300)
+    s3 = S3Store(object(), "svdq", "renders")
+    assert not s3.may_read("s3://svdq/renders/abc123/video.mp4") and not s3.may_read("abc123/video.webm")
+    assert s3.may_read("s3://svdq/renders/uploads/abc123/video.mp4")  # deeper: not a result's name
