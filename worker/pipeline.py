@@ -69,7 +69,7 @@ class Renderer:
     denoise_peak_bytes: int = 0
     budget_bytes: float | None = None
     forward_chunking: bool = field(default=False)  # whether the last denoise needed it
-    # (width, height, frames) the compiled UNet has code for. Compiling a shape takes minutes the first time on
+    # Shapes (see `shape`) the compiled UNet has code for. Compiling a shape takes minutes the first time on
     # a machine, so only the warm-up compiles (the default size and SVDQ_COMPILE_SHAPES); a job at another
     # shape runs eagerly rather than stall its GPU unseen.
     compiled_shapes: set[tuple[int, int, int, bool]] = field(default_factory=set)
