@@ -103,6 +103,9 @@ def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_jso
         print_json(record.to_json_dict())
     elif not quiet:
         print(describe(record), file=sys.stderr)
+    elif record.state is not JobState.SUCCEEDED:  # quiet (submit --wait): still say why, in one line
+        why = f": {record.error.code}: {record.error.message}" if record.error else ""
+        print(f"svdq: job {job.id} {record.state.value}{why}", file=sys.stderr)
     if record.state is not JobState.SUCCEEDED:
         return EXIT_JOB_FAILED
     if output is not None:

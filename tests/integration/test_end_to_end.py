@@ -160,6 +160,16 @@ def test_corrupt_image_fails_its_job_and_the_worker_takes_the_next(
     assert good.worker == bad.worker == worker.hostname
 
 
+def test_submit_wait_says_why_a_job_failed(svdq_env: dict[str, str], worker: WorkerProcess, s3: Any) -> None:
+    key = f"{PREFIX}/uploads/{uuid.uuid4().hex}.png"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"this is not an image at all")
+    argv = [SVDQ, "submit", f"s3://{BUCKET}/{key}", "--wait", "--width", "64", "--height", "64", "--frames", "4"]
+    out = subprocess.run([*argv, "--steps", "2"], env=svdq_env, capture_output=True, text=True, timeout=120)
+    job_id = out.stdout.strip()
+    assert out.returncode == 1 and re.fullmatch(r"[0-9a-f]{32}", job_id)
+    assert f"svdq: job {job_id} failed: invalid_input: " in out.stderr and "could not be decoded" in out.stderr
+
+
 def test_plain_celery_message_without_a_record(
     svdq_env: dict[str, str], worker: WorkerProcess, s3: Any, image_file: Path, client: Client
 ) -> None:
