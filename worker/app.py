@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import (
+    task_revoked,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -25,7 +26,8 @@ from producer.client import connect_redis, producer_celery
 from producer.contract import TASK_NAME
 from producer.settings import redact_url, sentinel_options
 from producer.status import StatusStore
-from worker import runtime, tasks
+from worker import revoke, runtime, tasks
+from worker.events import TaskEvents
 from worker.recovery import Recovery, Sweeper
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, describe, report_to_presence
@@ -74,6 +76,7 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     tasks.register(app, settings)
+    revoke.install()
     _connect_signals(settings)
     return app
 
@@ -132,6 +135,40 @@ def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseExcept
         os._exit(LOAD_FAILED)
 
 
+def _start_main_process(settings: WorkerSettings, sender: Any) -> dict[str, Any]:
+    """The main process's duties, which outlive any pool process: recover dead workers' jobs anywhere, keep
+    this node's presence for `svdq top`, and cancel jobs that Flower or `celery control` revoke."""
+    status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
+    status.redis.delete(keys.stopping(sender.hostname))  # a restarted node is not stopping
+    status.redis.hdel(keys.worker(sender.hostname), "error", "failed_at")  # nor failed, as it may have been
+    sender_app = producer_celery(settings)
+    webhooks = sender_for(settings)
+    events = TaskEvents(sender.app, sender.hostname)
+
+    def send(job_id: str, request: dict[str, Any], queue: str) -> None:
+        sender_app.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
+
+    def ended(job_id: str) -> None:
+        events.ended(status.get(job_id))
+        notify(status, webhooks, job_id)
+
+    recovery = Recovery(
+        status,
+        send,
+        lease_ttl=settings.lease_ttl,
+        max_attempts=settings.max_attempts,
+        default_queue=settings.queue,
+        notify=ended,
+        requeued=lambda job_id, error: events.requeued(job_id, error, "recovered"),
+    )
+    revoke.CANCELLER.attach(status, events, notify=lambda job_id: notify(status, webhooks, job_id))
+    interval = max(0.5, settings.lease_ttl / 2)
+    presence = _presence(status, sender.hostname, settings, ttl=int(interval * 3) + 1)
+    presence()
+    sweeper = Sweeper(recovery, interval, also=presence).start()
+    return {"status": status, "sweeper": sweeper, "hostname": sender.hostname, "events": events}
+
+
 def _connect_signals(settings: WorkerSettings) -> None:
     state: dict[str, Any] = {}
 
@@ -139,29 +176,7 @@ def _connect_signals(settings: WorkerSettings) -> None:
         runtime.stop()
 
     def start_recovery(sender: Any = None, **_: Any) -> None:
-        # In the main process, which outlives any pool process: it recovers jobs of dead workers anywhere.
-        status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
-        status.redis.delete(keys.stopping(sender.hostname))  # a restarted node is not stopping
-        status.redis.hdel(keys.worker(sender.hostname), "error", "failed_at")  # nor failed, as it may have been
-        sender_app = producer_celery(settings)
-        webhooks = sender_for(settings)
-
-        def send(job_id: str, request: dict[str, Any], queue: str) -> None:
-            sender_app.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
-
-        recovery = Recovery(
-            status,
-            send,
-            lease_ttl=settings.lease_ttl,
-            max_attempts=settings.max_attempts,
-            default_queue=settings.queue,
-            notify=lambda job_id: notify(status, webhooks, job_id),
-        )
-        interval = max(0.5, settings.lease_ttl / 2)
-        presence = _presence(status, sender.hostname, settings, ttl=int(interval * 3) + 1)
-        presence()
-        sweeper = Sweeper(recovery, interval, also=presence).start()
-        state.update(status=status, sweeper=sweeper, hostname=sender.hostname)
+        state.update(_start_main_process(settings, sender))
 
     def begin_grace(sender: str | None = None, how: str = "", **_: Any) -> None:
         # Runs inside Celery's signal handler: the Redis write goes on a thread of its own.
@@ -180,6 +195,7 @@ def _connect_signals(settings: WorkerSettings) -> None:
     def stop_recovery(sender: Any = None, **_: Any) -> None:
         if "sweeper" in state:
             state["sweeper"].stop()
+            state["events"].close()
             failure = LoadFailure.from_env()
             if failure is not None and (error := failure.read()):  # keep the reason for `svdq top`
                 report_to_presence(state["status"].redis, state["hostname"], settings.served_model(), error)
@@ -190,5 +206,6 @@ def _connect_signals(settings: WorkerSettings) -> None:
     worker_process_init.connect(functools.partial(_load_model, settings), weak=False)
     worker_process_shutdown.connect(finish_last_job, weak=False)
     worker_ready.connect(start_recovery, weak=False)
+    task_revoked.connect(revoke.on_task_revoked, weak=False)
     worker_shutting_down.connect(begin_grace, weak=False)
     worker_shutdown.connect(stop_recovery, weak=False)

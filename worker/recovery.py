@@ -37,8 +37,9 @@ class Recovery:
         max_attempts: int,
         default_queue: str,
         notify: Callable[[str], None] = lambda job_id: None,
+        requeued: Callable[[str, dict[str, str]], None] = lambda job_id, error: None,
     ):
-        self.status, self.send, self.notify = status, send, notify
+        self.status, self.send, self.notify, self.requeued = status, send, notify, requeued
         self.lease_ttl, self.max_attempts, self.default_queue = lease_ttl, max_attempts, default_queue
 
     def sweep(self) -> list[tuple[str, str]]:
@@ -86,6 +87,7 @@ class Recovery:
             log.info("job %s: recovery not needed (%s)", job_id, exc)
             return None
         log.warning("job %s: %s; requeued on %s", job_id, lost, queue)
+        self.requeued(job_id, error)
         return "requeued"
 
 

@@ -42,6 +42,7 @@ from producer.storage import StorageUnavailable, Stored
 from worker import webhooks
 from worker.decode import OutOfMemory
 from worker.errors import HandBack, JobCanceled, JobFailed, backoff
+from worker.events import TaskEvents
 from worker.inputs import fetch_image, fit, open_image
 from worker.runtime import Runtime
 from worker.spool import SpoolFull
@@ -71,9 +72,10 @@ class Progress:
         interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
         hand_back: Callable[[], bool] = lambda: False,
+        events: TaskEvents | None = None,
     ):
         self.status, self.attempt, self.interval, self.clock = status, attempt, interval, clock
-        self.hand_back = hand_back
+        self.hand_back, self.events = hand_back, events
         self._last = self._last_check = float("-inf")
 
     def check(self) -> None:
@@ -102,13 +104,17 @@ class Progress:
                 fraction = round(min(max(progress, 0.0), 1.0), 4)
                 if not self.status.update(job_id, fence=self.attempt.number, stage=stage, progress=fraction, **extra):
                     raise JobCanceled(job_id)
+                if self.events is not None:
+                    self.events.progress(job_id, stage, fraction, force=force)
             elif self.status.state(job_id) is not JobState.STARTED:
                 raise JobCanceled(job_id)
         except redis.RedisError as exc:  # Redis restarting: the render goes on, the record catches up later
             log.warning("job %s: progress not written (%s)", job_id, exc)
 
 
-def run_job(rt: Runtime, job_id: Any, raw_request: Any, worker: str, queue: str | None = None) -> dict[str, Any]:
+def run_job(
+    rt: Runtime, job_id: Any, raw_request: Any, worker: str, queue: str | None = None, task_id: str | None = None
+) -> dict[str, Any]:
     # 1. Check the message: its id, its request, and that it asks for what the job's record asks for.
     accepted = _accept(rt, job_id, raw_request, queue)
     if isinstance(accepted, dict):
@@ -116,7 +122,7 @@ def run_job(rt: Runtime, job_id: Any, raw_request: Any, worker: str, queue: str 
     request = accepted
 
     # 2. Claim the job and its lease.
-    attempt = _claim(rt, job_id, worker)
+    attempt = _claim(rt, job_id, worker, task_id)
     if isinstance(attempt, dict):
         return attempt
     if request.model and request.model != (served := rt.settings.served_model()):
@@ -192,7 +198,7 @@ def _refused(status: StatusStore, job_id: str, request: JobRequest) -> str | Non
     return None if recorded == request else "its request differs from the job's record"
 
 
-def _claim(rt: Runtime, job_id: str, worker: str) -> Attempt | dict[str, Any]:
+def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attempt | dict[str, Any]:
     """This process's attempt at the job, or the outcome when it must not run here."""
     holder = f"{worker}/{os.getpid()}"
     try:
@@ -212,6 +218,8 @@ def _claim(rt: Runtime, job_id: str, worker: str) -> Attempt | dict[str, Any]:
             _notify(rt, job_id)
         return {"job_id": job_id, "state": exc.current.value if exc.current else None}
     rt.heartbeat.hold(job_id, holder, worker)
+    rt.events.track(job_id, task_id)
+    rt.events.started(job_id)
     record = rt.status.get(job_id)
     rt.metrics.job_started(record)
     webhooks.notify_record(rt.webhooks, record)
@@ -230,7 +238,7 @@ def _render(
     Stopwatch(timings).add("fetch", started)
 
     # 4. Denoise, then decode streamed into the encoder (worker.video).
-    progress = Progress(rt.status, attempt, hand_back=rt.heartbeat.should_hand_back)
+    progress = Progress(rt.status, attempt, hand_back=rt.heartbeat.should_hand_back, events=rt.events)
     return start_video(
         rt.renderer,
         image,
@@ -256,7 +264,7 @@ def _complete(
     """Step 5, on the finisher's thread: the encoder's last frames, the upload, the final status."""
     job_id = attempt.job_id
     try:
-        Progress(rt.status, attempt)("upload", 0.95, force=True)
+        Progress(rt.status, attempt, events=rt.events)("upload", 0.95, force=True)
         video = pending.finish()
     except JobCanceled:
         log.info("job %s canceled before its upload", job_id)
@@ -339,7 +347,9 @@ def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> dic
         rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, error=exc.as_error(),
                              stage="retrying", progress=0.0)  # fmt: skip
     except InvalidTransition:  # canceled meanwhile: no retry
+        _ended(rt, attempt.job_id)
         return {"job_id": attempt.job_id, "state": JobState.CANCELED.value}
+    rt.events.requeued(attempt.job_id, exc.as_error(), "retrying")
     return {"job_id": attempt.job_id, "state": JobState.QUEUED.value, "retry_in": round(delay, 3)}
 
 
@@ -351,7 +361,9 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> dict[str, Any]:
         rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, stage="handed_back",
                              progress=0.0)  # fmt: skip
     except InvalidTransition:
+        _ended(rt, attempt.job_id)
         return {"job_id": attempt.job_id, "state": None}
+    rt.events.requeued(attempt.job_id, None, "handed back: its worker is stopping")
     return {"job_id": attempt.job_id, "state": JobState.QUEUED.value, "retry_in": 0}
 
 
@@ -399,12 +411,17 @@ def _finish(rt: Runtime, attempt: Attempt, state: JobState, *, unleased: bool = 
 
 
 def _notify(rt: Runtime, job_id: str) -> None:
-    webhooks.notify(rt.status, rt.webhooks, job_id)
+    """A job canceled while queued: Flower and the webhook hear of it when its message comes up."""
+    with contextlib.suppress(JobNotFound, MalformedRecord):
+        record = rt.status.get(job_id)
+        rt.events.ended(record)
+        webhooks.notify_record(rt.webhooks, record)
 
 
 def _ended(rt: Runtime, job_id: str) -> None:
-    """The job has reached its final state (or was canceled or taken over): webhook and metrics."""
+    """The job has reached its final state (or was canceled or taken over): webhook, metrics, Flower."""
     record = rt.status.get(job_id)
     if record.state.is_terminal():  # not when another attempt took the job over: that one reports it
         rt.metrics.job_ended(record)
+        rt.events.ended(record)
         webhooks.notify_record(rt.webhooks, record)

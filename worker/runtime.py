@@ -16,6 +16,7 @@ from PIL import Image
 from producer.client import connect_redis
 from producer.status import StatusStore
 from producer.storage import ObjectStore, open_store
+from worker.events import TaskEvents
 from worker.finisher import Finisher
 from worker.heartbeat import Heartbeat
 from worker.metrics import Metrics
@@ -38,6 +39,7 @@ class Runtime:
     webhooks: WebhookSender | None = None
     metrics: Metrics = field(default_factory=Metrics)
     finisher: Finisher = field(default_factory=Finisher)
+    events: TaskEvents = field(default_factory=TaskEvents)  # bound to the worker by its first task
     _load_reported: bool = field(default=False)
 
     def take_load_seconds(self) -> float:
@@ -102,6 +104,7 @@ def stop() -> None:
         _current.finisher.drain()
         _current.spool.close(timeout=min(30.0, _current.settings.stop_grace))
         _current.heartbeat.close()
+        _current.events.close()
         if _current.webhooks is not None:
             _current.webhooks.close()
 

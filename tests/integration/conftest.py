@@ -3,16 +3,20 @@ ports, the tiny model built once through the CLI, and real `svdq worker` process
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -217,3 +221,35 @@ def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             img.putpixel((x, y), (x * 2, y * 3, 128))
     img.save(path)
     return path
+
+
+FLOWER_AUTH = "ops:flower-test-pw"
+
+
+def get(url: str, auth: str | None = None, method: str = "GET") -> Any:
+    """JSON from Flower (or any HTTP API), with basic auth."""
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def flower(svdq_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**svdq_env, "SVDQ_FLOWER_BASIC_AUTH": FLOWER_AUTH}
+    with (tmp_path / "flower.log").open("wb") as log:
+        proc = subprocess.Popen([SVDQ, "flower", f"--port={port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            get(url + "/api/workers", FLOWER_AUTH)
+            break
+        except (OSError, urllib.error.HTTPError):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer.client import Client
 from producer.contract import JobState
 from producer.local_redis import free_port
-from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, SVDQ
+from tests.integration.conftest import BUCKET, FLOWER_AUTH, PREFIX, SLOW, SMALL, SVDQ, get
 
 pytestmark = pytest.mark.integration
-
-FLOWER_AUTH = "ops:flower-test-pw"
-
-
-def get(url: str, auth: str | None = None) -> Any:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture
-def flower(svdq_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**svdq_env, "SVDQ_FLOWER_BASIC_AUTH": FLOWER_AUTH}
-    with (tmp_path / "flower.log").open("wb") as log:
-        proc = subprocess.Popen([SVDQ, "flower", f"--port={port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            get(url + "/api/workers", FLOWER_AUTH)
-            break
-        except (OSError, urllib.error.HTTPError):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_flower_needs_auth_unless_told_otherwise(svdq_env: dict[str, str]) -> None:
