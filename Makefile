@@ -2,18 +2,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A torch release this project is tested with. From the package index on Linux this is the CUDA
-# build; pick another build or version with e.g. `make install TORCH='torch==2.5.1'`.
-TORCH ?= torch==2.13.0
+# The versions CI tests, shared with the Dockerfile. torch comes at the version pinned there: from the
+# package index on Linux that is the CUDA build. Another torch: `make install TORCH='torch==2.7.1' CONSTRAINTS=`.
+CONSTRAINTS ?= constraints.txt
+TORCH ?= torch
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[worker,embedded,dev]"
+	$(BIN)/python -m pip install --quiet $(PIN) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(PIN) -e ".[worker,embedded,dev]"
 	touch $@
 
 demo: install
@@ -29,6 +31,11 @@ format: install
 
 test: install lint
 	$(BIN)/python -m pytest
+
+# After upgrading packages in the venv (and a green `make test`): record them as the tested versions.
+lock: install
+	{ grep '^#' constraints.txt; $(BIN)/pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .svdq-demo svdq-demo.mp4 .pytest_cache .ruff_cache

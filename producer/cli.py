@@ -1,8 +1,8 @@
 """`svdq`: submit, follow and fetch renders; start workers; watch the fleet; benchmark; build the tiny model; demo.
 
 Exit codes: 0 ok (or the job succeeded), 1 the job failed or was canceled, 2 bad usage or a bad
-parameter, 3 no such job, 4 timed out waiting, 5 Redis or storage unreachable, 6 refused (cancel of
-a job that already ended).
+parameter, 3 no such job, 4 timed out waiting, 5 Redis, storage or workers unreachable, 6 refused (cancel
+of a job that already ended).
 """
 
 from __future__ import annotations
@@ -206,6 +206,25 @@ def cmd_top(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Exit 0 once a worker answers (compose's healthcheck); 5 when none does within the timeout."""
+    celery = producer_celery(Settings())
+    try:
+        replies = celery.control.ping(destination=[args.hostname] if args.hostname else None, timeout=args.timeout)
+    finally:
+        celery.close()
+    names = sorted(name for reply in replies for name in reply)
+    if not names:
+        who = f"worker {args.hostname}" if args.hostname else "worker"
+        raise CliError(f"no {who} answered within {args.timeout:g}s (starting, or down: see `svdq top`)",
+                       EXIT_UNAVAILABLE)  # fmt: skip
+    if args.json:
+        print_json(names)
+    else:
+        print("\n".join(names))
+    return EXIT_OK
+
+
 def run_worker_module(module: str, argv: list[str]) -> None:
     """Replace this process with one of the worker's entry points (the producer never imports it)."""
     if importlib.util.find_spec("worker") is None or importlib.util.find_spec("torch") is None:
@@ -279,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print once and exit")
     top.add_argument("--json", action="store_true", help="print snapshots as JSON (with --once: one)")
     top.set_defaults(func=cmd_top)
+
+    ping = sub.add_parser("ping", help="exit 0 if a worker (or the one named) answers; 5 if none does")
+    ping.add_argument("--hostname", metavar="NAME", help="the worker's node name, e.g. gpu0@host (default: any)")
+    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers (default: 5)")
+    ping.add_argument("--json", action="store_true", help="print the names that answered as JSON")
+    ping.set_defaults(func=cmd_ping)
 
     demo = sub.add_parser("demo", help="start Redis (if needed) and a worker, render an example, stop them")
     demo.add_argument("--workdir", type=Path, default=Path(".svdq-demo"))

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
     storage_url: str = default_storage_url()
     s3_endpoint_url: str | None = None
+    # The endpoint that result URLs are presigned for, when users reach the store by another address than
+    # svdq does (MinIO in compose is `http://minio:9000` inside, `https://media.example.com` outside).
+    s3_public_endpoint_url: str | None = None
     # Where else images may be read from, besides the store: `s3://BUCKET[/PREFIX]`, `file:///ABS/PATH`, comma-
     # separated. Any other s3:// or file:// reference is refused as "not found", whether or not it exists.
     input_allow: str = ""

@@ -164,9 +164,16 @@ class S3Store:
     """Any S3-compatible store through boto3: AWS, MinIO, R2, moto."""
 
     def __init__(
-        self, client: Any, bucket: str, prefix: str = "", presign_ttl: int = 3600, allow: list[str] | None = None
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        presign_ttl: int = 3600,
+        allow: list[str] | None = None,
+        presigner: Any | None = None,
     ):
         self.s3 = client
+        self.presigner = presigner if presigner is not None else client  # signs for the public endpoint
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.presign_ttl = presign_ttl
@@ -233,7 +240,7 @@ class S3Store:
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def public_url(self, key: str) -> str | None:
-        return self.s3.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl
         )
 
@@ -276,7 +283,7 @@ def _s3_errors(key: str, *, reading: bool = False) -> Iterator[None]:
         raise StorageUnavailable(f"storage unreachable: {type(exc).__name__}") from None
 
 
-def make_s3_client(settings: Settings) -> Any:
+def make_s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -285,12 +292,12 @@ def make_s3_client(settings: Settings) -> Any:
         connect_timeout=5,
         read_timeout=60,
         retries={"max_attempts": 3, "mode": "standard"},
-        s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+        s3={"addressing_style": "path"} if (endpoint_url or settings.s3_endpoint_url) else {},
         # SigV4 for presigned URLs too: boto3 would otherwise sign them with SigV2, which newer AWS regions
         # and R2 refuse, and which carries no expiry of its own (X-Amz-Expires).
         signature_version="s3v4",
     )
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+    return boto3.client("s3", endpoint_url=endpoint_url or settings.s3_endpoint_url, config=config)
 
 
 def open_store(settings: Settings, s3_client: Any | None = None) -> ObjectStore:
@@ -298,7 +305,10 @@ def open_store(settings: Settings, s3_client: Any | None = None) -> ObjectStore:
     allow = parse_allow(settings.input_allow)
     if parts.scheme == "s3" and parts.netloc:
         client = s3_client if s3_client is not None else make_s3_client(settings)
-        return S3Store(client, parts.netloc, parts.path, settings.presign_ttl, allow)
+        # Presigning is local (no request): a second client only to sign URLs for the address users reach.
+        public = settings.s3_public_endpoint_url
+        presigner = make_s3_client(settings, public) if public else None
+        return S3Store(client, parts.netloc, parts.path, settings.presign_ttl, allow, presigner)
     if parts.scheme == "file" and parts.path.startswith("/"):
         return FileStore(Path(unquote(parts.path)), allow)
     raise ValueError(f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}")

@@ -288,3 +288,12 @@ def test_other_formats(client: Client, worker: WorkerProcess, s3: Any, image_fil
     head = s3.head_object(Bucket=BUCKET, Key=record.result.key)
     assert head["ContentType"] == content_type and head["ContentLength"] == record.result.bytes
     assert client.job(record.id).video_bytes()[:4] in (b"\x1a\x45\xdf\xa3", b"GIF8")
+
+
+def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str, str], worker: WorkerProcess) -> None:
+    live = subprocess.run([SVDQ, "ping", "--hostname", worker.hostname], env=svdq_env, capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert live.returncode == 0 and live.stdout.split() == [worker.hostname], live
+    gone = subprocess.run([SVDQ, "ping", "--hostname", "nobody@nowhere", "--timeout", "1"], env=svdq_env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert gone.returncode == 5 and "no worker nobody@nowhere answered" in gone.stderr, gone

@@ -140,7 +140,7 @@ def test_a_message_celery_discards_as_revoked_cancels_its_job(
     data = image_file.read_bytes()
     request = {"image": client.store.put(content_name(data, ".png"), data, "image/png").ref, **SMALL}
     client.status.create(job_id, request, queue=worker.queue)
-    expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+    expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     celery_control.send_task(
         TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=worker.queue, expires=expired
     )

@@ -11,7 +11,7 @@ import secrets
 import urllib.parse
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,23 @@ def test_presigned_result_urls_carry_the_configured_expiry(svdq_env: dict[str, s
     assert url is not None
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Expires"] == ["90"]
-    signed_at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
-    assert abs((datetime.now(timezone.utc) - signed_at).total_seconds()) < 60
+    signed_at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - signed_at).total_seconds()) < 60
     assert svdq_env["AWS_SECRET_ACCESS_KEY"] not in url
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.read() == b"not really a video"
+
+
+def test_result_urls_are_signed_for_the_public_endpoint(svdq_env: dict[str, str]) -> None:
+    # svdq reaches the store as 127.0.0.1, users as localhost (compose: http://minio:9000 inside, a public
+    # name outside): the URL names the public address, and the object is read through it.
+    inside = svdq_env["SVDQ_S3_ENDPOINT_URL"]
+    outside = inside.replace("127.0.0.1", "localhost")
+    assert outside != inside
+    store = open_store(Settings(s3_public_endpoint_url=outside))
+    stored = store.put(f"public-{uuid.uuid4().hex}/video.mp4", b"seen from outside", "video/mp4")
+    url = store.public_url(stored.key)
+    assert url is not None and url.startswith(f"{outside}/"), url
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.read() == b"seen from outside"
+    assert store.read_key(stored.key) == b"seen from outside"  # svdq itself still uses the inside address

@@ -1,0 +1,150 @@
+"""What ships: docker-compose.yml as Compose reads it, the image's pinned versions, the monitoring profile.
+
+No Docker engine here: `docker-compose config` (Debian's) validates and resolves the file, pip resolves the
+image's install against the lock without installing it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+ENV = {"MINIO_ROOT_PASSWORD": "pw-for-config", "FLOWER_BASIC_AUTH": "ops:pw-for-config", "HF_TOKEN": "hf_test"}
+
+
+def need(tool: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {tool} (.ci/run)")
+        pytest.skip(f"{tool} is not installed here (`apt-get install {tool}`)")
+    return found
+
+
+def compose_config(*args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [need("docker-compose"), *args, "config"],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], **ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a service's volumes, in either of Compose's forms (`src:target[:mode]` or a map)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+        else:
+            source, target = volume["source"], volume["target"]
+        found[target] = source
+    return found
+
+
+def test_compose_runs_svdq_on_an_nvidia_host() -> None:
+    services = compose_config()["services"]
+    for name in ("redis", "minio", "minio-init", "worker-gpu0", "flower"):  # started by a plain `up`
+        assert "profiles" not in services[name], name
+    worker = services["worker-gpu0"]
+    env = worker["environment"]
+    assert env["HF_TOKEN"] == "hf_test" and "SVDQ_WEBHOOK_SECRET" in env
+    assert env["SVDQ_S3_PUBLIC_ENDPOINT_URL"].startswith("http://localhost")  # a browser can open result URLs
+    assert env["SVDQ_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # A stable node name, and a healthcheck that asks that node.
+    assert worker["hostname"] == "svdq-gpu0" and "--hostname=gpu0@svdq-gpu0" in worker["command"]
+    assert (
+        worker["healthcheck"]["test"][1:4] == ["svdq", "ping", "--hostname"]
+        and "gpu0@svdq-gpu0" in worker["healthcheck"]["test"]
+    )
+    caches = {"/home/svdq/.cache/huggingface", "/home/svdq/.cache/svdq/compile", "/var/lib/svdq/spool"}
+    assert set(mounts(worker)) == caches
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    # Every long-running service says when it is healthy.
+    for name in ("redis", "minio", "worker-gpu0", "flower"):
+        assert services[name].get("healthcheck", {}).get("test"), name
+    # Flower from svdq's image (its pinned Flower, svdq's auth), its credentials from the environment.
+    flower = services["flower"]
+    assert flower["image"] == worker["image"] and flower["command"][:2] == ["svdq", "flower"]
+    assert flower["environment"]["SVDQ_FLOWER_BASIC_AUTH"] == ENV["FLOWER_BASIC_AUTH"]
+
+
+def test_the_image_writes_where_compose_mounts_volumes() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    worker = compose_config()["services"]["worker-gpu0"]
+    made = re.search(r"mkdir -p ([^&\n]+)", dockerfile)
+    assert made is not None
+    for target in mounts(worker):
+        assert target in made.group(1).split(), f"{target} is not made (and owned) by the image's user"
+    assert re.search(r"chown -R svdq:svdq .*/var/lib/svdq", dockerfile) and "USER svdq" in dockerfile
+    assert "SVDQ_SPOOL_DIR=/var/lib/svdq/spool" in dockerfile
+
+
+def test_monitoring_profile_scrapes_the_workers_and_provisions_the_dashboard() -> None:
+    services = compose_config("--profile", "monitoring")["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == ["monitoring"] and grafana["profiles"] == ["monitoring"]
+    for service in (prometheus, grafana):
+        for source in mounts(service).values():
+            assert "/" not in source or Path(source).is_file(), source  # named volumes, or files in the repo
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"]
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
+    assert targets["svdq-workers"] == ["worker-gpu0:9100"]
+    assert services["worker-gpu0"]["environment"]["SVDQ_METRICS_PORT"] == "9100"
+    # Flower's /metrics asks for credentials (svdq flower): the scrape sends them, filled in at start.
+    flower_job = next(job for job in scrape if job["job_name"] == "flower")
+    assert flower_job["basic_auth"] == {"username": "@FLOWER_USER@", "password": "@FLOWER_PASSWORD@"}
+    assert "@FLOWER_PASSWORD@" in " ".join(prometheus["command"])
+    assert Path(mounts(grafana)["/var/lib/grafana/dashboards/svdq.json"]) == ROOT / "docs" / "grafana-svdq.json"
+    json.loads((ROOT / "docs" / "grafana-svdq.json").read_text())
+    datasource = yaml.safe_load((ROOT / "deploy" / "grafana" / "datasource.yml").read_text())["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["isDefault"] and "prometheus:9090" in datasource["url"]
+
+
+def test_make_and_the_image_install_the_same_locked_versions() -> None:
+    makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "Dockerfile").read_text()
+    assert "CONSTRAINTS ?= constraints.txt" in makefile and "$(PIN)" in makefile
+    assert dockerfile.count("pip install -c constraints.txt") == 2
+    lock = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    # What CI runs is what the lock says (torch by release: the image's is its CUDA build).
+    from importlib.metadata import version
+
+    for name in ("torch", "diffusers", "transformers", "accelerate", "celery", "kombu", "flower", "redis", "boto3"):
+        assert version(name).split("+")[0] == lock[name], name
+    image_python = re.search(r"FROM python:(\d+\.\d+)", dockerfile)
+    assert image_python is not None and image_python.group(1) == f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+@pytest.mark.integration
+def test_the_images_pins_resolve_together() -> None:
+    """pip resolves the image's install (torch, then svdq with its worker and flower extras) against the lock."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
+         "-c", "constraints.txt", "torch", ".[worker,flower]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)["install"]
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report}
+    lock = {
+        name.lower(): pinned
+        for name, pinned in (
+            line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
+        )
+    }
+    assert chosen["torch"].split("+")[0] == lock["torch"] and chosen["flower"] == lock["flower"]
+    assert chosen["diffusers"] == lock["diffusers"] and chosen["transformers"] == lock["transformers"]
