@@ -8,6 +8,7 @@ of a job that already ended).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -17,17 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
+import pydantic
 import redis
 
 from producer import top
 from producer.client import Client, Job, NotCancelable, connect_redis, producer_celery
-from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState
+from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobRecord, JobState, bounds
 from producer.flower import FlowerRefused, flower_command
-from producer.settings import Settings
+from producer.settings import ConfigurationError, Settings
 from producer.status import JobNotFound, MalformedRecord, StatusStore
 from producer.storage import StorageUnavailable
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # the shell's codes for SIGINT and SIGPIPE
 
 # CLI flag -> the request field it sets (diffusers' argument names).
 PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -45,6 +48,30 @@ PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--format": ("format", str),
     "--model": ("model", str),
 }
+FLAG_OF = {field: flag for flag, (field, _) in PARAM_FLAGS.items()}
+# Defaults that are not a value of the contract's.
+DEFAULT_WORDS = {
+    "seed": "random, recorded in the result",
+    "decode_chunk_size": "the worker's SVDQ_DECODE_CHUNK_SIZE, auto unless set",
+    "model": "any worker's; a name some workers serve (SVDQ_MODEL_NAME)",
+}
+
+
+def param_help(field: str) -> str:
+    """`--frames`'s help: the request field it sets, its default and its range."""
+    default = DEFAULT_WORDS.get(field, str(JobParams.model_fields[field].default))
+    allowed = bounds(field)
+    return f"{field} (default: {default}{'; ' + allowed if allowed else ''})"
+
+
+def in_users_words(exc: InvalidParameter, image: str) -> str:
+    """The error as the user typed the command: the flag's name, the image's name."""
+    if exc.param == "image":
+        return f"image: {exc.message}" if image in exc.message else f"image {image}: {exc.message}"
+    flag = FLAG_OF.get(exc.param, exc.param)
+    if exc.param == "width" and "SVDQ_MAX_PIXELS" in exc.message:
+        flag = "--width/--height"
+    return f"{flag}: {exc.message}"
 
 
 class CliError(Exception):
@@ -65,6 +92,8 @@ def describe(record: JobRecord) -> str:
         lines.append(f"worker   {record.worker}")
     if record.error:
         lines.append(f"error    {record.error.code}: {record.error.message}")
+    if record.webhook_error:
+        lines.append(f"webhook  {record.webhook_error}")
     if record.result:
         r = record.result
         lines.append(f"video    {r.key} ({r.bytes} bytes, {r.frames} frames {r.width}x{r.height} @ {r.fps} fps)")
@@ -91,12 +120,38 @@ def progress_printer() -> tuple[Callable[[JobRecord], None], Callable[[], None]]
     return update, bar.close
 
 
+def readers(job: Job, record: JobRecord) -> list[str] | None:
+    """The workers that read the queue a queued job waits in (None: no queue recorded, or Redis unreadable)."""
+    if not record.queue:
+        return None
+    try:
+        active = job.client.celery.control.inspect(timeout=1.0).active_queues() or {}
+    except (redis.RedisError, kombu.exceptions.OperationalError):
+        return None
+    return sorted(worker for worker, queues in active.items() if any(q.get("name") == record.queue for q in queues))
+
+
+def still_waiting(job: Job, waited: str = "") -> str:
+    """Why a job has not ended yet, and what to do about it, for a wait that stops before the job does."""
+    record = job.status()
+    waited = f" {waited}" if waited else ""
+    follow = f"`svdq wait {job.id}` to keep following it, `svdq cancel {job.id}` to stop it"
+    if record.state is JobState.STARTED:
+        return f"job {job.id} goes on ({record.stage or 'started'}, {record.progress:.0%}){waited}; {follow}"
+    if record.state is JobState.QUEUED and readers(job, record) == []:
+        return (f"job {job.id} is still queued{waited}: no worker reads its queue {record.queue!r} (start one with "
+                f"`svdq worker`, see `svdq top`); {follow}")  # fmt: skip
+    return f"job {job.id} is still {record.state.value}{waited}; {follow}"
+
+
 def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_json: bool, quiet: bool) -> int:
     update, close = progress_printer()
     try:
         record = job.wait(timeout, on_update=update)
-    except TimeoutError as exc:
-        raise CliError(f"{exc}; it is still running, `svdq wait {job.id}` to keep following it", EXIT_TIMEOUT) from None
+    except TimeoutError:
+        raise CliError(still_waiting(job, f"after {timeout:g}s"), EXIT_TIMEOUT) from None
+    except KeyboardInterrupt:
+        raise CliError(f"stopped waiting (Ctrl-C). {still_waiting(job)}", EXIT_INTERRUPTED) from None
     finally:
         close()
     if as_json:
@@ -118,7 +173,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
     image = args.image if args.image.startswith(("s3://", "file://", "http://", "https://")) else Path(args.image)
     with Client.from_env() as client:
-        job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook, **params)
+        try:
+            job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook,
+                                **params)  # fmt: skip
+        except InvalidParameter as exc:
+            raise CliError(in_users_words(exc, args.image), EXIT_USAGE) from None
         if not args.wait:
             if args.json:
                 print_json(job.status().to_json_dict())
@@ -232,6 +291,13 @@ def run_worker_module(module: str, argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("svdq")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svdq",
@@ -239,62 +305,70 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"svdq {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     submit = sub.add_parser("submit", help="queue an image-to-video render; prints the job id")
     submit.add_argument("image", help="a local image file, or an s3://, file:// or http(s):// URL")
     for flag, (field, kind) in PARAM_FLAGS.items():
         metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
-        submit.add_argument(flag, dest=field, type=kind, metavar=metavar, help=f"sets {field}")
+        choices = ("mp4", "webm", "gif") if field == "format" else None
+        submit.add_argument(flag, dest=field, type=kind, metavar=None if choices else metavar, choices=choices,
+                            help=param_help(field))  # fmt: skip
     submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="queue order (default: normal)")
-    submit.add_argument("--key", help="idempotency key: a resubmit with the same key returns the same job")
-    submit.add_argument("--webhook", metavar="URL", help="POST signed events here (started, then the end)")
+    submit.add_argument("--key", help="idempotency key, 1 to 200 characters: a resubmit with the same key returns "
+                        "the same job (default: none)")  # fmt: skip
+    submit.add_argument("--webhook", metavar="URL", help="POST signed events here, started then the end (default: "
+                        "none; workers need SVDQ_WEBHOOK_SECRET)")  # fmt: skip
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
-    submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most")
-    submit.add_argument("--output", type=Path, help="with --wait: download the video here")
+    submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most (default: no limit)")
+    submit.add_argument("--output", type=Path, help="with --wait: download the video here (default: none)")
     submit.add_argument("--json", action="store_true", help="print the job's status record as JSON")
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="show a job's status")
     status.add_argument("job_id")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="the whole record as JSON")
     status.set_defaults(func=cmd_status)
 
     wait = sub.add_parser("wait", help="wait for a job to end; exit 0 only if it succeeded")
     wait.add_argument("job_id")
-    wait.add_argument("--timeout", type=float, help="seconds to wait at most (exit 4 after)")
-    wait.add_argument("--output", type=Path, help="download the video here")
-    wait.add_argument("--json", action="store_true")
+    wait.add_argument("--timeout", type=float, help="seconds to wait at most, then exit 4 (default: no limit)")
+    wait.add_argument("--output", type=Path, help="download the video here (default: none)")
+    wait.add_argument("--json", action="store_true", help="print the final record as JSON")
     wait.set_defaults(func=cmd_wait)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
-    cancel.add_argument("--json", action="store_true")
+    cancel.add_argument("--json", action="store_true", help="print the record as JSON")
     cancel.set_defaults(func=cmd_cancel)
 
     listing = sub.add_parser("list", help="the newest jobs, optionally in one state")
-    listing.add_argument("--state", choices=[s.value for s in JobState])
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state (default: all)")
+    listing.add_argument("--limit", type=int, default=20, help="at most this many, newest first (default: 20)")
+    listing.add_argument("--json", action="store_true", help="records as JSON")
     listing.set_defaults(func=cmd_list)
 
-    sub.add_parser("worker", help="start a worker (other options go to `celery worker`)", add_help=False)
+    sub.add_parser("worker", help="start a worker: --gpus, --model, --model-name, and any `celery worker` option "
+                   "(`svdq worker --help`)", add_help=False)  # fmt: skip
     sub.add_parser("bench", help="stock diffusers vs svdq on this GPU and model (`svdq bench --help`)", add_help=False)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weights SVD pipeline to DIR")
     tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--full-vae", action="store_true", help="SVD's full-size VAE, for memory benchmarks")
+    tiny.add_argument("--full-vae", action="store_true", help="SVD's full-size VAE, for memory benchmarks (default: "
+                      "a tiny one)")  # fmt: skip
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     flower = sub.add_parser("flower", help="start Flower, Celery's dashboard, on the configured broker (basic auth)")
     flower.add_argument("--port", type=int, default=5555, help="default: 5555")
     flower.add_argument("--address", default="127.0.0.1",
                         help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")  # fmt: skip
-    flower.add_argument("--unsafe-no-auth", action="store_true", help="allow Flower without authentication")
+    flower.add_argument("--unsafe-no-auth", action="store_true", help="allow Flower without authentication "
+                        "(default: refused)")  # fmt: skip
     flower.set_defaults(func=cmd_flower)
 
     top = sub.add_parser("top", help="workers, what they render, and the queues, refreshed live")
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     top.add_argument("--once", action="store_true", help="print once and exit")
     top.add_argument("--json", action="store_true", help="print snapshots as JSON (with --once: one)")
     top.set_defaults(func=cmd_top)
@@ -306,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     ping.set_defaults(func=cmd_ping)
 
     demo = sub.add_parser("demo", help="start Redis (if needed) and a worker, render an example, stop them")
-    demo.add_argument("--workdir", type=Path, default=Path(".svdq-demo"))
-    demo.add_argument("--output", type=Path, default=Path("svdq-demo.mp4"))
+    demo.add_argument("--workdir", type=Path, default=Path(".svdq-demo"),
+                      help="its Redis, store and model go here (default: .svdq-demo)")  # fmt: skip
+    demo.add_argument("--output", type=Path, default=Path("svdq-demo.mp4"), help="the video (default: svdq-demo.mp4)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -321,21 +396,40 @@ def main(argv: list[str] | None = None) -> None:
             run_worker_module("worker.bench", argv[1:])
         args = build_parser().parse_args(argv)
         code = args.func(args)
-    except CliError as exc:
-        print(f"svdq: {exc}", file=sys.stderr)
-        code = exc.code
-    except InvalidParameter as exc:
-        print(f"svdq: invalid parameter {exc.param}: {exc.message}", file=sys.stderr)
-        code = EXIT_USAGE
-    except (JobNotFound, MalformedRecord) as exc:
-        print(f"svdq: {exc}", file=sys.stderr)
-        code = EXIT_NOT_FOUND
-    except (redis.ConnectionError, kombu.exceptions.OperationalError) as exc:  # the latter: through Celery
-        print(f"svdq: cannot reach Redis ({exc}); check SVDQ_REDIS_URL", file=sys.stderr)
-        code = EXIT_UNAVAILABLE
-    except StorageUnavailable as exc:
-        print(f"svdq: {exc}; check SVDQ_STORAGE_URL and SVDQ_S3_ENDPOINT_URL", file=sys.stderr)
-        code = EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        code = 130
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # `svdq list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        code = EXIT_BROKEN_PIPE
+    except (Exception, KeyboardInterrupt) as exc:
+        message, code = explain(exc)
+        print(f"svdq: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def explain(exc: BaseException) -> tuple[str, int]:
+    """The line a user reads for an error that ends the command, and the exit code; a bug re-raises."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code
+    for kinds, say, code in _EXPLAINED:
+        if isinstance(exc, kinds):
+            return say(exc), code
+    raise exc
+
+
+def settings_error(exc: pydantic.ValidationError) -> str:
+    err = exc.errors()[0]
+    name = "SVDQ_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
+    return f"{name}: {err['msg']} (got {err.get('input')!r})"
+
+
+_EXPLAINED: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[Any], str], int]] = [
+    (InvalidParameter, lambda e: f"invalid parameter {e.param}: {e.message}", EXIT_USAGE),
+    ((JobNotFound, MalformedRecord), str, EXIT_NOT_FOUND),
+    # kombu's: a Redis error met through Celery
+    ((redis.ConnectionError, kombu.exceptions.OperationalError),
+     lambda e: f"cannot reach Redis ({e}); check SVDQ_REDIS_URL", EXIT_UNAVAILABLE),
+    (StorageUnavailable, lambda e: f"{e}; check SVDQ_STORAGE_URL and SVDQ_S3_ENDPOINT_URL", EXIT_UNAVAILABLE),
+    (ConfigurationError, lambda e: f"configuration: {e}", EXIT_USAGE),
+    (pydantic.ValidationError, lambda e: f"configuration: {settings_error(e)}", EXIT_USAGE),  # an SVDQ_* variable
+    (KeyboardInterrupt, lambda e: "interrupted", EXIT_INTERRUPTED),
+]  # fmt: skip

@@ -36,6 +36,7 @@ from producer.storage import ObjectStore, content_name, not_readable, open_store
 
 ImageInput = str | Path | bytes | Image.Image | BinaryIO
 _URL_SCHEMES = ("s3://", "file://", "http://", "https://")
+_READABLE = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
 
@@ -295,8 +296,9 @@ class Client:
                 fmt, width, height = img.format or "", img.width, img.height
                 if width * height <= self.settings.max_image_pixels:
                     img.verify()
+        except UnidentifiedImageError:  # Pillow's message names its buffer object, which means nothing to anyone
+            raise InvalidParameter("image", f"is not an image svdq can read ({_READABLE})") from None
         except (
-            UnidentifiedImageError,
             OSError,
             SyntaxError,
             ValueError,

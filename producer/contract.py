@@ -184,6 +184,22 @@ class JobRequest(JobParams):
     image: str = Field(min_length=1, max_length=2048)
 
 
+def bounds(param: str) -> str | None:
+    """A parameter's range in words ("1 to 128", "64 to 2048, a multiple of 8"), None when it has none."""
+    field = JobParams.model_fields[param]
+    found = {kind: getattr(item, kind) for item in field.metadata for kind in ("ge", "le", "multiple_of")
+             if hasattr(item, kind)}  # fmt: skip
+    if param == "decode_chunk_size":
+        return "1 to 128, or auto"
+    if "ge" not in found or "le" not in found:
+        return None
+    text = f"{found['ge']!s} to {found['le']!s}"
+    return text + (f", a multiple of {found['multiple_of']}" if "multiple_of" in found else "")
+
+
+_OUT_OF_BOUNDS = {"greater_than_equal", "less_than_equal", "multiple_of"}
+
+
 def _first_error(exc: ValidationError) -> InvalidParameter:
     err = exc.errors()[0]
     loc = str(err["loc"][0]) if err["loc"] else ""  # later parts name union members, not parameters
@@ -193,6 +209,8 @@ def _first_error(exc: ValidationError) -> InvalidParameter:
     if err["type"] == "extra_forbidden":
         return InvalidParameter(loc, "is not a parameter svdq knows")
     got = err.get("input")
+    if err["type"] in _OUT_OF_BOUNDS and loc in JobParams.model_fields and (allowed := bounds(loc)):
+        return InvalidParameter(loc, f"must be {allowed} (got {got!r})")
     return InvalidParameter(loc, f"{err['msg']} (got {got!r})")
 
 
@@ -261,6 +279,7 @@ class JobRecord(BaseModel):
     queue: str | None = None  # the Celery queue its message went to (a recovered job goes back there)
     idempotency_key: str | None = None
     webhook: str | None = None
+    webhook_error: str | None = None  # why the job's webhook is not called, when a worker knows it cannot
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.contract import DEFAULT_QUEUE, JobParams, check_caps
 
 
+class ConfigurationError(ValueError):
+    """A setting that cannot work (a malformed SVDQ_STORAGE_URL, say): the operator's to fix, not a bug."""
+
+
 def default_storage_url() -> str:
     return (Path.home() / ".cache" / "svdq" / "store").as_uri()
 

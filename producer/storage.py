@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from producer.settings import Settings
+from producer.settings import ConfigurationError, Settings
 
 
 class StorageUnavailable(RuntimeError):
@@ -311,4 +311,6 @@ def open_store(settings: Settings, s3_client: Any | None = None) -> ObjectStore:
         return S3Store(client, parts.netloc, parts.path, settings.presign_ttl, allow, presigner)
     if parts.scheme == "file" and parts.path.startswith("/"):
         return FileStore(Path(unquote(parts.path)), allow)
-    raise ValueError(f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}")
+    raise ConfigurationError(
+        f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}"
+    )

@@ -13,17 +13,43 @@ from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, check_model, report_to_presence
 
 
+def svdq_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svdq worker",
+        add_help=False,
+        usage="svdq worker [--gpus all|0,1] [--model M] [--model-name N] [celery worker options]",
+        description="Start a render worker: it loads the model once, keeps it warm and takes one job at a time. "
+        "Settings come from SVDQ_* variables (README: Configuration).",
+    )
+    parser.add_argument("--gpus", help="all, or GPU indices like 0,1,3: one supervised worker per GPU (default: one "
+                        "worker on the device SVDQ_DEVICE picks)")  # fmt: skip
+    parser.add_argument("--model", help="hub id or local folder; sets SVDQ_MODEL (default: "
+                        "stabilityai/stable-video-diffusion-img2vid-xt)")  # fmt: skip
+    parser.add_argument("--model-name", help="the name jobs use to ask for this model; sets SVDQ_MODEL_NAME (default: "
+                        "the last part of --model)")  # fmt: skip
+    return parser
+
+
 def svdq_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """svdq's own options; everything else is for `celery worker`."""
-    parser = argparse.ArgumentParser(prog="svdq worker", add_help=False)
-    parser.add_argument("--gpus", help="all, or GPU indices like 0,1,3: one supervised worker per GPU")
-    parser.add_argument("--model", help="hub id or local folder (sets SVDQ_MODEL)")
-    parser.add_argument("--model-name", help="the name jobs use to ask for this model (sets SVDQ_MODEL_NAME)")
-    return parser.parse_known_args(argv)
+    return svdq_parser().parse_known_args(argv)
+
+
+def print_help() -> None:
+    """svdq's options first, then Celery's (all accepted), without loading the model or torch."""
+    svdq_parser().print_help()
+    print("\nsvdq sets --pool=prefork --concurrency=1 --hostname=svdq@%h --queues=(SVDQ_QUEUE's, by priority) "
+          "--task-events; any option below overrides them.\n", flush=True)  # fmt: skip
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.main(args=["worker", "--help"], prog_name="svdq", standalone_mode=False)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help()
+        return
     ours, rest = svdq_options(argv)
     # Options become settings (and reach supervised children through the environment).
     if ours.model:

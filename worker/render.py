@@ -221,6 +221,10 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
     rt.events.track(job_id, task_id)
     rt.events.started(job_id)
     record = rt.status.get(job_id)
+    if record.webhook and not (rt.webhooks and rt.webhooks.secret):  # said on the job, not only in this log
+        unsigned = "not called: the worker has no SVDQ_WEBHOOK_SECRET to sign it with"
+        log.warning("job %s: webhook %s", job_id, unsigned)
+        rt.status.update(job_id, fence=number, webhook_error=unsigned)
     rt.metrics.job_started(record)
     webhooks.notify_record(rt.webhooks, record)
     return Attempt(job_id, number, holder)

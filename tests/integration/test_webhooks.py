@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from producer.client import Client
 from producer.contract import InvalidParameter, JobState
-from tests.integration.conftest import SMALL
+from tests.integration.conftest import SMALL, SVDQ
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +120,16 @@ def test_private_webhook_urls_are_refused_at_submit(svdq_env: dict[str, str], im
             with pytest.raises(InvalidParameter) as err:
                 client.submit(image_file, **SMALL, webhook=url)
             assert err.value.param == "webhook"
+
+
+def test_a_webhook_the_worker_cannot_sign_is_said_on_the_job(
+    svdq_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, start_worker: Any, receiver: Receiver, image_file: Path
+) -> None:
+    monkeypatch.setenv("SVDQ_WEBHOOK_ALLOW_PRIVATE", "1")
+    worker = start_worker(env={"SVDQ_WEBHOOK_ALLOW_PRIVATE": "1", "SVDQ_WEBHOOK_SECRET": ""})  # nothing to sign with
+    with Client.from_env(queue=worker.queue) as client:
+        record = client.submit(image_file, webhook=receiver.url, **SMALL).wait(timeout=120)
+    assert record.state is JobState.SUCCEEDED and receiver.requests == []
+    assert record.webhook_error is not None and "SVDQ_WEBHOOK_SECRET" in record.webhook_error
+    shown = subprocess.run([SVDQ, "status", record.id], env=svdq_env, capture_output=True, text=True, timeout=30)
+    assert "webhook  not called: the worker has no SVDQ_WEBHOOK_SECRET" in shown.stdout, shown

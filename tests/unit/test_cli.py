@@ -1,0 +1,59 @@
+"""The CLI in the user's words: help with defaults and ranges, errors named as typed (no services)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer.cli import build_parser, in_users_words
+from producer.contract import InvalidParameter, check_params
+
+SVDQ = str(Path(sys.executable).with_name("svdq"))
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices.items())
+
+
+def test_every_option_says_its_default_and_choices() -> None:
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+                continue
+            if action.choices is None or action.default is not None:
+                assert action.help and "default" in action.help, f"svdq {name} {action.option_strings[0]}"
+    submit = {a.option_strings[0]: a for a in subcommands()["submit"]._actions if a.option_strings}
+    assert "default: 25; 1 to 128" in submit["--frames"].help
+    assert "64 to 2048, a multiple of 8" in submit["--width"].help
+    assert submit["--format"].choices == ("mp4", "webm", "gif")
+
+
+def test_errors_use_the_flag_and_the_image_the_user_typed() -> None:
+    with pytest.raises(InvalidParameter) as refused:
+        check_params({"num_frames": 0})
+    assert in_users_words(refused.value, "cat.png") == "--frames: must be 1 to 128 (got 0)"
+    empty = InvalidParameter("image", "is empty (0 bytes)")
+    assert in_users_words(empty, "cat.png") == "image cat.png: is empty (0 bytes)"
+
+
+def test_version_and_worker_help_without_a_model() -> None:
+    version = subprocess.run([SVDQ, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("svdq ")
+    helped = subprocess.run([SVDQ, "worker", "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: svdq worker")
+    ours, celerys = helped.stdout.index("--gpus"), helped.stdout.index("--concurrency")
+    assert ours < celerys and "--model-name" in helped.stdout[:celerys]
+
+
+def test_a_configuration_mistake_is_one_line_not_a_traceback() -> None:
+    for env in ({"SVDQ_STORAGE_URL": "/var/renders"}, {"SVDQ_MAX_FRAMES": "lots"}):
+        out = subprocess.run([SVDQ, "list"], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+                             timeout=30)  # fmt: skip
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith("svdq: configuration: SVDQ_"), out.stderr
