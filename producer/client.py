@@ -7,6 +7,7 @@ import io
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,6 +23,7 @@ from producer.contract import (
     TASK_NAME,
     ErrorCode,
     InvalidParameter,
+    JobParams,
     JobRecord,
     JobState,
     check_job_id,
@@ -157,6 +159,7 @@ class Client:
         self.status = StatusStore(redis_client, result_ttl=settings.result_ttl)
         self.store = store
         self.celery = celery
+        self.intake = Intake(settings, store)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -197,6 +200,70 @@ class Client:
         job that holds it is returned and nothing is enqueued.
         """
         # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
+        checked = self.intake.check(image, priority=priority, idempotency_key=idempotency_key, webhook=webhook,
+                                    params=params)  # fmt: skip
+
+        # 2. Store the image once per content; URLs the worker can read are passed through.
+        image_ref = checked.image_ref or self.intake.store_image(checked)
+
+        # 3. Record first (atomically claiming the idempotency key), then enqueue: a worker never sees a
+        #    job it cannot find, and a key maps to one job however many submits race for it.
+        job_id = uuid.uuid4().hex
+        request = checked.request(image_ref)
+        try:
+            self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook,
+                               queue=checked.queue)  # fmt: skip
+        except DuplicateKey as dup:
+            return Job(dup.job_id, self)
+        try:
+            send_job(self.celery, job_id, request, checked.queue)
+        except Exception as exc:
+            # Best effort: the caller gets the exception either way, the record should not say queued.
+            with contextlib.suppress(InvalidTransition, redis.RedisError):
+                self.status.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
+            raise
+        return Job(job_id, self)
+
+
+def send_job(celery: Celery, job_id: str, request: dict[str, Any], queue: str) -> None:
+    """The Celery message for a job (README: "From any language"); its task id is the job id."""
+    celery.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
+
+
+def enqueue_failed(exc: BaseException) -> dict[str, str]:
+    return {"code": ErrorCode.ENQUEUE_FAILED.value, "message": f"could not enqueue: {type(exc).__name__}"}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A submit that passed every check: its parameters, queue, and the image as bytes or as a reference."""
+
+    params: JobParams
+    queue: str
+    data: bytes | None
+    suffix: str
+    image_ref: str | None
+
+    def request(self, image_ref: str) -> dict[str, Any]:
+        return {**self.params.model_dump(), "image": image_ref}
+
+
+class Intake:
+    """What every producer checks before it writes anything (Client and producer.aio's AsyncClient alike)."""
+
+    def __init__(self, settings: Settings, store: ObjectStore):
+        self.settings, self.store = settings, store
+
+    def check(
+        self,
+        image: ImageInput,
+        *,
+        priority: str,
+        idempotency_key: str | None,
+        webhook: str | None,
+        params: dict[str, Any],
+    ) -> Checked:
+        """Raises InvalidParameter naming the first bad parameter (or the image); stores and sends nothing."""
         checked = check_params(params)
         self.settings.check_caps(checked)
         queue = queue_for(model_queue(self.settings.queue, checked.model), priority)
@@ -208,38 +275,15 @@ class Client:
             except UnsafeURL as exc:
                 raise InvalidParameter("webhook", str(exc)) from None
         data, suffix = self._image_bytes(image)
+        return Checked(checked, queue, data, suffix, str(image) if data is None else None)
 
-        # 2. Store the image once per content; URLs the worker can read are passed through.
-        if data is None:
-            image_ref = str(image)
-        else:
-            name = content_name(data, suffix)
-            image_ref = self.store.ref(name)
-            if not self.store.exists(name):
-                image_ref = self.store.put(name, data, f"image/{suffix.lstrip('.')}").ref
-
-        # 3. Record first (atomically claiming the idempotency key), then enqueue: a worker never sees a
-        #    job it cannot find, and a key maps to one job however many submits race for it.
-        job_id = uuid.uuid4().hex
-        request = {**checked.model_dump(), "image": image_ref}
-        try:
-            self.status.create(
-                job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook, queue=queue
-            )
-        except DuplicateKey as dup:
-            return Job(dup.job_id, self)
-        try:
-            self.celery.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
-        except Exception as exc:
-            error = {
-                "code": ErrorCode.ENQUEUE_FAILED.value,
-                "message": f"could not enqueue: {type(exc).__name__}",
-            }
-            # Best effort: the caller gets the exception either way, the record should not say queued.
-            with contextlib.suppress(InvalidTransition, redis.RedisError):
-                self.status.transition(job_id, JobState.FAILED, error=error)
-            raise
-        return Job(job_id, self)
+    def store_image(self, checked: Checked) -> str:
+        """Store the image's bytes once per content; returns its reference."""
+        assert checked.data is not None
+        name = content_name(checked.data, checked.suffix)
+        if self.store.exists(name):
+            return self.store.ref(name)
+        return self.store.put(name, checked.data, f"image/{checked.suffix.lstrip('.')}").ref
 
     def _image_bytes(self, image: ImageInput) -> tuple[bytes | None, str]:
         """The image's bytes and file suffix, or (None, "") for a reference the worker reads itself.

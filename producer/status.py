@@ -184,14 +184,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class StatusStore:
-    def __init__(self, client: redis.Redis, *, result_ttl: int, clock: Clock = utcnow):
-        self.redis = client
+class Records:
+    """What a change to a record sends to Redis and what its answer means, without the I/O: shared by
+    StatusStore (redis-py) and producer.aio's AsyncStatusStore (redis.asyncio), so both obey one table."""
+
+    def __init__(self, *, result_ttl: int, clock: Clock = utcnow):
         self.result_ttl = result_ttl
         self.clock = clock
-        self._transition = client.register_script(_TRANSITION_LUA)
-        self._update = client.register_script(_UPDATE_LUA)
-        self._renew = client.register_script(_RENEW_LUA)
 
     def now(self) -> str:
         return iso(self.clock())
@@ -201,29 +200,20 @@ class StatusStore:
         event.update((name, fields[name]) for name in _EVENT_FIELDS if name in fields)
         return json.dumps(event, separators=(",", ":"))
 
-    def create(
+    def creation(
         self,
         job_id: str,
         request: dict[str, Any],
         *,
-        idempotency_key: str | None = None,
         priority: str = "normal",
         webhook: str | None = None,
         queue: str | None = None,
-    ) -> bool:
-        """Write a `queued` record; False (and nothing written) if the job already has one.
+    ) -> dict[str, Any]:
+        """A new record's fields."""
+        return {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
+                "priority": priority, "webhook": webhook, "queue": queue}  # fmt: skip
 
-        With `idempotency_key`, raises DuplicateKey naming the job that already holds the key.
-        """
-        fields = {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
-                  "priority": priority, "webhook": webhook, "queue": queue}  # fmt: skip
-        try:
-            self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, **fields)
-        except InvalidTransition:
-            return False
-        return True
-
-    def transition(
+    def plan_transition(
         self,
         job_id: str,
         new: JobState,
@@ -236,15 +226,8 @@ class StatusStore:
         max_attempts: int = 0,
         only_new: bool = False,
         **fields: Any,
-    ) -> int:
-        """Move a job to `new` if the transition table allows it, writing `fields` with it; returns `attempts`.
-
-        Leaving `started` (or re-entering it) has two more conditions. `fence`: the record's `attempts`
-        must still be this number, so a worker that lost its lease cannot finish over the attempt that took
-        the job over. `unleased`: nobody may hold the job's lease (for recovering a dead worker's job).
-        Entering `started` sets the lease to `lease` (holder, seconds); leaving it deletes the lease.
-        `only_new`: applies only if the job has no record yet (creation).
-        """
+    ) -> tuple[list[str], list[str]]:
+        """The transition script's keys and arguments (see StatusStore.transition)."""
         if new.is_terminal():
             fields.setdefault("finished_at", self.now())
         if idempotency_key:
@@ -270,10 +253,15 @@ class StatusStore:
         }
         if new is JobState.STARTED and lease is None:
             raise ValueError("entering started needs a lease")
-        outcome, value, *rest = self._transition(
-            keys=[keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM, keys.lease(job_id)],
-            args=[json.dumps(control), *_encode(fields)],
+        return (
+            [keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM, keys.lease(job_id)],
+            [json.dumps(control), *_encode(fields)],
         )
+
+    @staticmethod
+    def transition_outcome(job_id: str, new: JobState, answer: list[Any]) -> int:
+        """`attempts` after an applied transition; the exception that says why it was not applied."""
+        outcome, value, *rest = answer
         if outcome == 1:
             return int(rest[0])
         if outcome == 2:
@@ -286,6 +274,50 @@ class StatusStore:
             raise Superseded(job_id, new, int(value))
         cur = _text(value)
         raise InvalidTransition(job_id, None if cur == "-" else JobState(cur), new)
+
+
+class StatusStore(Records):
+    def __init__(self, client: redis.Redis, *, result_ttl: int, clock: Clock = utcnow):
+        super().__init__(result_ttl=result_ttl, clock=clock)
+        self.redis = client
+        self._transition = client.register_script(_TRANSITION_LUA)
+        self._update = client.register_script(_UPDATE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
+
+    def create(
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        priority: str = "normal",
+        webhook: str | None = None,
+        queue: str | None = None,
+    ) -> bool:
+        """Write a `queued` record; False (and nothing written) if the job already has one.
+
+        With `idempotency_key`, raises DuplicateKey naming the job that already holds the key.
+        """
+        fields = self.creation(job_id, request, priority=priority, webhook=webhook, queue=queue)
+        try:
+            self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, **fields)
+        except InvalidTransition:
+            return False
+        return True
+
+    def transition(self, job_id: str, new: JobState, **options: Any) -> int:
+        """Move a job to `new` if the transition table allows it, writing the other keyword arguments as
+        fields with it; returns `attempts`.
+
+        Leaving `started` (or re-entering it) has two more conditions. `fence`: the record's `attempts`
+        must still be this number, so a worker that lost its lease cannot finish over the attempt that took
+        the job over. `unleased`: nobody may hold the job's lease (for recovering a dead worker's job).
+        Entering `started` sets the lease to `lease` (holder, seconds); leaving it deletes the lease.
+        `only_new`: applies only if the job has no record yet (creation). `count_attempt`, `max_attempts` and
+        `idempotency_key`: see `claim` and `create`.
+        """
+        script_keys, args = self.plan_transition(job_id, new, **options)
+        return self.transition_outcome(job_id, new, self._transition(keys=script_keys, args=args))
 
     def claim(self, job_id: str, holder: str, lease_seconds: float, max_attempts: int = 0, **fields: Any) -> int:
         """Start a queued job, or take over a started one whose worker died; returns the attempt number.

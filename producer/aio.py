@@ -1,0 +1,194 @@
+"""`AsyncClient`: the Python client for async web backends (FastAPI, aiohttp, Starlette...), on redis.asyncio.
+
+Same contract as `producer.client.Client`: the same checks refuse the same bad parameters (`Intake`), the same
+Lua scripts change records (`Records`), the same message reaches the workers (`send_job`). Redis calls are
+awaited; the few blocking ones (the image's upload through boto3, the Celery send through kombu) run in a
+thread, so one request's upload never stalls the event loop's other requests.
+
+    async with AsyncClient.from_env() as svdq:
+        job = await svdq.submit(image_bytes, num_frames=14)
+        async for record in job.events():   # every change, until the job ends
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+import redis.asyncio
+from celery import Celery
+
+from producer import keys
+from producer.client import ImageInput, Intake, NotCancelable, enqueue_failed, producer_celery, send_job
+from producer.contract import JobRecord, JobState, check_job_id
+from producer.settings import Settings, is_sentinel
+from producer.status import (
+    _RENEW_LUA,
+    _TRANSITION_LUA,
+    DuplicateKey,
+    InvalidTransition,
+    JobNotFound,
+    Records,
+    _record,
+)
+from producer.storage import ObjectStore, open_store
+
+
+class AsyncStatusStore(Records):
+    """The records as `StatusStore` keeps them, read and changed through redis.asyncio."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, result_ttl: int):
+        super().__init__(result_ttl=result_ttl)
+        self.redis = client
+        self._transition = client.register_script(_TRANSITION_LUA)
+        self._renew = client.register_script(_RENEW_LUA)  # registered alike; producers never renew
+
+    async def create(
+        self, job_id: str, request: dict[str, Any], *, idempotency_key: str | None = None, **fields: Any
+    ) -> bool:
+        record = self.creation(job_id, request, **fields)
+        try:
+            await self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, **record)
+        except InvalidTransition:
+            return False
+        return True
+
+    async def transition(self, job_id: str, new: JobState, **options: Any) -> int:
+        script_keys, args = self.plan_transition(job_id, new, **options)
+        return self.transition_outcome(job_id, new, await self._transition(keys=script_keys, args=args))
+
+    async def get(self, job_id: str) -> JobRecord:
+        raw = await self.redis.hgetall(keys.job(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return _record(job_id, raw)
+
+
+class AsyncJob:
+    """A thin handle, as `producer.client.Job`: an id and the client it talks through."""
+
+    def __init__(self, job_id: str, client: AsyncClient):
+        self.id = job_id
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"AsyncJob({self.id!r})"
+
+    async def status(self) -> JobRecord:
+        return await self.client.status.get(self.id)
+
+    async def events(self, *, reread_every: float = 1.0) -> AsyncIterator[JobRecord]:
+        """The record now, then again at each change (and at least every `reread_every` seconds while it
+        stays the same, so a missed event only delays), ending with its terminal record."""
+        pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.events(self.id))  # before the first read: nothing slips in between
+            last: JobRecord | None = None
+            while True:
+                record = await self.status()
+                if record != last:
+                    yield record
+                    last = record
+                if record.state.is_terminal():
+                    return
+                with contextlib.suppress(redis.ConnectionError):  # redis-py resubscribes on the next call
+                    await pubsub.get_message(timeout=reread_every)
+        finally:
+            await pubsub.aclose()
+
+    async def wait(self, timeout: float | None = None) -> JobRecord:
+        """The terminal record; TimeoutError after `timeout` seconds (the job goes on)."""
+        async with asyncio.timeout(timeout):
+            async for record in self.events():
+                if record.state.is_terminal():
+                    return record
+        raise AssertionError("events() ends only with a terminal record")  # pragma: no cover
+
+    async def cancel(self) -> JobRecord:
+        """Cancel a queued job (it never starts) or a running one (it stops within its current step)."""
+        try:
+            await self.client.status.transition(self.id, JobState.CANCELED)
+        except InvalidTransition as exc:
+            if exc.current is None:
+                raise JobNotFound(self.id) from None
+            raise NotCancelable(self.id, exc.current) from None
+        return await self.status()
+
+    async def video_bytes(self) -> bytes:
+        record = await self.status()
+        if record.state is not JobState.SUCCEEDED or record.result is None:
+            raise RuntimeError(f"job {self.id} is {record.state.value}: there is no video to fetch")
+        return await asyncio.to_thread(self.client.store.read_key, record.result.key)
+
+
+class AsyncClient:
+    def __init__(self, settings: Settings, redis_client: redis.asyncio.Redis, store: ObjectStore, celery: Celery):
+        self.settings = settings
+        self.redis = redis_client
+        self.status = AsyncStatusStore(redis_client, result_ttl=settings.result_ttl)
+        self.store = store
+        self.celery = celery
+        self.intake = Intake(settings, store)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> AsyncClient:
+        settings = Settings(**overrides)
+        if is_sentinel(settings.redis_url):
+            raise NotImplementedError("AsyncClient does not follow Redis Sentinel yet: use Client, or a plain URL")
+        client = redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
+                                              health_check_interval=30)  # fmt: skip
+        return cls(settings, client, open_store(settings), producer_celery(settings))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        self.celery.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def job(self, job_id: str) -> AsyncJob:
+        """A handle on a job by its id; an id outside the job-id grammar raises InvalidParameter("job_id")."""
+        return AsyncJob(check_job_id(job_id), self)
+
+    async def submit(
+        self,
+        image: ImageInput,
+        *,
+        priority: str = "normal",
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        **params: Any,
+    ) -> AsyncJob:
+        """As `Client.submit`: validate, store the image, write a `queued` record, then enqueue."""
+        # 1. Check parameters and the image (decoding it is CPU work: off the loop).
+        checked = await asyncio.to_thread(
+            self.intake.check, image, priority=priority, idempotency_key=idempotency_key, webhook=webhook,
+            params=params,
+        )  # fmt: skip
+
+        # 2. Store the image once per content (boto3 blocks: in a thread).
+        image_ref = checked.image_ref or await asyncio.to_thread(self.intake.store_image, checked)
+
+        # 3. Record first, then enqueue (see Client.submit).
+        job_id = uuid.uuid4().hex
+        request = checked.request(image_ref)
+        try:
+            await self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority,
+                                     webhook=webhook, queue=checked.queue)  # fmt: skip
+        except DuplicateKey as dup:
+            return AsyncJob(dup.job_id, self)
+        try:
+            await asyncio.to_thread(send_job, self.celery, job_id, request, checked.queue)
+        except Exception as exc:
+            with contextlib.suppress(InvalidTransition, redis.RedisError):
+                await self.status.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
+            raise
+        return AsyncJob(job_id, self)
