@@ -25,7 +25,7 @@ from producer import top
 from producer.client import Client, Job, NotCancelable, connect_redis, producer_celery
 from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobRecord, JobState, bounds
 from producer.flower import FlowerRefused, flower_command
-from producer.settings import ConfigurationError, Settings
+from producer.settings import ConfigurationError, Settings, settings_error
 from producer.status import JobNotFound, MalformedRecord, StatusStore
 from producer.storage import StorageUnavailable
 
@@ -414,12 +414,6 @@ def explain(exc: BaseException) -> tuple[str, int]:
         if isinstance(exc, kinds):
             return say(exc), code
     raise exc
-
-
-def settings_error(exc: pydantic.ValidationError) -> str:
-    err = exc.errors()[0]
-    name = "SVDQ_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
-    return f"{name}: {err['msg']} (got {err.get('input')!r})"
 
 
 _EXPLAINED: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[Any], str], int]] = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.contract import DEFAULT_QUEUE, JobParams, check_caps
@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     # `user:password[,user2:password2]` for `svdq flower` (Flower's own FLOWER_BASIC_AUTH works too).
     flower_basic_auth: SecretStr | None = None
+
+
+def settings_error(exc: ValidationError) -> str:
+    """A settings class's refusal in one line, naming the variable: `SVDQ_MAX_FRAMES: ... (got 'lots')`."""
+    err = exc.errors()[0]
+    name = "SVDQ_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
+    return f"{name}: {err['msg']} (got {err.get('input')!r})"
 
 
 def is_sentinel(url: str) -> bool:

@@ -8,7 +8,10 @@ import os
 import re
 import sys
 
+import pydantic
+
 from producer.contract import MODEL_NAME_PATTERN, worker_queues
+from producer.settings import settings_error
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, check_model, report_to_presence
 
@@ -56,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["SVDQ_MODEL"] = ours.model
     if ours.model_name:
         os.environ["SVDQ_MODEL_NAME"] = ours.model_name
-    settings = WorkerSettings()
+    try:
+        settings = WorkerSettings()
+    except pydantic.ValidationError as exc:  # before anything starts: one line, not a traceback
+        print(f"svdq worker: configuration: {settings_error(exc)}", file=sys.stderr)
+        sys.exit(2)
     problem = check_model(settings.model)
     if not problem and not re.fullmatch(MODEL_NAME_PATTERN, settings.served_model()):
         problem = f"model name {settings.served_model()!r} must be lowercase letters, digits, - and _"

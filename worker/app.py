@@ -6,9 +6,7 @@ import contextlib
 import functools
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -21,17 +19,12 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from producer import keys
-from producer.client import connect_redis, producer_celery
-from producer.contract import TASK_NAME
+from producer.client import connect_redis
 from producer.settings import redact_url, sentinel_options
-from producer.status import StatusStore
 from worker import revoke, runtime, tasks
-from worker.events import TaskEvents
-from worker.recovery import Recovery, Sweeper
+from worker.node import Node
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, describe, report_to_presence
-from worker.webhooks import notify, sender_for
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +74,6 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     return app
 
 
-def _presence(status: StatusStore, hostname: str, settings: WorkerSettings, ttl: int) -> Callable[[], None]:
-    """What `svdq top` shows of this worker node, kept alive while its main process lives."""
-    info = {
-        "model": settings.served_model(),
-        "source": settings.model,
-        "device": os.environ.get("CUDA_VISIBLE_DEVICES", settings.device),
-        "pid": os.getpid(),
-    }
-
-    def refresh() -> None:
-        pipe = status.redis.pipeline()
-        pipe.hset(keys.worker(hostname), mapping=info)
-        pipe.expire(keys.worker(hostname), ttl)
-        pipe.execute()
-
-    return refresh
-
-
 POOL_EXIT_DELAY = 5.0
 
 
@@ -135,77 +110,13 @@ def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseExcept
         os._exit(LOAD_FAILED)
 
 
-def _start_main_process(settings: WorkerSettings, sender: Any) -> dict[str, Any]:
-    """The main process's duties, which outlive any pool process: recover dead workers' jobs anywhere, keep
-    this node's presence for `svdq top`, and cancel jobs that Flower or `celery control` revoke."""
-    status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
-    status.redis.delete(keys.stopping(sender.hostname))  # a restarted node is not stopping
-    status.redis.hdel(keys.worker(sender.hostname), "error", "failed_at")  # nor failed, as it may have been
-    sender_app = producer_celery(settings)
-    webhooks = sender_for(settings)
-    events = TaskEvents(sender.app, sender.hostname)
-
-    def send(job_id: str, request: dict[str, Any], queue: str) -> None:
-        sender_app.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
-
-    def ended(job_id: str) -> None:
-        events.ended(status.get(job_id))
-        notify(status, webhooks, job_id)
-
-    recovery = Recovery(
-        status,
-        send,
-        lease_ttl=settings.lease_ttl,
-        max_attempts=settings.max_attempts,
-        default_queue=settings.queue,
-        notify=ended,
-        requeued=lambda job_id, error: events.requeued(job_id, error, "recovered"),
-    )
-    revoke.CANCELLER.attach(status, events, notify=lambda job_id: notify(status, webhooks, job_id))
-    interval = max(0.5, settings.lease_ttl / 2)
-    presence = _presence(status, sender.hostname, settings, ttl=int(interval * 3) + 1)
-    presence()
-    sweeper = Sweeper(recovery, interval, also=presence).start()
-    return {"status": status, "sweeper": sweeper, "hostname": sender.hostname, "events": events}
-
-
 def _connect_signals(settings: WorkerSettings) -> None:
-    state: dict[str, Any] = {}
-
-    def finish_last_job(**_: Any) -> None:
-        runtime.stop()
-
-    def start_recovery(sender: Any = None, **_: Any) -> None:
-        state.update(_start_main_process(settings, sender))
-
-    def begin_grace(sender: str | None = None, how: str = "", **_: Any) -> None:
-        # Runs inside Celery's signal handler: the Redis write goes on a thread of its own.
-        status = state.get("status")
-        if how != "Warm" or status is None or sender is None:
-            return
-        deadline = time.time() + settings.stop_grace
-
-        def publish() -> None:
-            status.redis.set(keys.stopping(sender), str(deadline), ex=int(settings.stop_grace) + 3600)
-            log.warning("warm shutdown: a running job may finish within %.0fs, then goes back to its queue",
-                        settings.stop_grace)  # fmt: skip
-
-        threading.Thread(target=publish, name="svdq-stopping", daemon=True).start()
-
-    def stop_recovery(sender: Any = None, **_: Any) -> None:
-        if "sweeper" in state:
-            state["sweeper"].stop()
-            state["events"].close()
-            failure = LoadFailure.from_env()
-            if failure is not None and (error := failure.read()):  # keep the reason for `svdq top`
-                report_to_presence(state["status"].redis, state["hostname"], settings.served_model(), error)
-            else:
-                state["status"].redis.delete(keys.worker(state["hostname"]))
-
+    node = Node(settings)
     # After the fork, in the child that runs jobs: CUDA must not be initialised in the parent.
     worker_process_init.connect(functools.partial(_load_model, settings), weak=False)
-    worker_process_shutdown.connect(finish_last_job, weak=False)
-    worker_ready.connect(start_recovery, weak=False)
+    worker_process_shutdown.connect(lambda **_: runtime.stop(), weak=False)
+    # In the main process.
+    worker_ready.connect(lambda sender=None, **_: node.start(sender), weak=False)
+    worker_shutting_down.connect(lambda sender=None, how="", **_: node.begin_grace(sender, how), weak=False)
+    worker_shutdown.connect(lambda **_: node.stop(), weak=False)
     task_revoked.connect(revoke.on_task_revoked, weak=False)
-    worker_shutting_down.connect(begin_grace, weak=False)
-    worker_shutdown.connect(stop_recovery, weak=False)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from producer.settings import Settings
 
@@ -24,7 +24,7 @@ class WorkerSettings(Settings):
     dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu
     # Frames decoded by the VAE at once when a request does not say; memory grows with it. "auto": the
     # smallest chunk within 5% of the fastest decode measured at warm-up, within the memory budget (8 on a CPU).
-    decode_chunk_size: int | Literal["auto"] = "auto"
+    decode_chunk_size: Annotated[int, Field(ge=1, le=128)] | Literal["auto"] = "auto"  # a request's bounds
     # The most GPU memory a job may take, in GiB; unset: what its denoise needs, which the decode's chunk is then
     # sized to stay under (so svdq never takes more than stock diffusers, which decodes 8 frames at once).
     max_vram_gib: float | None = None

@@ -1,0 +1,108 @@
+"""A worker node's main process: what it does besides handing messages to its pool process.
+
+It outlives any pool process (a crashed one is replaced; the model reloads in the new one), so the duties that
+must not stop with a render live here: the recovery sweep that puts dead workers' jobs back on their queues (any
+worker's, on any host), this node's presence for `svdq top`, the stopping flag a warm shutdown raises for the
+running job, and the cancel behind Celery's revoke. Celery calls `start` once the worker is ready,
+`begin_grace` on SIGTERM and `stop` at shutdown (wiring in worker.app).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from producer import keys
+from producer.client import connect_redis, producer_celery, send_job
+from producer.status import StatusStore
+from worker import revoke
+from worker.events import TaskEvents
+from worker.recovery import Recovery, Sweeper
+from worker.settings import WorkerSettings
+from worker.startup import LoadFailure, report_to_presence
+from worker.webhooks import notify, sender_for
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.hostname: str | None = None
+        self.status: StatusStore | None = None
+        self.events: TaskEvents | None = None
+        self.sweeper: Sweeper | None = None
+
+    def start(self, consumer: Any) -> None:
+        """The worker is ready: clear what a previous run of this node left, then start the sweep."""
+        settings, hostname = self.settings, consumer.hostname
+        status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
+        status.redis.delete(keys.stopping(hostname))  # a restarted node is not stopping
+        status.redis.hdel(keys.worker(hostname), "error", "failed_at")  # nor failed, as it may have been
+        sender = producer_celery(settings)
+        webhooks = sender_for(settings)
+        events = TaskEvents(consumer.app, hostname)
+
+        def ended(job_id: str) -> None:
+            events.ended(status.get(job_id))
+            notify(status, webhooks, job_id)
+
+        recovery = Recovery(
+            status,
+            lambda job_id, request, queue: send_job(sender, job_id, request, queue),
+            lease_ttl=settings.lease_ttl,
+            max_attempts=settings.max_attempts,
+            default_queue=settings.queue,
+            notify=ended,
+            requeued=lambda job_id, error: events.requeued(job_id, error, "recovered"),
+        )
+        revoke.CANCELLER.attach(status, events, notify=lambda job_id: notify(status, webhooks, job_id))
+        interval = max(0.5, settings.lease_ttl / 2)
+        self.hostname, self.status, self.events = hostname, status, events
+        self._presence_ttl = int(interval * 3) + 1
+        self.refresh_presence()
+        self.sweeper = Sweeper(recovery, interval, also=self.refresh_presence).start()
+
+    def refresh_presence(self) -> None:
+        """What `svdq top` shows of this node, kept alive while this process lives."""
+        assert self.status is not None and self.hostname is not None
+        info = {
+            "model": self.settings.served_model(),
+            "source": self.settings.model,
+            "device": os.environ.get("CUDA_VISIBLE_DEVICES", self.settings.device),
+            "pid": os.getpid(),
+        }
+        pipe = self.status.redis.pipeline()
+        pipe.hset(keys.worker(self.hostname), mapping=info)
+        pipe.expire(keys.worker(self.hostname), self._presence_ttl)
+        pipe.execute()
+
+    def begin_grace(self, hostname: str | None, how: str) -> None:
+        """SIGTERM (a warm shutdown): the running job may finish within SVDQ_STOP_GRACE, then is handed back.
+        Runs inside Celery's signal handler, so the Redis write goes on a thread of its own."""
+        status, grace = self.status, self.settings.stop_grace
+        if how != "Warm" or status is None or hostname is None:
+            return
+        deadline = time.time() + grace
+
+        def publish() -> None:
+            status.redis.set(keys.stopping(hostname), str(deadline), ex=int(grace) + 3600)
+            log.warning("warm shutdown: a running job may finish within %.0fs, then goes back to its queue", grace)
+
+        threading.Thread(target=publish, name="svdq-stopping", daemon=True).start()
+
+    def stop(self) -> None:
+        """Shutdown: end the sweep; leave the presence with the load failure's reason, if that is why."""
+        if self.sweeper is None or self.status is None or self.hostname is None:
+            return
+        self.sweeper.stop()
+        if self.events is not None:
+            self.events.close()
+        failure = LoadFailure.from_env()
+        if failure is not None and (error := failure.read()):  # keep the reason for `svdq top`
+            report_to_presence(self.status.redis, self.hostname, self.settings.served_model(), error)
+        else:
+            self.status.redis.delete(keys.worker(self.hostname))
