@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -142,3 +144,15 @@ def test_operator_caps_name_the_parameter_and_the_cap(monkeypatch: pytest.Monkey
     monkeypatch.setenv("SVDQ_MAX_FRAMES", "8")
     with pytest.raises(InvalidParameter, match="SVDQ_MAX_FRAMES=8"):
         Settings().check_caps(check_params({"num_frames": 9}))
+
+
+def test_the_contract_imports_without_the_clients_dependencies() -> None:
+    code = (
+        "import sys, producer.contract, producer.keys\n"
+        "heavy = [m for m in ('redis', 'celery', 'kombu', 'boto3', 'torch') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from producer import Client, JobState\n"  # the package's names still resolve, on demand
+        "assert Client.__module__ == 'producer.client' and 'redis' in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
