@@ -54,6 +54,24 @@ class JobState(str, enum.Enum):
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
+
+class Stage(enum.StrEnum):
+    """Where a job is within its state: the record's `stage` (README: "The job record" lists these)."""
+
+    FETCH = "fetch"  # started: reading the input image
+    COMPILE = "compile"  # started: compiling the UNet for a shape the warm-up did not (SVDQ_WARMUP=0)
+    DENOISE = "denoise"
+    DECODE = "decode"  # VAE decode, streamed into the encoder
+    UPLOAD = "upload"
+    UPLOAD_PENDING = "upload_pending"  # started: the video waits in the worker's spool for storage
+    DONE = "done"  # succeeded
+    RETRYING = "retrying"  # queued again after a transient failure
+    RECOVERED = "recovered"  # queued again: its worker died
+    HANDED_BACK = "handed_back"  # queued again: its worker stopped
+    LOST = "lost"  # failed: its worker died on every attempt
+    REVOKED = "revoked"  # canceled by Celery's revoke (Flower's Revoke or Terminate)
+
+
 # The one table that decides what may follow what. `None` is "no record yet".
 # queued -> failed covers a message that cannot even be parsed; started -> queued is a retry, a job handed
 # back at shutdown, or one recovered from a dead worker; started -> started is a takeover of a job whose

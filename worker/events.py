@@ -30,7 +30,7 @@ from typing import Any
 from celery import Celery
 from celery.worker.request import Request as CeleryRequest
 
-from producer.contract import JobRecord, JobState
+from producer.contract import JobRecord, JobState, Stage
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ class TaskEvents:
 
     def started(self, job_id: str) -> None:
         self._started[job_id] = time.time()
-        self._last[job_id] = ("fetch", self.clock())
-        self.send("task-started", job_id, result="fetch 0%")
+        self._last[job_id] = (Stage.FETCH, self.clock())
+        self.send("task-started", job_id, result=f"{Stage.FETCH} 0%")
 
     def progress(self, job_id: str, stage: str, fraction: float, *, force: bool = False) -> None:
         """At each new stage, and every `every` seconds within one; `started` keeps the claim's time."""

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from producer import keys
-from producer.contract import ErrorCode, JobState, queue_for, shown
+from producer.contract import ErrorCode, JobState, Stage, queue_for, shown
 from producer.status import InvalidTransition, JobNotFound, StatusStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Recovery:
                 message = f"{lost}; its worker was lost on each of its {record.attempts} attempts"
                 error = {"code": ErrorCode.WORKER_LOST.value, "message": message}
                 self.status.transition(job_id, JobState.FAILED, fence=record.attempts, unleased=True, error=error,
-                                       stage="lost")  # fmt: skip
+                                       stage=Stage.LOST)  # fmt: skip
                 log.error("job %s failed: %s", job_id, error["message"])
                 self.notify(job_id)
                 return "failed"
@@ -82,7 +82,7 @@ class Recovery:
             self.send(job_id, record.request, queue)
             error = {"code": ErrorCode.WORKER_LOST.value, "message": f"{lost}; requeued"}
             self.status.transition(job_id, JobState.QUEUED, fence=record.attempts, unleased=True, error=error,
-                                   stage="recovered", progress=0.0)  # fmt: skip
+                                   stage=Stage.RECOVERED, progress=0.0)  # fmt: skip
         except InvalidTransition as exc:  # claimed, canceled or renewed meanwhile
             log.info("job %s: recovery not needed (%s)", job_id, exc)
             return None

@@ -32,6 +32,7 @@ from producer.contract import (
     InvalidParameter,
     JobRequest,
     JobState,
+    Stage,
     check_job_id,
     check_request,
     result_name,
@@ -204,7 +205,7 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
     try:
         number = rt.status.claim(
             job_id, holder, rt.settings.lease_ttl, max_attempts=rt.settings.max_attempts,
-            worker=worker, started_at=rt.status.now(), stage="fetch", progress=0.0, error=None,
+            worker=worker, started_at=rt.status.now(), stage=Stage.FETCH, progress=0.0, error=None,
         )  # fmt: skip
     except Leased as exc:  # a redelivered message: the job runs on a live worker, it must not run twice
         log.info("job %s not run here: %s", job_id, exc)
@@ -268,7 +269,7 @@ def _complete(
     """Step 5, on the finisher's thread: the encoder's last frames, the upload, the final status."""
     job_id = attempt.job_id
     try:
-        Progress(rt.status, attempt, events=rt.events)("upload", 0.95, force=True)
+        Progress(rt.status, attempt, events=rt.events)(Stage.UPLOAD, 0.95, force=True)
         video = pending.finish()
     except JobCanceled:
         log.info("job %s canceled before its upload", job_id)
@@ -288,7 +289,7 @@ def _complete(
             "fps": request.fps, "seed": seed,
         }  # fmt: skip
         log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
-        _finish(rt, attempt, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage="done",
+        _finish(rt, attempt, JobState.SUCCEEDED, result=result, timings=timings, memory=memory, stage=Stage.DONE,
                 progress=1.0, error=None)  # fmt: skip
 
     name, content_type = result_name(job_id, request.format), video.format.content_type
@@ -324,7 +325,7 @@ def _spool(
         return {"code": ErrorCode.STORAGE_UNAVAILABLE.value, "message": message}
 
     def still_wanted(tries: int) -> bool:
-        return rt.status.update(job_id, fence=attempt.number, stage="upload_pending", error=pending_error(tries))
+        return rt.status.update(job_id, fence=attempt.number, stage=Stage.UPLOAD_PENDING, error=pending_error(tries))
 
     try:
         rt.spool.add(job_id, name, data, content_type, still_wanted, succeed)
@@ -334,7 +335,7 @@ def _spool(
         return
     log.warning("job %s: storage unreachable (%s); the video waits in the upload spool", job_id, exc)
     with contextlib.suppress(redis.RedisError):
-        rt.status.update(job_id, fence=attempt.number, stage="upload_pending", error=pending_error(1))
+        rt.status.update(job_id, fence=attempt.number, stage=Stage.UPLOAD_PENDING, error=pending_error(1))
 
 
 def _retry_delay(rt: Runtime, attempts: int) -> float | None:
@@ -349,7 +350,7 @@ def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> dic
     rt.heartbeat.release(attempt.job_id)
     try:
         rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, error=exc.as_error(),
-                             stage="retrying", progress=0.0)  # fmt: skip
+                             stage=Stage.RETRYING, progress=0.0)  # fmt: skip
     except InvalidTransition:  # canceled meanwhile: no retry
         _ended(rt, attempt.job_id)
         return {"job_id": attempt.job_id, "state": JobState.CANCELED.value}
@@ -362,7 +363,7 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> dict[str, Any]:
     log.warning("job %s handed back to its queue: the worker is stopping", attempt.job_id)
     rt.heartbeat.release(attempt.job_id)
     try:
-        rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, stage="handed_back",
+        rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, stage=Stage.HANDED_BACK,
                              progress=0.0)  # fmt: skip
     except InvalidTransition:
         _ended(rt, attempt.job_id)

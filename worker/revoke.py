@@ -19,7 +19,7 @@ import redis
 from celery.utils.functional import maybe_list
 from celery.worker.control import control_command, ok
 
-from producer.contract import InvalidParameter, JobState, check_job_id, shown
+from producer.contract import InvalidParameter, JobState, Stage, check_job_id, shown
 from producer.status import InvalidTransition, StatusStore
 from worker.events import TaskEvents
 
@@ -47,7 +47,7 @@ class Canceller:
             try:
                 job_id = check_job_id(task_id)
                 before = self.status.state(job_id)
-                self.status.transition(job_id, JobState.CANCELED, stage="revoked")
+                self.status.transition(job_id, JobState.CANCELED, stage=Stage.REVOKED)
             except (InvalidParameter, InvalidTransition):  # not a job id, or already ended: nothing to cancel
                 continue
             except redis.RedisError as exc:

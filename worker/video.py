@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from producer.contract import JobParams
+from producer.contract import JobParams, Stage
 from worker.decode import ChunkedDecoder, to_yuv420p
 from worker.encode import Format, VideoWriter
 from worker.pipeline import Renderer
@@ -89,7 +89,7 @@ def start_video(
     if renderer.compiles and not renderer.runs_compiled(params):
         log.warning("%dx%d, %d frames is not a compiled shape: the UNet runs uncompiled (SVDQ_COMPILE_SHAPES "
                     "adds shapes)", params.width, params.height, params.num_frames)  # fmt: skip
-    progress("compile" if renderer.needs_compile(params) else "denoise", 0.05, force=True)
+    progress(Stage.COMPILE if renderer.needs_compile(params) else Stage.DENOISE, 0.05, force=True)
     started = time.perf_counter()
     renderer.checkpoint = checkpoint
     try:
@@ -97,7 +97,9 @@ def start_video(
             image,
             params,
             seed,
-            on_step=lambda done, total: progress("denoise", 0.05 + 0.8 * done / total, step=done, total_steps=total),
+            on_step=lambda done, total: progress(
+                Stage.DENOISE, 0.05 + 0.8 * done / total, step=done, total_steps=total
+            ),
         )
     finally:
         renderer.checkpoint = None
@@ -112,7 +114,7 @@ def start_video(
     #    queued for the encoder, which works in its own process meanwhile.
     chunk = renderer.decode_chunk_size(params.decode_chunk_size or settings.decode_chunk_size, params)
     decoder = ChunkedDecoder(renderer.vae, latents, chunk)
-    progress("decode", 0.85, force=True)
+    progress(Stage.DECODE, 0.85, force=True)
     writer = VideoWriter(
         params.width, params.height, params.fps, fmt=params.format, pix_fmt="yuv420p",
         crf=settings.x264_crf, preset=settings.x264_preset, x264_params=settings.x264_params,
@@ -125,7 +127,7 @@ def start_video(
             started = time.perf_counter()
             writer.write(yuv)
             clock.add("encode", started)
-            progress("decode", 0.85 + 0.1 * writer.frames / params.num_frames)
+            progress(Stage.DECODE, 0.85 + 0.1 * writer.frames / params.num_frames)
             started = time.perf_counter()
         clock.add("decode", started)
     except BaseException:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from producer.contract import (
     InvalidParameter,
     JobParams,
     JobState,
+    Stage,
     check_caps,
     check_job_id,
     check_params,
@@ -156,3 +159,10 @@ def test_the_contract_imports_without_the_clients_dependencies() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_readme_lists_every_stage_and_no_other() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `stage`, `progress` |"))
+    named = set(re.findall(r"`([a-z_]+)`", row)) - {"stage", "progress", "SVDQ_WARMUP"}
+    assert named == {stage.value for stage in Stage}
