@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from producer.client import Client
 from producer.local_redis import LocalRedis
 from producer.settings import redact_url
+from producer.terminal import wait_and_report
 
 # Small enough for a laptop CPU with the tiny model; a real checkpoint gets SVD-XT's defaults.
 TINY_PARAMS = {"width": 64, "height": 64, "num_frames": 8, "num_inference_steps": 4, "fps": 7, "seed": 7}
@@ -93,7 +94,6 @@ def run_demo(workdir: Path, output: Path) -> int:
 
         # 4. Submit the example and follow it.
         redis_url = env["SVDQ_REDIS_URL"]
-        from producer.cli import wait_and_report
 
         with Client.from_env(redis_url=redis_url, storage_url=env["SVDQ_STORAGE_URL"]) as client:
             wait_for_worker(client, worker, log_path)

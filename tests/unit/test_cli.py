@@ -67,3 +67,9 @@ def test_a_worker_refuses_a_decode_chunk_size_no_request_could_ask_for() -> None
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith("svdq worker: configuration: SVDQ_DECODE_CHUNK_SIZE: "), out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_the_demo_does_not_import_the_cli() -> None:
+    code = "import sys, producer.demo\nassert 'producer.cli' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
