@@ -34,7 +34,7 @@ from producer.status import (
     InvalidTransition,
     JobNotFound,
     Records,
-    _record,
+    parse_record,
 )
 from producer.storage import ObjectStore, open_store
 
@@ -66,7 +66,7 @@ class AsyncStatusStore(Records):
         raw = await self.redis.hgetall(keys.job(job_id))
         if not raw:
             raise JobNotFound(job_id)
-        return _record(job_id, raw)
+        return parse_record(job_id, raw)
 
 
 class AsyncJob:

@@ -21,7 +21,7 @@ import pydantic
 import redis
 
 from producer import top
-from producer.client import Client, NotCancelable, connect_redis, producer_celery
+from producer.client import URL_SCHEMES, Client, NotCancelable, connect_redis, producer_celery
 from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds
 from producer.flower import FlowerRefused, flower_command
 from producer.settings import ConfigurationError, Settings, settings_error
@@ -85,7 +85,7 @@ def in_users_words(exc: InvalidParameter, image: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
-    image = args.image if args.image.startswith(("s3://", "file://", "http://", "https://")) else Path(args.image)
+    image = args.image if args.image.startswith(URL_SCHEMES) else Path(args.image)
     with Client.from_env() as client:
         try:
             job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook,

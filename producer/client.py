@@ -37,7 +37,9 @@ from producer.status import DuplicateKey, InvalidTransition, JobNotFound, Status
 from producer.storage import ObjectStore, content_name, not_readable, open_store
 
 ImageInput = str | Path | bytes | Image.Image | BinaryIO
-_URL_SCHEMES = ("s3://", "file://", "http://", "https://")
+URL_SCHEMES = ("s3://", "file://", "http://", "https://")  # an image given as one is read by the worker
+# What Pillow raises for data that is not a readable image (worker.inputs refuses the same).
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _READABLE = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
@@ -325,7 +327,7 @@ class Intake:
             return
         # Whether it exists is the worker's to find out: asking here would answer it for anyone who submits.
         if not self.store.may_read(ref):
-            hint = "" if ref.startswith(_URL_SCHEMES) else " (a local file is passed as pathlib.Path)"
+            hint = "" if ref.startswith(URL_SCHEMES) else " (a local file is passed as pathlib.Path)"
             raise InvalidParameter("image", str(not_readable(ref)) + hint)
 
     def _check_image(self, data: bytes) -> str:
@@ -342,13 +344,7 @@ class Intake:
                     img.verify()
         except UnidentifiedImageError:  # Pillow's message names its buffer object, which means nothing to anyone
             raise InvalidParameter("image", f"is not an image svdq can read ({_READABLE})") from None
-        except (
-            OSError,
-            SyntaxError,
-            ValueError,
-            EOFError,
-            Image.DecompressionBombError,
-        ) as exc:
+        except IMAGE_ERRORS as exc:
             raise InvalidParameter("image", f"is not a readable image ({exc})") from None
         if width * height > self.settings.max_image_pixels:
             raise InvalidParameter(

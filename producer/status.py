@@ -180,7 +180,8 @@ def _encode(fields: dict[str, Any]) -> list[str]:
     return flat
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply (bytes, or str with decode_responses) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -265,14 +266,14 @@ class Records:
         if outcome == 1:
             return int(rest[0])
         if outcome == 2:
-            raise DuplicateKey(_text(value))
+            raise DuplicateKey(as_text(value))
         if outcome == 3:
-            raise Leased(job_id, new, _text(value))
+            raise Leased(job_id, new, as_text(value))
         if outcome == 4:
             raise AttemptsExhausted(job_id, int(value))
         if outcome == 5:
             raise Superseded(job_id, new, int(value))
-        cur = _text(value)
+        cur = as_text(value)
         raise InvalidTransition(job_id, None if cur == "-" else JobState(cur), new)
 
 
@@ -335,12 +336,12 @@ class StatusStore(Records):
     def holder(self, job_id: str) -> str | None:
         """Who holds the job's lease now, if anyone."""
         raw = self.redis.get(keys.lease(job_id))
-        return None if raw is None else _text(raw)
+        return None if raw is None else as_text(raw)
 
     def abandoned(self, older_than: float) -> list[str]:
         """Jobs `started` over `older_than` seconds ago whose lease has lapsed: their worker died."""
         ceiling = self.clock().timestamp() - older_than
-        ids = [_text(m) for m in self.redis.zrangebyscore(keys.state_index(JobState.STARTED.value), "-inf", ceiling)]
+        ids = [as_text(m) for m in self.redis.zrangebyscore(keys.state_index(JobState.STARTED.value), "-inf", ceiling)]
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -367,13 +368,13 @@ class StatusStore(Records):
     def state(self, job_id: str) -> JobState | None:
         """The job's state alone (one HGET), None if it has no record."""
         raw = self.redis.hget(keys.job(job_id), "state")
-        return None if raw is None else JobState(_text(raw))
+        return None if raw is None else JobState(as_text(raw))
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.hgetall(keys.job(job_id))
         if not raw:
             raise JobNotFound(job_id)
-        return _record(job_id, raw)
+        return parse_record(job_id, raw)
 
     def list(self, state: JobState | None = None, limit: int = 20) -> list[JobRecord]:
         """The most recent jobs, newest first, from the per-state indexes (no key scan)."""
@@ -381,7 +382,7 @@ class StatusStore(Records):
         scored: list[tuple[float, str]] = []
         for s in states:
             for member, score in self.redis.zrevrange(keys.state_index(s.value), 0, limit - 1, withscores=True):
-                scored.append((score, _text(member)))
+                scored.append((score, as_text(member)))
         scored.sort(reverse=True)
         pipe = self.redis.pipeline(transaction=False)
         ids = [job_id for _, job_id in scored[:limit]]
@@ -392,17 +393,18 @@ class StatusStore(Records):
             if not raw:  # expired meanwhile
                 continue
             try:
-                records.append(_record(job_id, raw))
+                records.append(parse_record(job_id, raw))
             except MalformedRecord as exc:  # one bad record must not hide everyone's jobs
                 log.warning("listing skips %s", exc)
         return records
 
 
-def _record(job_id: str, raw: dict[Any, Any]) -> JobRecord:
+def parse_record(job_id: str, raw: dict[Any, Any]) -> JobRecord:
+    """A record from its Redis hash (HGETALL); MalformedRecord when it does not parse."""
     data: dict[str, Any] = {}
     try:
         for name, value in raw.items():
-            name, value = _text(name), _text(value)
+            name, value = as_text(name), as_text(value)
             data[name] = value if name == "state" else json.loads(value)
         return JobRecord.model_validate(data)
     except (ValueError, ValidationError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -18,7 +18,7 @@ from celery import Celery
 
 from producer import keys
 from producer.contract import JobState, priority_queues
-from producer.status import JobNotFound, MalformedRecord, StatusStore
+from producer.status import JobNotFound, MalformedRecord, StatusStore, as_text
 
 
 @dataclass
@@ -47,10 +47,6 @@ class Snapshot:
     states: dict[str, int]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[WorkerView]:
     inspect = celery.control.inspect(timeout=timeout)
     active = inspect.active() or {}
@@ -58,7 +54,7 @@ def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[Worker
     workers = []
     for name in sorted(set(active) | set(active_queues)):
         view = WorkerView(name, queues=[q["name"] for q in active_queues.get(name, [])])
-        info = {_text(k): _text(v) for k, v in status.redis.hgetall(keys.worker(name)).items()}
+        info = {as_text(k): as_text(v) for k, v in status.redis.hgetall(keys.worker(name)).items()}
         view.model, view.device = info.get("model"), info.get("device")
         for task in active.get(name, []):
             view.job = task.get("id")
@@ -69,8 +65,8 @@ def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[Worker
         workers.append(view)
     answered = {w.name for w in workers}
     for key in status.redis.scan_iter(match=keys.worker("*"), count=500):
-        name = _text(key).removeprefix(keys.worker(""))
-        info = {_text(k): _text(v) for k, v in status.redis.hgetall(key).items()}
+        name = as_text(key).removeprefix(keys.worker(""))
+        info = {as_text(k): as_text(v) for k, v in status.redis.hgetall(key).items()}
         if name not in answered and info.get("error"):
             workers.append(WorkerView(name, model=info.get("model"), stage="failed", error=info["error"]))
     return workers
@@ -82,7 +78,7 @@ def _queues(r: redis.Redis, base_queue: str, workers: list[WorkerView]) -> list[
         names.update(view.queues)
     pipe = r.pipeline(transaction=False)
     for job_id in r.zrevrange(keys.state_index(JobState.QUEUED.value), 0, 199):  # where waiting jobs were sent
-        pipe.hget(keys.job(_text(job_id)), "queue")
+        pipe.hget(keys.job(as_text(job_id)), "queue")
     names.update(name for queue in pipe.execute() if queue and (name := json.loads(queue)))
     ordered = sorted(names)
     pipe = r.pipeline(transaction=False)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from producer.client import IMAGE_ERRORS
 from producer.contract import ErrorCode
 from producer.netguard import HTTPFailure, TooLarge, UnsafeURL, fetch
 from producer.storage import InvalidReference, ObjectNotFound, ObjectStore, StorageUnavailable
@@ -57,7 +58,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                                 f"{max_pixels:,}-pixel limit (a decompression bomb?)")  # fmt: skip
             img.seek(0)  # animated images: the first frame
             return to_rgb(ImageOps.exif_transpose(img))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
+    except IMAGE_ERRORS as exc:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"the image could not be decoded: {exc}") from None
 
 
