@@ -13,12 +13,11 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-import redis
 from celery import Celery
 
-from producer import keys
 from producer.contract import JobState, priority_queues
-from producer.status import JobNotFound, MalformedRecord, StatusStore, as_text
+from producer.fleet import FleetStore
+from producer.status import JobNotFound, MalformedRecord, StatusStore
 
 
 @dataclass
@@ -47,14 +46,14 @@ class Snapshot:
     states: dict[str, int]
 
 
-def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[WorkerView]:
+def _workers(celery: Celery, status: StatusStore, fleet: FleetStore, timeout: float) -> list[WorkerView]:
     inspect = celery.control.inspect(timeout=timeout)
     active = inspect.active() or {}
     active_queues = inspect.active_queues() or {}
     workers = []
     for name in sorted(set(active) | set(active_queues)):
         view = WorkerView(name, queues=[q["name"] for q in active_queues.get(name, [])])
-        info = {as_text(k): as_text(v) for k, v in status.redis.hgetall(keys.worker(name)).items()}
+        info = fleet.node(name)
         view.model, view.device = info.get("model"), info.get("device")
         for task in active.get(name, []):
             view.job = task.get("id")
@@ -64,41 +63,27 @@ def _workers(celery: Celery, status: StatusStore, timeout: float) -> list[Worker
                     view.stage, view.progress = record.stage, record.progress
         workers.append(view)
     answered = {w.name for w in workers}
-    for key in status.redis.scan_iter(match=keys.worker("*"), count=500):
-        name = as_text(key).removeprefix(keys.worker(""))
-        info = {as_text(k): as_text(v) for k, v in status.redis.hgetall(key).items()}
+    for name, info in fleet.nodes().items():
         if name not in answered and info.get("error"):
             workers.append(WorkerView(name, model=info.get("model"), stage="failed", error=info["error"]))
     return workers
 
 
-def _queues(r: redis.Redis, base_queue: str, workers: list[WorkerView]) -> list[QueueView]:
-    names = set(priority_queues(base_queue))
+def _queues(fleet: FleetStore, base_queue: str, workers: list[WorkerView]) -> list[QueueView]:
+    names = set(priority_queues(base_queue)) | fleet.queues_of_waiting_jobs()
     for view in workers:
         names.update(view.queues)
-    pipe = r.pipeline(transaction=False)
-    for job_id in r.zrevrange(keys.state_index(JobState.QUEUED.value), 0, 199):  # where waiting jobs were sent
-        pipe.hget(keys.job(as_text(job_id)), "queue")
-    names.update(name for queue in pipe.execute() if queue and (name := json.loads(queue)))
     ordered = sorted(names)
-    pipe = r.pipeline(transaction=False)
-    for name in ordered:
-        pipe.llen(name)  # kombu keeps a queue's messages in a Redis list of the same name
-    depths = pipe.execute()
     return [
-        QueueView(name, int(depth), sum(name in w.queues for w in workers))
-        for name, depth in zip(ordered, depths, strict=True)
+        QueueView(name, depth, sum(name in w.queues for w in workers))
+        for name, depth in zip(ordered, fleet.depths(ordered), strict=True)
     ]
 
 
 def snapshot(celery: Celery, status: StatusStore, base_queue: str, timeout: float = 1.0) -> Snapshot:
-    workers = _workers(celery, status, timeout)
-    queues = _queues(status.redis, base_queue, workers)
-    pipe = status.redis.pipeline(transaction=False)
-    for state in JobState:
-        pipe.zcard(keys.state_index(state.value))
-    states = {state.value: int(n) for state, n in zip(JobState, pipe.execute(), strict=True)}
-    return Snapshot(workers, queues, states)
+    fleet = FleetStore(status.redis)
+    workers = _workers(celery, status, fleet, timeout)
+    return Snapshot(workers, _queues(fleet, base_queue, workers), fleet.counts())
 
 
 def render(snap: Snapshot) -> str:

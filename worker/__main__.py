@@ -48,12 +48,9 @@ def print_help() -> None:
     celery_command.main(args=["worker", "--help"], prog_name="svdq", standalone_mode=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print_help()
-        return
-    ours, rest = svdq_options(argv)
+def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSettings:
+    """The worker's settings, with --model and --model-name applied, or exit with one line saying what is wrong:
+    2 for a setting that does not parse, 3 (LOAD_FAILED) for a model that cannot load."""
     # Options become settings (and reach supervised children through the environment).
     if ours.model:
         os.environ["SVDQ_MODEL"] = ours.model
@@ -71,6 +68,16 @@ def main(argv: list[str] | None = None) -> None:
         _report_early(settings, rest, problem)
         print(f"svdq worker: the model cannot load: {problem}", file=sys.stderr)
         sys.exit(LOAD_FAILED)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help()
+        return
+    ours, rest = svdq_options(argv)
+    settings = checked_settings(ours, rest)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s")
     if ours.gpus:
         from worker.supervisor import NoGPU, supervise

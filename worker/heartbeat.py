@@ -14,7 +14,7 @@ import time
 
 import redis
 
-from producer import keys
+from producer.fleet import FleetStore
 from producer.status import StatusStore
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     def __init__(self, status: StatusStore, lease_ttl: float):
         self.status = status
+        self.fleet = FleetStore(status.redis)
         self.lease_ttl = lease_ttl
         self._held: dict[str, tuple[str, str]] = {}  # job id -> (holder, worker node name)
         self._lock = threading.Lock()
@@ -61,6 +62,6 @@ class Heartbeat:
             if not self.status.renew(job_id, holder, self.lease_ttl):
                 log.warning("job %s: lease lost (expired or taken over); its result will be dropped", job_id)
         for worker in {w for _, w in held.values()}:
-            raw = self.status.redis.get(keys.stopping(worker))
-            if raw is not None:
-                self._hand_back_at = float(raw)
+            deadline = self.fleet.stop_deadline(worker)
+            if deadline is not None:
+                self._hand_back_at = deadline

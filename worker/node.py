@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from producer import keys
 from producer.client import connect_redis, producer_celery, send_job
+from producer.fleet import FleetStore
 from producer.status import StatusStore
 from worker import revoke
 from worker.events import TaskEvents
@@ -35,13 +35,14 @@ class Node:
         self.status: StatusStore | None = None
         self.events: TaskEvents | None = None
         self.sweeper: Sweeper | None = None
+        self.fleet: FleetStore | None = None
 
     def start(self, consumer: Any) -> None:
         """The worker is ready: clear what a previous run of this node left, then start the sweep."""
         settings, hostname = self.settings, consumer.hostname
         status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
-        status.redis.delete(keys.stopping(hostname))  # a restarted node is not stopping
-        status.redis.hdel(keys.worker(hostname), "error", "failed_at")  # nor failed, as it may have been
+        fleet = FleetStore(status.redis)
+        fleet.started(hostname)  # a restarted node is neither stopping nor failed, as it may have been
         sender = producer_celery(settings)
         webhooks = sender_for(settings)
         events = TaskEvents(consumer.app, hostname)
@@ -61,48 +62,45 @@ class Node:
         )
         revoke.CANCELLER.attach(status, events, notify=lambda job_id: notify(status, webhooks, job_id))
         interval = max(0.5, settings.lease_ttl / 2)
-        self.hostname, self.status, self.events = hostname, status, events
+        self.hostname, self.status, self.events, self.fleet = hostname, status, events, fleet
         self._presence_ttl = int(interval * 3) + 1
         self.refresh_presence()
         self.sweeper = Sweeper(recovery, interval, also=self.refresh_presence).start()
 
     def refresh_presence(self) -> None:
         """What `svdq top` shows of this node, kept alive while this process lives."""
-        assert self.status is not None and self.hostname is not None
+        assert self.fleet is not None and self.hostname is not None
         info = {
             "model": self.settings.served_model(),
             "source": self.settings.model,
             "device": os.environ.get("CUDA_VISIBLE_DEVICES", self.settings.device),
             "pid": os.getpid(),
         }
-        pipe = self.status.redis.pipeline()
-        pipe.hset(keys.worker(self.hostname), mapping=info)
-        pipe.expire(keys.worker(self.hostname), self._presence_ttl)
-        pipe.execute()
+        self.fleet.present(self.hostname, info, self._presence_ttl)
 
     def begin_grace(self, hostname: str | None, how: str) -> None:
         """SIGTERM (a warm shutdown): the running job may finish within SVDQ_STOP_GRACE, then is handed back.
         Runs inside Celery's signal handler, so the Redis write goes on a thread of its own."""
-        status, grace = self.status, self.settings.stop_grace
-        if how != "Warm" or status is None or hostname is None:
+        fleet, grace = self.fleet, self.settings.stop_grace
+        if how != "Warm" or fleet is None or hostname is None:
             return
         deadline = time.time() + grace
 
         def publish() -> None:
-            status.redis.set(keys.stopping(hostname), str(deadline), ex=int(grace) + 3600)
+            fleet.stopping(hostname, deadline, grace)
             log.warning("warm shutdown: a running job may finish within %.0fs, then goes back to its queue", grace)
 
         threading.Thread(target=publish, name="svdq-stopping", daemon=True).start()
 
     def stop(self) -> None:
         """Shutdown: end the sweep; leave the presence with the load failure's reason, if that is why."""
-        if self.sweeper is None or self.status is None or self.hostname is None:
+        if self.sweeper is None or self.fleet is None or self.hostname is None:
             return
         self.sweeper.stop()
         if self.events is not None:
             self.events.close()
         failure = LoadFailure.from_env()
         if failure is not None and (error := failure.read()):  # keep the reason for `svdq top`
-            report_to_presence(self.status.redis, self.hostname, self.settings.served_model(), error)
+            report_to_presence(self.fleet.redis, self.hostname, self.settings.served_model(), error)
         else:
-            self.status.redis.delete(keys.worker(self.hostname))
+            self.fleet.gone(self.hostname)

@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from producer import keys
 from producer.contract import ErrorCode, JobState, Stage, queue_for, shown
+from producer.fleet import FleetStore
 from producer.status import InvalidTransition, JobNotFound, StatusStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Recovery:
         requeued: Callable[[str, dict[str, str]], None] = lambda job_id, error: None,
     ):
         self.status, self.send, self.notify, self.requeued = status, send, notify, requeued
+        self.fleet = FleetStore(status.redis)
         self.lease_ttl, self.max_attempts, self.default_queue = lease_ttl, max_attempts, default_queue
 
     def sweep(self) -> list[tuple[str, str]]:
@@ -59,7 +60,7 @@ class Recovery:
 
     def recover(self, job_id: str) -> str | None:
         # One sweeper per job at a time, across hosts; the lock outlives the sweep, not the job.
-        if not self.status.redis.set(keys.recovering(job_id), "1", nx=True, ex=max(1, int(self.lease_ttl))):
+        if not self.fleet.lock_recovery(job_id, self.lease_ttl):
             return None
         try:
             record = self.status.get(job_id)

@@ -24,7 +24,6 @@ import os
 import signal
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import redis
@@ -32,7 +31,6 @@ import redis
 log = logging.getLogger(__name__)
 
 LOAD_FAILED = 3  # the exit code of a worker whose model could not load (`--gpus` backs off on it)
-ERROR_TTL = 3600  # seconds the presence key keeps a failed worker's error
 
 
 def check_model(model: str) -> str | None:
@@ -127,14 +125,9 @@ def describe(exc: BaseException) -> str:
 
 def report_to_presence(redis_client: redis.Redis, hostname: str, model: str, message: str) -> None:
     """Best effort: `svdq top` lists the worker with its error although it answers no ping."""
-    from producer import keys
+    from producer.fleet import FleetStore
 
     try:
-        key = keys.worker(hostname)
-        pipe = redis_client.pipeline()
-        pipe.delete(key)
-        pipe.hset(key, mapping={"model": model, "error": message, "failed_at": str(int(time.time()))})
-        pipe.expire(key, ERROR_TTL)
-        pipe.execute()
+        FleetStore(redis_client).failed(hostname, model, message)
     except Exception as exc:  # Redis down too: the log and the exit code still say it
         log.warning("could not record the load failure in Redis: %s", describe(exc))

@@ -40,8 +40,9 @@ def rendering(job: Job) -> None:
 
 
 def test_flower_shows_outcomes_progress_and_counts_and_revoke_is_a_cancel(
-    flower: str, start_worker: Callable[..., WorkerProcess], image_file: Path, s3: Any
+    flower: str, start_worker: Callable[..., WorkerProcess], image_file: Path, s3: Any, celery_control: Celery
 ) -> None:
+    """And a message Celery discards as revoked (expired) cancels its job: no revoke strands a job."""
     worker = start_worker()
     with Client.from_env(queue=worker.queue) as client:
         good = client.submit(image_file, **SMALL)
@@ -98,6 +99,7 @@ def test_flower_shows_outcomes_progress_and_counts_and_revoke_is_a_cancel(
     assert sum(r.state is JobState.SUCCEEDED for r in mine) == row["task-succeeded"]
     assert sum(r.state is JobState.FAILED for r in mine) == row["task-failed"]
 
+    a_message_celery_discards_as_revoked_cancels_its_job(worker, celery_control, image_file)
     browse_flower(flower, good.id, bad.id, canceled.id, ended[bad.id].error.code)
 
 
@@ -131,18 +133,15 @@ def browse_flower(flower: str, good: str, bad: str, canceled: str, code: str) ->
         assert state in row, (task_id, state, listing[-3000:])
 
 
-def test_a_message_celery_discards_as_revoked_cancels_its_job(
-    start_worker: Callable[..., WorkerProcess], client: Client, celery_control: Celery, image_file: Path
-) -> None:
+def a_message_celery_discards_as_revoked_cancels_its_job(worker: WorkerProcess, control: Celery, image: Path) -> None:
     """Celery discards an expired message as revoked without running it: its job must not stay queued."""
-    worker = start_worker()
     job_id = uuid.uuid4().hex
-    data = image_file.read_bytes()
-    request = {"image": client.store.put(content_name(data, ".png"), data, "image/png").ref, **SMALL}
-    client.status.create(job_id, request, queue=worker.queue)
-    expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
-    celery_control.send_task(
-        TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=worker.queue, expires=expired
-    )
-    record = client.job(job_id).wait(timeout=60)
+    with Client.from_env(queue=worker.queue) as client:
+        data = image.read_bytes()
+        request = {"image": client.store.put(content_name(data, ".png"), data, "image/png").ref, **SMALL}
+        client.status.create(job_id, request, queue=worker.queue)
+        expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
+        control.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id,
+                          queue=worker.queue, expires=expired)  # fmt: skip
+        record = client.job(job_id).wait(timeout=60)
     assert record.state is JobState.CANCELED, record

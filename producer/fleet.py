@@ -1,0 +1,102 @@
+"""The fleet's state that is not a job record: which worker nodes are up (or failed), which are stopping, the
+recovery lock, and how deep the queues are. Job records live in producer.status; every key in producer.keys.
+
+Workers write it (worker.node, worker.heartbeat, worker.recovery, worker.startup); `svdq top` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from producer import keys
+from producer.contract import JobState
+from producer.status import as_text
+
+# How long `svdq top` keeps listing a worker whose model failed to load.
+FAILED_TTL = 3600
+
+
+class FleetStore:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+
+    # -- presence: one hash per worker node, refreshed by its main process --------------------------------
+
+    def present(self, hostname: str, info: dict[str, Any], ttl: int) -> None:
+        """The node is up: `info` (model, device, pid) for `ttl` seconds unless refreshed."""
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.worker(hostname), mapping=info)
+        pipe.expire(keys.worker(hostname), ttl)
+        pipe.execute()
+
+    def failed(self, hostname: str, model: str, message: str) -> None:
+        """The node's model could not load: listed with `message` for an hour, though it answers no ping."""
+        key = keys.worker(hostname)
+        pipe = self.redis.pipeline()
+        pipe.delete(key)
+        pipe.hset(key, mapping={"model": model, "error": message, "failed_at": str(int(time.time()))})
+        pipe.expire(key, FAILED_TTL)
+        pipe.execute()
+
+    def started(self, hostname: str) -> None:
+        """A (re)started node: neither failed nor stopping, whatever its previous run left."""
+        pipe = self.redis.pipeline()
+        pipe.hdel(keys.worker(hostname), "error", "failed_at")
+        pipe.delete(keys.stopping(hostname))
+        pipe.execute()
+
+    def gone(self, hostname: str) -> None:
+        self.redis.delete(keys.worker(hostname))
+
+    def node(self, hostname: str) -> dict[str, str]:
+        return {as_text(k): as_text(v) for k, v in self.redis.hgetall(keys.worker(hostname)).items()}
+
+    def nodes(self) -> dict[str, dict[str, str]]:
+        """Every node with a presence hash (up, or failed within the hour)."""
+        found = {}
+        for key in self.redis.scan_iter(match=keys.worker("*"), count=500):
+            name = as_text(key).removeprefix(keys.worker(""))
+            found[name] = {as_text(k): as_text(v) for k, v in self.redis.hgetall(key).items()}
+        return found
+
+    # -- a warm shutdown's deadline, read by the node's running job ----------------------------------------
+
+    def stopping(self, hostname: str, deadline: float, grace: float) -> None:
+        self.redis.set(keys.stopping(hostname), str(deadline), ex=int(grace) + 3600)
+
+    def stop_deadline(self, hostname: str) -> float | None:
+        raw = self.redis.get(keys.stopping(hostname))
+        return None if raw is None else float(raw)
+
+    # -- recovery ------------------------------------------------------------------------------------------
+
+    def lock_recovery(self, job_id: str, seconds: float) -> bool:
+        """One sweeper per abandoned job at a time, across hosts; the lock outlives a sweep, not the job."""
+        return bool(self.redis.set(keys.recovering(job_id), "1", nx=True, ex=max(1, int(seconds))))
+
+    # -- queues --------------------------------------------------------------------------------------------
+
+    def queues_of_waiting_jobs(self, limit: int = 200) -> set[str]:
+        """The queues the newest waiting jobs were sent to."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in self.redis.zrevrange(keys.state_index(JobState.QUEUED.value), 0, limit - 1):
+            pipe.hget(keys.job(as_text(job_id)), "queue")
+        return {name for queue in pipe.execute() if queue and (name := json.loads(queue))}
+
+    def depths(self, queues: list[str]) -> list[int]:
+        """Messages waiting in each queue (kombu keeps a queue in a Redis list of the same name)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in queues:
+            pipe.llen(name)
+        return [int(depth) for depth in pipe.execute()]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state, from the state indexes."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in JobState:
+            pipe.zcard(keys.state_index(state.value))
+        return {state.value: int(n) for state, n in zip(JobState, pipe.execute(), strict=True)}
