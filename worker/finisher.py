@@ -1,4 +1,4 @@
-"""One job in flight behind the GPU: its encode tail, upload and final status, on a thread of its own.
+"""A job's tail: the encoder's last frames, the upload (or the spool) and the final status, on a thread of its own.
 
 While job N is finished here, the task that rendered it has returned, so Celery hands job N+1 to the
 GPU at once. The hand-off is bounded to one: the next job to reach it waits for the previous tail first,
@@ -7,11 +7,27 @@ so at most one finished video is held in memory and a crash loses at most the jo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-log = logging.getLogger(__name__)
+import redis
+
+from producer.contract import ErrorCode, JobState, Stage, result_name
+from producer.storage import StorageUnavailable, Stored
+from worker.errors import JobCanceled, JobFailed
+from worker.outcome import Work, announce_end, end_job, fail_work
+from worker.progress import Progress
+from worker.spool import SpoolFull
+from worker.video import PendingVideo, Stopwatch
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+
+log = logging.getLogger("worker.render")  # the job's story reads as one log
 
 
 class Finisher:
@@ -38,3 +54,74 @@ class Finisher:
         thread = self._thread
         if thread is not None:
             thread.join()
+
+
+def complete(rt: Runtime, work: Work, pending: PendingVideo) -> None:
+    """Step 5, on the finisher's thread: the encoder's last frames, the upload, the final status."""
+    attempt, request, job_id = work.attempt, work.request, work.attempt.job_id
+    try:
+        Progress(rt.status, attempt, events=rt.events)(Stage.UPLOAD, 0.95, force=True)
+        video = pending.finish()
+    except JobCanceled:
+        log.info("job %s canceled before its upload", job_id)
+        rt.heartbeat.release(job_id)
+        announce_end(rt, job_id)
+        return
+    except Exception as exc:
+        fail_work(rt, work, exc)
+        return
+    finally:
+        pending.close()
+
+    def succeed(stored: Stored) -> None:
+        result = {
+            "key": stored.key, "format": request.format, "url": rt.store.public_url(stored.key),
+            "bytes": len(video.data), "frames": video.frames, "width": request.width, "height": request.height,
+            "fps": request.fps, "seed": work.seed,
+        }  # fmt: skip
+        log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
+        end_job(rt, attempt, JobState.SUCCEEDED, result=result, timings=work.timings, memory=work.memory,
+                stage=Stage.DONE, progress=1.0, error=None)  # fmt: skip
+
+    name, content_type = result_name(job_id, request.format), video.format.content_type
+    started = time.perf_counter()
+    try:
+        stored = rt.store.put(name, video.data, content_type)
+    except StorageUnavailable as exc:
+        # The render is done: keep it and upload it when storage is back, never render it again.
+        spool_video(rt, work, name, video.data, content_type, exc, succeed)
+        return
+    except Exception as exc:
+        fail_work(rt, work, exc)
+        return
+    Stopwatch(work.timings).add("upload", started)
+    succeed(stored)
+
+
+def spool_video(
+    rt: Runtime,
+    work: Work,
+    name: str,
+    data: bytes,
+    content_type: str,
+    exc: StorageUnavailable,
+    succeed: Callable[[Stored], None],
+) -> None:
+    attempt = work.attempt
+    job_id = attempt.job_id
+
+    def pending_error(tries: int) -> dict[str, str]:
+        message = f"{exc}; the rendered video waits in the worker's upload spool ({tries} uploads tried)"
+        return {"code": ErrorCode.STORAGE_UNAVAILABLE.value, "message": message}
+
+    def still_wanted(tries: int) -> bool:
+        return rt.status.update(job_id, fence=attempt.number, stage=Stage.UPLOAD_PENDING, error=pending_error(tries))
+
+    try:
+        rt.spool.add(job_id, name, data, content_type, still_wanted, succeed)
+    except SpoolFull as full:
+        fail_work(rt, work, JobFailed(ErrorCode.SPOOL_FULL, f"storage unreachable ({exc}) and {full}"))
+        return
+    log.warning("job %s: storage unreachable (%s); the video waits in the upload spool", job_id, exc)
+    with contextlib.suppress(redis.RedisError):
+        rt.status.update(job_id, fence=attempt.number, stage=Stage.UPLOAD_PENDING, error=pending_error(1))

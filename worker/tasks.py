@@ -23,7 +23,7 @@ def register(app: Celery, settings: WorkerSettings) -> None:
         if not rt.events.bound:
             rt.events.bind(self.app, hostname)
         outcome = run_job(rt, job_id, request, worker=hostname, queue=queue, task_id=self.request.id)
-        if "retry_in" in outcome:
+        if outcome.retry_in is not None:
             # Same id, same queue (so the same priority); svdq counts attempts itself, hence no max here.
-            raise self.retry(countdown=outcome["retry_in"], max_retries=None)
-        return outcome
+            raise self.retry(countdown=outcome.retry_in, max_retries=None)
+        return outcome.as_dict()

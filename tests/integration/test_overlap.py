@@ -51,7 +51,7 @@ def test_next_job_renders_while_the_last_one_uploads(redis_url: str, tmp_path: P
     request = {"image": image, "width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2}
     first, second = uuid.uuid4().hex, uuid.uuid4().hex
 
-    assert run_job(rt, first, request, "w@test")["stage"] == "finishing"
+    assert run_job(rt, first, request, "w@test").detail == "finishing"
     handed_off = status.get(first)
     assert (handed_off.state, handed_off.stage) == (JobState.STARTED, "upload")  # exact: not done yet
 

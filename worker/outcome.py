@@ -1,0 +1,111 @@
+"""How an attempt at a job ends: the types the job path passes around, and the one way each ending is written.
+
+Every ending goes through `end_job` (a state the transition table allows, fenced by the attempt's number) and
+is then announced once by `announce_end`: the webhook, the worker's metrics and Flower's task event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from producer.contract import ErrorCode, JobRequest, JobState
+from producer.status import InvalidTransition, JobNotFound, MalformedRecord
+from worker import webhooks
+from worker.decode import OutOfMemory
+from worker.errors import JobFailed
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+
+log = logging.getLogger("worker.render")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One execution of a job: its number fences every write, `holder` names the lease's owner."""
+
+    job_id: str
+    number: int
+    holder: str
+
+
+@dataclass
+class Work:
+    """An attempt and what it gathers on the way: the request it renders, the seed, per-stage seconds and the
+    memory report that go into the record when it ends."""
+
+    attempt: Attempt
+    request: JobRequest
+    seed: int
+    timings: dict[str, float]
+    memory: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one delivery of a job's message came to. The task sends the message again when `retry_in` is set;
+    the rest is what Celery logs as the task's return value."""
+
+    job_id: str | None
+    state: JobState | None
+    retry_in: float | None = None
+    detail: str | None = None  # "finishing", "dropped: why", "running on HOLDER"
+
+    def as_dict(self) -> dict[str, Any]:
+        shown = {"job_id": self.job_id, "state": self.state.value if self.state else None}
+        return shown | {k: v for k, v in (("retry_in", self.retry_in), ("detail", self.detail)) if v is not None}
+
+
+def error_of(job_id: str, exc: BaseException) -> dict[str, str]:
+    """The record's `error` for an exception: known failures by their code, anything else as internal."""
+    if isinstance(exc, JobFailed):
+        log.warning("job %s failed: %s", job_id, exc)
+        return exc.as_error()
+    if isinstance(exc, OutOfMemory):
+        log.warning("job %s ran out of device memory", job_id)
+        message = "the GPU ran out of memory, even with forward chunking and a decode chunk of 1"
+        return {"code": ErrorCode.OUT_OF_MEMORY.value, "message": message}
+    log.error("job %s crashed", job_id, exc_info=exc)
+    return {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
+def fail_job(rt: Runtime, attempt: Attempt, exc: BaseException, **fields: Any) -> Outcome:
+    return end_job(rt, attempt, JobState.FAILED, error=error_of(attempt.job_id, exc), **fields)
+
+
+def fail_work(rt: Runtime, work: Work, exc: BaseException) -> Outcome:
+    """Fail the job with what its attempt measured so far (timings, memory) in the record."""
+    return fail_job(rt, work.attempt, exc, timings=work.timings, memory=work.memory)
+
+
+def end_job(rt: Runtime, attempt: Attempt, state: JobState, *, unleased: bool = False, **fields: Any) -> Outcome:
+    job_id = attempt.job_id
+    rt.heartbeat.release(job_id)
+    fence = attempt.number if attempt.number else None
+    try:
+        rt.status.transition(job_id, state, fence=fence, unleased=unleased, **fields)
+    except InvalidTransition as exc:  # canceled while it ran (the cancel stands), or taken over
+        log.info("job %s: result dropped, %s", job_id, exc)
+        return Outcome(job_id, exc.current)
+    announce_end(rt, job_id)
+    return Outcome(job_id, state)
+
+
+def announce_canceled(rt: Runtime, job_id: str) -> None:
+    """A job canceled while queued: Flower and the webhook hear of it when its message comes up."""
+    with contextlib.suppress(JobNotFound, MalformedRecord):
+        record = rt.status.get(job_id)
+        rt.events.ended(record)
+        webhooks.notify_record(rt.webhooks, record)
+
+
+def announce_end(rt: Runtime, job_id: str) -> None:
+    """The job has reached its final state (or was canceled or taken over): webhook, metrics, Flower."""
+    record = rt.status.get(job_id)
+    if record.state.is_terminal():  # not when another attempt took the job over: that one reports it
+        rt.metrics.job_ended(record)
+        rt.events.ended(record)
+        webhooks.notify_record(rt.webhooks, record)

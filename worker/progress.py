@@ -1,0 +1,70 @@
+"""A job's progress in its record, and the checks that stop a render: canceled, taken over, or handed back."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer.contract import JobState
+from producer.status import StatusStore
+from worker.errors import HandBack, JobCanceled
+from worker.events import TaskEvents
+from worker.outcome import Attempt
+
+log = logging.getLogger("worker.render")
+
+
+class Progress:
+    """Writes stage and progress to the record, at most every `interval` seconds unless forced, and
+    raises JobCanceled as soon as the record is no longer this attempt's `started` (checked on every call),
+    or HandBack once `hand_back()` says the worker's stop grace period is over."""
+
+    def __init__(
+        self,
+        status: StatusStore,
+        attempt: Attempt,
+        interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+        hand_back: Callable[[], bool] = lambda: False,
+        events: TaskEvents | None = None,
+    ):
+        self.status, self.attempt, self.interval, self.clock = status, attempt, interval, clock
+        self.hand_back, self.events = hand_back, events
+        self._last = self._last_check = float("-inf")
+
+    def check(self) -> None:
+        """Between the UNet's blocks, inside a step (a step at the caps takes seconds on a GPU): the same stop
+        conditions as a step's, with the record read at most every `interval` seconds."""
+        if self.hand_back():
+            raise HandBack(self.attempt.job_id)
+        now = self.clock()
+        if now - self._last_check < self.interval:
+            return
+        self._last_check = now
+        try:
+            if self.status.state(self.attempt.job_id) is not JobState.STARTED:
+                raise JobCanceled(self.attempt.job_id)
+        except redis.RedisError:  # Redis restarting: the next step's write will tell
+            return
+
+    def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
+        if self.hand_back():
+            raise HandBack(self.attempt.job_id)
+        now = self.clock()
+        job_id = self.attempt.job_id
+        try:
+            if force or now - self._last >= self.interval:
+                self._last = now
+                fraction = round(min(max(progress, 0.0), 1.0), 4)
+                if not self.status.update(job_id, fence=self.attempt.number, stage=stage, progress=fraction, **extra):
+                    raise JobCanceled(job_id)
+                if self.events is not None:
+                    self.events.progress(job_id, stage, fraction, force=force)
+            elif self.status.state(job_id) is not JobState.STARTED:
+                raise JobCanceled(job_id)
+        except redis.RedisError as exc:  # Redis restarting: the render goes on, the record catches up later
+            log.warning("job %s: progress not written (%s)", job_id, exc)
