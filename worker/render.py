@@ -57,30 +57,50 @@ def run_job(
         return accepted
     request = accepted
 
-    # 2. Claim the job and its lease.
+    # 2. Claim the job and its lease; this worker must serve its model, within its own caps.
     attempt = _claim(rt, job_id, worker, task_id)
     if isinstance(attempt, Outcome):
         return attempt
-    if request.model and request.model != (served := rt.settings.served_model()):
-        wrong = f"this worker serves model {served!r}, the job asks for {request.model!r} (it reached the wrong queue)"
-        return fail_job(rt, attempt, JobFailed(ErrorCode.INVALID_INPUT, wrong))
-    try:
-        rt.settings.check_caps(request)  # the producer checked with its own settings: these are this GPU's
-    except InvalidParameter as exc:
-        return fail_job(rt, attempt, JobFailed(ErrorCode.INVALID_INPUT, str(exc)))
+    if (refused := _not_here(rt, request)) is not None:
+        return fail_job(rt, attempt, refused)
 
     # 3-4. Fetch the image and render on the device.
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     work = Work(attempt, request, seed, timings={"load": round(rt.take_load_seconds(), 4)},
                 memory={"decode_chunk_size": 0})  # fmt: skip
+    pending = _render_or_end(rt, work)
+    if isinstance(pending, Outcome):
+        return pending
+
+    # 5. Hand the rest to the finisher and free the GPU for the next job.
+    rt.finisher.submit(job_id, lambda: complete(rt, work, pending))
+    return Outcome(job_id, JobState.STARTED, detail="finishing")
+
+
+def _not_here(rt: Runtime, request: JobRequest) -> JobFailed | None:
+    """Why this worker must not render the request, though the producer accepted it: another model, or caps
+    lower than the producer's (the producer checked with its own settings: these are this GPU's)."""
+    if request.model and request.model != (served := rt.settings.served_model()):
+        wrong = f"this worker serves model {served!r}, the job asks for {request.model!r} (it reached the wrong queue)"
+        return JobFailed(ErrorCode.INVALID_INPUT, wrong)
+    try:
+        rt.settings.check_caps(request)
+    except InvalidParameter as exc:
+        return JobFailed(ErrorCode.INVALID_INPUT, str(exc))
+    return None
+
+
+def _render_or_end(rt: Runtime, work: Work) -> PendingVideo | Outcome:
+    """Steps 3-4, holding the GPU; the attempt's end instead when it is canceled, handed back or fails."""
+    attempt = work.attempt
     try:
         with _peak_memory(rt.renderer.device, work.memory):
-            pending = _render(rt, work)
+            return _render(rt, work)
     except JobCanceled:
-        log.info("job %s canceled (or taken over) while rendering; the GPU is free", job_id)
-        rt.heartbeat.release(job_id)
-        announce_end(rt, job_id)
-        return Outcome(job_id, JobState.CANCELED)
+        log.info("job %s canceled (or taken over) while rendering; the GPU is free", attempt.job_id)
+        rt.heartbeat.release(attempt.job_id)
+        announce_end(rt, attempt.job_id)
+        return Outcome(attempt.job_id, JobState.CANCELED)
     except HandBack:
         return _hand_back(rt, attempt)
     except JobFailed as exc:
@@ -89,10 +109,6 @@ def run_job(
         return fail_work(rt, work, exc)
     except Exception as exc:
         return fail_work(rt, work, exc)
-
-    # 5. Hand the rest to the finisher and free the GPU for the next job.
-    rt.finisher.submit(job_id, lambda: complete(rt, work, pending))
-    return Outcome(job_id, JobState.STARTED, detail="finishing")
 
 
 def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> JobRequest | Outcome:
