@@ -80,7 +80,7 @@ class AsyncJob:
         return f"AsyncJob({self.id!r})"
 
     async def status(self) -> JobRecord:
-        return await self.client.status.get(self.id)
+        return await self.client.records.get(self.id)
 
     async def events(self, *, reread_every: float = 1.0) -> AsyncIterator[JobRecord]:
         """The record now, then again at each change (and at least every `reread_every` seconds while it
@@ -112,7 +112,7 @@ class AsyncJob:
     async def cancel(self) -> JobRecord:
         """Cancel a queued job (it never starts) or a running one (it stops within its current step)."""
         try:
-            await self.client.status.transition(self.id, JobState.CANCELED)
+            await self.client.records.transition(self.id, JobState.CANCELED)
         except InvalidTransition as exc:
             if exc.current is None:
                 raise JobNotFound(self.id) from None
@@ -130,7 +130,9 @@ class AsyncClient:
     def __init__(self, settings: Settings, redis_client: redis.asyncio.Redis, store: ObjectStore, celery: Celery):
         self.settings = settings
         self.redis = redis_client
-        self.status = AsyncStatusStore(redis_client, result_ttl=settings.result_ttl)
+        self.records = AsyncStatusStore(  # the job records; AsyncJob.status() is one record
+            redis_client, result_ttl=settings.result_ttl
+        )
         self.store = store
         self.celery = celery
         self.intake = Intake(settings, store)
@@ -181,7 +183,7 @@ class AsyncClient:
         job_id = uuid.uuid4().hex
         request = checked.request(image_ref)
         try:
-            await self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority,
+            await self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority,
                                      webhook=webhook, queue=checked.queue)  # fmt: skip
         except DuplicateKey as dup:
             return AsyncJob(dup.job_id, self)
@@ -189,6 +191,6 @@ class AsyncClient:
             await asyncio.to_thread(send_job, self.celery, job_id, request, checked.queue)
         except Exception as exc:
             with contextlib.suppress(InvalidTransition, redis.RedisError):
-                await self.status.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
+                await self.records.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
             raise
         return AsyncJob(job_id, self)

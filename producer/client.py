@@ -101,7 +101,7 @@ class Job:
         return f"Job({self.id!r})"
 
     def status(self) -> JobRecord:
-        return self.client.status.get(self.id)
+        return self.client.records.get(self.id)
 
     def wait(
         self,
@@ -135,7 +135,7 @@ class Job:
     def cancel(self) -> JobRecord:
         """Cancel a queued job (it never starts) or a running one (it stops within its current step)."""
         try:
-            self.client.status.transition(self.id, JobState.CANCELED)
+            self.client.records.transition(self.id, JobState.CANCELED)
         except InvalidTransition as exc:
             if exc.current is None:
                 raise JobNotFound(self.id) from None
@@ -158,7 +158,9 @@ class Client:
     def __init__(self, settings: Settings, redis_client: redis.Redis, store: ObjectStore, celery: Celery):
         self.settings = settings
         self.redis = redis_client
-        self.status = StatusStore(redis_client, result_ttl=settings.result_ttl)
+        self.records = StatusStore(  # the job records; Job.status() is one record
+            redis_client, result_ttl=settings.result_ttl
+        )
         self.store = store
         self.celery = celery
         self.intake = Intake(settings, store)
@@ -184,7 +186,7 @@ class Client:
 
     def list(self, state: JobState | str | None = None, limit: int = 20) -> list[JobRecord]:
         """The newest jobs, optionally in one state."""
-        return self.status.list(JobState(state) if state else None, limit)
+        return self.records.list(JobState(state) if state else None, limit)
 
     def submit(
         self,
@@ -213,7 +215,7 @@ class Client:
         job_id = uuid.uuid4().hex
         request = checked.request(image_ref)
         try:
-            self.status.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook,
+            self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook,
                                queue=checked.queue)  # fmt: skip
         except DuplicateKey as dup:
             return Job(dup.job_id, self)
@@ -222,7 +224,7 @@ class Client:
         except Exception as exc:
             # Best effort: the caller gets the exception either way, the record should not say queued.
             with contextlib.suppress(InvalidTransition, redis.RedisError):
-                self.status.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
+                self.records.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
             raise
         return Job(job_id, self)
 

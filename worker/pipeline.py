@@ -114,7 +114,7 @@ class Renderer:
         """What the compiled graphs are specialised on: the size, the frames, and the guidance's batch of 2."""
         return (params.width, params.height, params.num_frames, params.max_guidance_scale > 1)
 
-    def decode_chunk_size(self, requested: int | str, params: JobParams) -> int:
+    def choose_decode_chunk(self, requested: int | str, params: JobParams) -> int:
         """A number as asked, or for "auto" the smallest chunk within 5% of the fastest decode measured at
         warm-up, made smaller where it would not fit the memory budget (or the free memory) at this size."""
         if requested != "auto":

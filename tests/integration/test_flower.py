@@ -139,7 +139,7 @@ def a_message_celery_discards_as_revoked_cancels_its_job(worker: WorkerProcess, 
     with Client.from_env(queue=worker.queue) as client:
         data = image.read_bytes()
         request = {"image": client.store.put(content_name(data, ".png"), data, "image/png").ref, **SMALL}
-        client.status.create(job_id, request, queue=worker.queue)
+        client.records.create(job_id, request, queue=worker.queue)
         expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
         control.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id,
                           queue=worker.queue, expires=expired)  # fmt: skip

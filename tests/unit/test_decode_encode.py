@@ -143,9 +143,9 @@ def test_auto_chunk_shrinks_to_the_budget_and_stays_within_the_video() -> None:
 
 def test_auto_on_a_cpu_is_a_fixed_chunk(pipe: Any) -> None:
     renderer = Renderer(pipe=pipe, device=torch.device("cpu"), dtype=torch.float32)
-    assert renderer.decode_chunk_size("auto", JobParams(num_frames=25)) == 8
-    assert renderer.decode_chunk_size("auto", JobParams(num_frames=4)) == 4
-    assert renderer.decode_chunk_size(3, JobParams(num_frames=25)) == 3
+    assert renderer.choose_decode_chunk("auto", JobParams(num_frames=25)) == 8
+    assert renderer.choose_decode_chunk("auto", JobParams(num_frames=4)) == 4
+    assert renderer.choose_decode_chunk(3, JobParams(num_frames=25)) == 3
 
 
 def test_yuv_conversion_round_trips_through_ffmpeg() -> None:
