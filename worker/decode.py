@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from producer.contract import JobParams
+
 OutOfMemory = torch.cuda.OutOfMemoryError
 CPU_DECODE_CHUNK = 8  # "auto" on a CPU: memory there is plentiful and the speed barely depends on it
+UNPROFILED_CUDA_CHUNK = 2  # 8 frames of 1024x576 take 10.7 GiB: a small GPU would halve its way down anyway
 
 # BT.601, limited range: what ffmpeg's own rgb24 -> yuv420p conversion uses, tagged as such in the file.
 _RGB_TO_YUV = torch.tensor(
@@ -162,3 +165,25 @@ def free_device_memory(device: torch.device) -> int:
     """Free bytes on the device, counting what PyTorch's cache holds but does not use."""
     free, _total = torch.cuda.mem_get_info(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def choose_chunk(
+    requested: int | str,
+    params: JobParams,
+    device: torch.device,
+    profile: DecodeProfile | None,
+    budget_bytes: int | None,
+) -> int:
+    """A number as asked, or for "auto" the smallest chunk within 5% of the fastest decode measured at
+    warm-up (`profile`), made smaller where it would not fit the memory budget (or the free memory) at this size.
+    A chunk that still runs out of memory is halved while decoding (ChunkedDecoder)."""
+    if requested != "auto":
+        return min(int(requested), params.num_frames)
+    if device.type != "cuda":
+        return min(CPU_DECODE_CHUNK, params.num_frames)
+    if profile is None:  # no warm-up (SVDQ_WARMUP=0, or it ran out of memory): play safe
+        return min(UNPROFILED_CUDA_CHUNK, params.num_frames)
+    room = free_device_memory(device) * 0.9
+    if budget_bytes is not None:
+        room = min(room, budget_bytes - torch.cuda.memory_allocated(device))
+    return profile.chunk_for(room, params.width, params.height, params.num_frames)

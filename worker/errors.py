@@ -28,8 +28,3 @@ class JobCanceled(Exception):
 
 class HandBack(Exception):
     """The worker is stopping and the job's grace period is over: back to its queue for another worker."""
-
-
-def backoff(attempt: int, base: float, cap: float, rand: float) -> float:
-    """Seconds before attempt `attempt + 1`: doubling from `base`, capped, times a jitter in [0.5, 1.5)."""
-    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + rand)

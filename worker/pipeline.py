@@ -18,7 +18,7 @@ from PIL import Image
 
 from producer.contract import JobParams
 from worker import compile_cache
-from worker.decode import CPU_DECODE_CHUNK, DecodeProfile, OutOfMemory, free_device_memory, profile_decode
+from worker.decode import DecodeProfile, OutOfMemory, choose_chunk, profile_decode
 from worker.settings import WorkerSettings
 from worker.tuning import (
     Tuned,
@@ -54,7 +54,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # Chunk sizes timed at warm-up; low VRAM keeps to the smallest.
 PROFILE_CHUNKS = (1, 2, 4, 8, 16)
 LOW_VRAM_CHUNKS = (1, 2)
-UNPROFILED_CUDA_CHUNK = 2  # 8 frames of 1024x576 take 10.7 GiB: a small GPU would halve its way down anyway
 
 
 @dataclass
@@ -115,18 +114,8 @@ class Renderer:
         return (params.width, params.height, params.num_frames, params.max_guidance_scale > 1)
 
     def choose_decode_chunk(self, requested: int | str, params: JobParams) -> int:
-        """A number as asked, or for "auto" the smallest chunk within 5% of the fastest decode measured at
-        warm-up, made smaller where it would not fit the memory budget (or the free memory) at this size."""
-        if requested != "auto":
-            return min(int(requested), params.num_frames)
-        if self.device.type != "cuda":
-            return min(CPU_DECODE_CHUNK, params.num_frames)
-        if self.decode_profile is None:  # no warm-up (SVDQ_WARMUP=0, or it ran out of memory): play safe
-            return min(UNPROFILED_CUDA_CHUNK, params.num_frames)
-        room = free_device_memory(self.device) * 0.9
-        if self.budget_bytes is not None:
-            room = min(room, self.budget_bytes - torch.cuda.memory_allocated(self.device))
-        return self.decode_profile.chunk_for(room, params.width, params.height, params.num_frames)
+        """The decode chunk for a job on this renderer (policy: worker.decode.choose_chunk)."""
+        return choose_chunk(requested, params, self.device, self.decode_profile, self.budget_bytes)
 
     def denoise(self, image: Image.Image, params: JobParams, seed: int, on_step: StepCallback) -> torch.Tensor:
         """Latents shaped (1, frames, 4, h, w). On out-of-memory, retries once with forward chunking."""

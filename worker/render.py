@@ -37,7 +37,8 @@ from producer.contract import (
 )
 from producer.status import AttemptsExhausted, InvalidTransition, JobNotFound, Leased, MalformedRecord, StatusStore
 from worker import webhooks
-from worker.errors import HandBack, JobCanceled, JobFailed, backoff
+from worker.backoff import backoff
+from worker.errors import HandBack, JobCanceled, JobFailed
 from worker.finisher import complete
 from worker.inputs import fetch_image, fit, open_image
 from worker.outcome import Attempt, Outcome, Work, announce_canceled, announce_end, fail_job, fail_work

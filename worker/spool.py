@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from producer.storage import ObjectStore, StorageUnavailable, Stored
-from worker.errors import backoff
+from worker.backoff import backoff
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from producer.contract import JobRecord
 from producer.netguard import UnsafeURL, check_url, connect
 from producer.status import StatusStore
-from worker.errors import backoff
+from worker.backoff import backoff
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

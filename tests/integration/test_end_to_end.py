@@ -278,16 +278,19 @@ def test_status_store_enforces_the_transition_table(redis_url: str) -> None:
     assert record.finished_at is not None
 
 
-@pytest.mark.parametrize(("fmt", "content_type"), [("webm", "video/webm"), ("gif", "image/gif")])
-def test_other_formats(client: Client, worker: WorkerProcess, s3: Any, image_file: Path, fmt: str,
-                       content_type: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("fmt", "content_type", "magic"), [("webm", "video/webm", b"\x1a\x45\xdf\xa3"), ("gif", "image/gif", b"GIF8")]
+)
+def test_webm_and_gif_have_their_own_content_type_and_magic_number(
+    client: Client, worker: WorkerProcess, s3: Any, image_file: Path, fmt: str, content_type: str, magic: bytes
+) -> None:
     record = client.submit(image_file, **SMALL, format=fmt, decode_chunk_size=3).wait(timeout=120)
     assert record.state is JobState.SUCCEEDED, record.error
     assert record.result is not None and record.result.key.endswith(f"/video.{fmt}")
     assert record.memory is not None and record.memory.decode_chunk_size == 3
     head = s3.head_object(Bucket=BUCKET, Key=record.result.key)
     assert head["ContentType"] == content_type and head["ContentLength"] == record.result.bytes
-    assert client.job(record.id).video_bytes()[:4] in (b"\x1a\x45\xdf\xa3", b"GIF8")
+    assert client.job(record.id).video_bytes()[:4] == magic
 
 
 def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str, str], worker: WorkerProcess) -> None:

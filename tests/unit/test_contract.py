@@ -93,7 +93,7 @@ def test_retry_and_cancel_paths() -> None:
 
 
 def test_retry_backoff_doubles_with_jitter_and_a_cap() -> None:
-    from worker.errors import backoff
+    from worker.backoff import backoff
 
     assert [backoff(n, 2.0, 60.0, 0.5) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
     assert backoff(10, 2.0, 60.0, 0.5) == 60.0
@@ -107,7 +107,7 @@ def test_a_worker_reads_its_model_and_any_model_at_each_priority_level() -> None
     assert check_params({"model": "svd-xt"}).model == "svd-xt"
 
 
-def test_sentinel_urls() -> None:
+def test_a_sentinel_url_gives_its_nodes_password_and_db_and_is_redacted_in_logs() -> None:
     url = "sentinel://:pw@10.0.0.1:26379;sentinel://:pw@10.0.0.2/2"
     assert parse_sentinel_url(url) == ([("10.0.0.1", 26379), ("10.0.0.2", 26379)], "pw", 2)
     assert redact_url(url) == "sentinel://:***@10.0.0.1:26379;sentinel://:***@10.0.0.2/2"

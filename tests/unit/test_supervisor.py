@@ -14,7 +14,7 @@ from worker.startup import LOAD_FAILED
 from worker.supervisor import NoGPU, Supervisor, parse_gpus, worker_command
 
 
-def test_gpu_specs() -> None:
+def test_gpus_takes_all_or_distinct_indices_of_gpus_that_exist() -> None:
     assert parse_gpus("all", 4) == [0, 1, 2, 3]
     assert parse_gpus("0,1,3", 4) == [0, 1, 3]
     for bad in ("4", "0,0", "x", ""):
