@@ -135,7 +135,10 @@ class TaskEvents:
             try:
                 if self._dispatcher is None:
                     self._connection = self.app.connection_for_write()
-                    self._dispatcher = self.app.events.Dispatcher(self._connection, hostname=self.hostname)
+                    # No buffering while Redis is away: a failed send raises here, is logged and is dropped.
+                    self._dispatcher = self.app.events.Dispatcher(
+                        self._connection, hostname=self.hostname, buffer_while_offline=False
+                    )
                 self._dispatcher.send(type_, uuid=uuid, retry=True, retry_policy=RETRY_POLICY, **fields)
             except Exception as exc:  # Redis away: Flower misses this one, the job goes on
                 log.warning("Flower not told %s of job %s: %s", type_, job_id, exc)

@@ -171,7 +171,8 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
             announce_canceled(rt, job_id)
         return Outcome(job_id, exc.current)
     rt.heartbeat.hold(job_id, holder, worker)
-    rt.events.track(job_id, task_id)
+    if task_id and task_id != job_id and rt.status.state(task_id) is None:  # a plain client's own task id,
+        rt.events.track(job_id, task_id)  # never another job's: its Flower row must not show this job
     rt.events.started(job_id)
     record = rt.status.get(job_id)
     if record.webhook and not (rt.webhooks and rt.webhooks.secret):  # said on the job, not only in this log

@@ -79,6 +79,10 @@ def install(canceller: Canceller = CANCELLER) -> None:
 
 
 def on_task_revoked(request: Any = None, **_: Any) -> None:
-    """Celery's `task_revoked` signal: it discarded a message as revoked, so the job must not stay queued."""
-    if request is not None and getattr(request, "id", None):
-        CANCELLER.cancel([request.id], "discarded by Celery as revoked")
+    """Celery's `task_revoked` signal: it discarded a message as revoked (or expired), so its job must not stay
+    queued. Only a message that names its own job (task id == job id, as svdq sends them) cancels it: any
+    sender can set a message's task id and expiry, and must not cancel someone else's job that way."""
+    task_id = getattr(request, "id", None)
+    job_id = (getattr(request, "kwargs", None) or {}).get("job_id")
+    if task_id and job_id == task_id:
+        CANCELLER.cancel([task_id], "discarded by Celery as revoked")

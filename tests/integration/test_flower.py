@@ -144,4 +144,15 @@ def a_message_celery_discards_as_revoked_cancels_its_job(worker: WorkerProcess, 
         control.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id,
                           queue=worker.queue, expires=expired)  # fmt: skip
         record = client.job(job_id).wait(timeout=60)
-    assert record.state is JobState.CANCELED, record
+        assert record.state is JobState.CANCELED, record
+        # A sender who sets a victim's id as the task id of an expired message for another job cancels nothing.
+        victim = uuid.uuid4().hex
+        client.records.create(victim, request, queue="nobody-reads-this")
+        control.send_task(TASK_NAME, kwargs={"job_id": uuid.uuid4().hex, "request": request}, task_id=victim,
+                          queue=worker.queue, expires=expired)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while f"{victim}" not in worker.log_text():  # Celery logs the discarded message's id
+            assert time.monotonic() < deadline, "the worker never discarded the expired message"
+            time.sleep(0.3)
+        time.sleep(1)
+        assert client.job(victim).status().state is JobState.QUEUED
