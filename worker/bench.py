@@ -30,10 +30,12 @@ from producer.contract import JobParams
 from worker import compile_cache
 from worker.pipeline import Renderer, resolve_device, tune_options, warm_up
 from worker.settings import WorkerSettings
-from worker.tuning import attention_shapes, compile_seconds, disable_low_vram, tune
+from worker.tuning import attention_shapes, compile_seconds, compiler_stance, disable_low_vram, tune
 from worker.video import start_video
 
 PATHS = ("stock", "svdq", "eager", "lowvram")
+# Variants re-measured on the svdq path's compiled pipeline (no recompile): `--variants cudnn_benchmark`.
+VARIANTS = ("cudnn_benchmark", "vae_compile")
 
 
 def build_full_svd_xt(device: torch.device, dtype: torch.dtype) -> Any:
@@ -186,10 +188,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--paths", default="stock,svdq,lowvram", help=f"comma list of {', '.join(PATHS)}")
     parser.add_argument("--stock-chunk", type=int, default=8, help="decode_chunk_size of the stock path")
     parser.add_argument("--json", action="store_true", help="one JSON line per figure")
+    parser.add_argument("--variants", default="", help=f"after the svdq path, on its pipeline: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the svdq path: the N kernels taking the most device time in a denoise step",
+    )
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
     if unknown := set(args.paths) - set(PATHS):
         parser.error(f"--paths: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PATHS)})")
+    args.variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     return args
 
 
@@ -203,10 +216,11 @@ def bench_path(
     device: torch.device,
     dtype: torch.dtype,
     repeat: int,
-) -> None:
+) -> Renderer:
     """One of svdq's paths: tune the pipeline as a worker would, warm up (cold start), then the timed runs."""
     options = tune_options(settings, device)
-    options = replace(options, compile=options.compile and path == "svdq", low_vram=path == "lowvram")
+    options = replace(options, compile=options.compile and path == "svdq",
+                      compile_vae=options.compile_vae and path == "svdq", low_vram=path == "lowvram")  # fmt: skip
     if options.compile:
         compile_cache.load_artifacts(compile_cache.configure(Path(settings.compile_cache_dir or
                                                                    compile_cache.default_cache_dir())))  # fmt: skip
@@ -235,6 +249,83 @@ def bench_path(
             report.figure(path, "vram_vs_stock", figures["peak_vram_gib"] / report.rows["stock"]["peak_vram_gib"])
     if options.low_vram:
         disable_low_vram(pipe, device)
+    return renderer
+
+
+def bench_variant(report: Report, variant: str, renderer: Renderer, image: Image.Image, params: JobParams,
+                  settings: WorkerSettings, repeat: int) -> None:  # fmt: skip
+    """A setting measured on the svdq path's warm renderer, then undone."""
+    if variant == "vae_compile":
+        bench_vae_compile(report, renderer, params, settings.compile_backend)
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per conv shape at the first call
+    try:
+        run_svdq(renderer, image, params.model_copy(update={"num_inference_steps": 1}), settings)
+        figures = report.runs(f"svdq_{variant}", [run_svdq(renderer, image, params, settings) for _ in range(repeat)])
+        if "stock" in report.rows:
+            report.figure(f"svdq_{variant}", "speedup_vs_stock", report.rows["stock"]["total"] / figures["total"])
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _decode_seconds_per_frame(renderer: Renderer, params: JobParams, chunk: int) -> float:
+    from worker.decode import ChunkedDecoder
+
+    scale = renderer.vae_scale_factor
+    latent = torch.zeros(1, chunk, renderer.vae.config.latent_channels, params.height // scale,
+                         params.width // scale, device=renderer.device, dtype=renderer.dtype)  # fmt: skip
+    for _ in ChunkedDecoder(renderer.vae, latent, chunk):  # kernels chosen (or compiled) here
+        pass
+    renderer.synchronize()
+    started = time.perf_counter()
+    for _ in range(3):
+        for _ in ChunkedDecoder(renderer.vae, latent, chunk):
+            pass
+    renderer.synchronize()
+    return (time.perf_counter() - started) / (3 * chunk)
+
+
+def bench_vae_compile(report: Report, renderer: Renderer, params: JobParams, backend: str, chunk: int = 4) -> None:
+    """What compiling the VAE's decoder gives: ms per frame at one chunk size, eager then compiled."""
+    decoder, was_compiled = renderer.vae.decoder, renderer.tuned.compiled_vae
+    with torch.inference_mode():
+        with compiler_stance("force_eager"):
+            eager = _decode_seconds_per_frame(renderer, params, chunk)
+        compiled_before, started = compile_seconds(), time.perf_counter()
+        if not was_compiled:
+            decoder.compile(backend=backend)
+        try:
+            with compiler_stance("default"):
+                compiled = _decode_seconds_per_frame(renderer, params, chunk)
+            report.figure("vae_compile", "first_decode_seconds", time.perf_counter() - started)
+        finally:
+            if not was_compiled:
+                decoder._compiled_call_impl = None  # back to eager (Module.compile keeps its wrapper there)
+    report.figure("vae_compile", f"decode_ms_per_frame_chunk{chunk}_eager", eager * 1000)
+    report.figure("vae_compile", f"decode_ms_per_frame_chunk{chunk}_compiled", compiled * 1000)
+    report.figure("vae_compile", "compile_seconds", compile_seconds() - compiled_before)
+
+
+def profile_step(report: Report, renderer: Renderer, image: Image.Image, params: JobParams, top: int) -> None:
+    """Where one denoise step's device time goes: the `top` kernels, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one_step = params.model_copy(update={"num_inference_steps": 1})
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if renderer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        renderer.denoise(image, one_step, seed=0, on_step=lambda done, total: None)
+        renderer.synchronize()
+    averages = list(prof.key_averages())
+    events = [e for e in averages if getattr(getattr(e, "device_type", None), "name", "") == "CUDA"] or averages
+
+    def self_time(event: Any) -> float:
+        return float(getattr(event, "self_device_time_total", 0) or getattr(event, "self_cpu_time_total", 0))
+
+    total = sum(self_time(e) for e in events)
+    report.figure("profile", "device_ms_per_step", total / 1000)
+    for event in sorted(events, key=self_time, reverse=True)[:top]:
+        report.figure("profile", "kernel_ms", self_time(event) / 1000, kernel=event.key[:160], calls=event.count)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,7 +358,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2-4. svdq's paths, each tuning the same pipeline further.
     for path in [p for p in PATHS[1:] if p in args.paths]:
-        bench_path(report, path, pipe, image, params, settings, device, dtype, args.repeat)
+        renderer = bench_path(report, path, pipe, image, params, settings, device, dtype, args.repeat)
+        if path == "svdq":
+            for variant in args.variants:
+                bench_variant(report, variant, renderer, image, params, settings, args.repeat)
+            if args.profile:
+                profile_step(report, renderer, image, params, args.profile)
     if not args.json:
         print(report.table())
     sys.stdout.flush()

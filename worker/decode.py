@@ -7,8 +7,10 @@ without touching the latents.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from producer.contract import JobParams
 
 OutOfMemory = torch.cuda.OutOfMemoryError
 CPU_DECODE_CHUNK = 8  # "auto" on a CPU: memory there is plentiful and the speed barely depends on it
+PROFILE_FRAMES = 4  # frames decoded per chunk size when profiling (a chunk of 1 is timed over 4 calls)
 UNPROFILED_CUDA_CHUNK = 2  # 8 frames of 1024x576 take 10.7 GiB: a small GPU would halve its way down anyway
 
 # BT.601, limited range: what ffmpeg's own rgb24 -> yuv420p conversion uses, tagged as such in the file.
@@ -62,10 +65,13 @@ class ChunkedDecoder:
         latents: torch.Tensor,
         chunk_size: int,
         free_cache: Callable[[], None] = torch.cuda.empty_cache,
+        stance: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.vae, self.latents, self.chunk_size, self.free_cache = vae, latents, chunk_size, free_cache
+        # Entered around each decode call only (a global setting must not leak into the caller between chunks).
+        self.stance = stance
         self.halvings = 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -75,7 +81,7 @@ class ChunkedDecoder:
         while start < flat.shape[0]:
             part = flat[start : start + self.chunk_size].to(dtype)
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), self.stance():
                     # The temporal decoder mixes frames within a chunk, so it must know how many.
                     frames = self.vae.decode(part, num_frames=part.shape[0]).sample
             except OutOfMemory:
@@ -135,28 +141,37 @@ def profile_decode(
     scale_factor: int,
     chunks: tuple[int, ...],
     budget_bytes: float,
+    stance: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    runs: int = 2,
 ) -> DecodeProfile:
-    """Time a decode of zeros at each chunk size, ascending, each after an untimed one at the same size (the first
-    call at a shape sets up kernels: on an H100 that made single timings useless). Sizes whose estimated cost
-    exceeds `budget_bytes`, once two sizes are known, are skipped."""
-    latent = torch.zeros(1, max(chunks), vae.config.latent_channels, height // scale_factor, width // scale_factor,
+    """Time decodes of zeros at each chunk size, ascending. Each size decodes the same frames (at least
+    PROFILE_FRAMES, in chunks of its size) once untimed (the first call at a shape sets up kernels), then `runs`
+    times timed, keeping the fastest: in a worker, one short timing per size was noise (chunk 1 came out fastest
+    there and 24% slower here in the bench, on the same H100). Sizes whose estimated cost exceeds `budget_bytes`,
+    once two sizes are known, are skipped. `stance` wraps each decode (the compiled decoder is profiled eagerly)."""
+    frames = max(PROFILE_FRAMES, *chunks)
+    latent = torch.zeros(1, frames, vae.config.latent_channels, height // scale_factor, width // scale_factor,
                          device=device)  # fmt: skip
     speed: dict[int, float] = {}
     peaks: dict[int, int] = {}
     for n in sorted(chunks):
         if len(peaks) >= 2 and DecodeProfile(width * height, speed, peaks).cost(n) > budget_bytes:
             break
-        for _ in ChunkedDecoder(vae, latent[:, :n], n):
+        sample = latent[:, : max(PROFILE_FRAMES, n)]
+        for _ in ChunkedDecoder(vae, sample, n, stance=stance):
             pass
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in ChunkedDecoder(vae, latent[:, :n], n):
-            pass
-        torch.cuda.synchronize(device)
-        speed[n] = (time.perf_counter() - started) / n
+        timings = []
+        for _ in range(runs):
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in ChunkedDecoder(vae, sample, n, stance=stance):
+                pass
+            torch.cuda.synchronize(device)
+            timings.append((time.perf_counter() - started) / sample.shape[1])
+        speed[n] = min(timings)
         peaks[n] = torch.cuda.max_memory_allocated(device) - base
     return DecodeProfile(pixels=width * height, seconds_per_frame=speed, peak_bytes=peaks)
 

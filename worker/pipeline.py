@@ -6,9 +6,11 @@ decode in chunks and stream frames to the encoder (see worker.decode).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from PIL import Image
 
 from producer.contract import JobParams
 from worker import compile_cache
-from worker.decode import DecodeProfile, OutOfMemory, choose_chunk, profile_decode
+from worker.decode import ChunkedDecoder, DecodeProfile, OutOfMemory, choose_chunk, profile_decode
 from worker.settings import WorkerSettings
 from worker.tuning import (
     Tuned,
@@ -73,6 +75,8 @@ class Renderer:
     # shape runs eagerly rather than stall its GPU unseen.
     compiled_shapes: set[tuple[int, int, int, bool]] = field(default_factory=set)
     compile_new_shapes: bool = True
+    # The compiled VAE decoder's chunk sizes: the warm-up compiles the default job's; other sizes decode eagerly.
+    compiled_decode_chunks: set[int] = field(default_factory=set)
     # Called before each of the UNet's down, mid and up blocks while a job denoises: may raise to stop it there.
     checkpoint: Callable[[], None] | None = None
 
@@ -112,6 +116,23 @@ class Renderer:
     def shape(params: JobParams) -> tuple[int, int, int, bool]:
         """What the compiled graphs are specialised on: the size, the frames, and the guidance's batch of 2."""
         return (params.width, params.height, params.num_frames, params.max_guidance_scale > 1)
+
+    def decode_stance(self) -> AbstractContextManager[object]:
+        """Around each decode call: compiled code where the decoder has it, eager PyTorch for other chunk sizes
+        (until the warm-up is over, a new size compiles)."""
+        if not self.tuned.compiled_vae:
+            return contextlib.nullcontext()
+        return compiler_stance("default" if self.compile_new_shapes else "eager_on_recompile")
+
+    def compile_decode(self, width: int, height: int, chunk: int) -> None:
+        """Build the compiled decoder's code for `chunk` frames at this size (at warm-up: jobs never wait for it)."""
+        scale = self.vae_scale_factor
+        latent = torch.zeros(1, chunk, self.vae.config.latent_channels, height // scale, width // scale,
+                             device=self.device, dtype=self.dtype)  # fmt: skip
+        with compiler_stance("default"):
+            for _ in ChunkedDecoder(self.vae, latent, chunk):
+                pass
+        self.compiled_decode_chunks.add(chunk)
 
     def choose_decode_chunk(self, requested: int | str, params: JobParams) -> int:
         """The decode chunk for a job on this renderer (policy: worker.decode.choose_chunk)."""
@@ -176,7 +197,9 @@ def tune_options(settings: WorkerSettings, device: torch.device) -> TuneOptions:
     compile_unet = device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
     return TuneOptions(
         compile=compile_unet,
+        compile_vae=compile_unet if settings.compile_vae == "auto" else bool(settings.compile_vae),
         compile_backend=settings.compile_backend,
+        channels_last=settings.channels_last,
         attention=settings.attention,
         low_vram=settings.low_vram,
     )
@@ -215,10 +238,17 @@ def warm_up(renderer: Renderer, max_vram_gib: float | None = None, extra_shapes:
         return
     finally:
         renderer.compile_new_shapes = False
-    if not on_gpu:
-        return
+    if on_gpu:
+        del latents
+        profile_decoding(renderer, params, max_vram_gib)
+    if renderer.tuned.compiled_vae:  # the chunk a default job decodes with: compiling a size takes ~40 s
+        renderer.compile_decode(params.width, params.height, renderer.choose_decode_chunk("auto", params))
+        torch.cuda.empty_cache()
+
+
+def profile_decoding(renderer: Renderer, params: JobParams, max_vram_gib: float | None) -> None:
+    """After the warm-up's denoise: its peak, the decode's speed and memory by chunk, and the memory budget."""
     renderer.denoise_peak_bytes = torch.cuda.max_memory_allocated(renderer.device)
-    del latents
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated(renderer.device)
     explicit = max_vram_gib * 2**30 if max_vram_gib else None
@@ -227,7 +257,8 @@ def warm_up(renderer: Renderer, max_vram_gib: float | None = None, extra_shapes:
     budget = explicit or renderer.denoise_peak_bytes
     chunks = LOW_VRAM_CHUNKS if renderer.tuned.low_vram else PROFILE_CHUNKS
     renderer.decode_profile = profile_decode(renderer.vae, renderer.device, params.height, params.width,
-                                             renderer.vae_scale_factor, chunks, budget - resident)  # fmt: skip
+                                             renderer.vae_scale_factor, chunks, budget - resident,
+                                             stance=lambda: compiler_stance("force_eager"))  # fmt: skip
     renderer.budget_bytes = max(budget, resident + renderer.decode_profile.cost(1))
     torch.cuda.empty_cache()
 

@@ -39,11 +39,16 @@ class WorkerSettings(Settings):
     # (SVDQ_COMPILE_CACHE_DIR, default svdq/compile under the user's cache dir), so only the first start on a
     # machine, and the first job at a new size, pay for compiling (`timings.compile` in the job's record).
     compile: bool | Literal["auto"] = "auto"
+    # The VAE's decoder too ("auto": when the UNet is): on an H100 2.1x faster per frame, for one more compile
+    # (37 s with a cold cache) of the decode chunk chosen at warm-up; other chunk sizes decode uncompiled.
+    compile_vae: bool | Literal["auto"] = "auto"
     compile_backend: str = "inductor"
     compile_cache_dir: str | None = None
     # Shapes compiled at start-up besides the default 1024x576x25, `WIDTHxHEIGHTxFRAMES[,...]`. Jobs at other
     # shapes run uncompiled (no stall while compiling; slower denoise).
     compile_shapes: str = ""
+    # channels_last on the UNet's 2-D convolution weights (docs/PERFORMANCE.md has what it measured).
+    channels_last: bool = False
     # The SDPA kernel tried first: auto (the fastest exact one, timed at start-up), flash, cudnn, efficient, math.
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # Run one short render at start-up so the first real job is not the slow one.

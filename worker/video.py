@@ -113,7 +113,7 @@ def start_video(
     # 2. Decode chunk by chunk (halved on out-of-memory), each chunk converted to YUV on the device and
     #    queued for the encoder, which works in its own process meanwhile.
     chunk = renderer.choose_decode_chunk(params.decode_chunk_size or settings.decode_chunk_size, params)
-    decoder = ChunkedDecoder(renderer.vae, latents, chunk)
+    decoder = ChunkedDecoder(renderer.vae, latents, chunk, stance=renderer.decode_stance)
     progress(Stage.DECODE, 0.85, force=True)
     writer = VideoWriter(
         params.width, params.height, params.fps, fmt=params.format, pix_fmt="yuv420p",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def run(script: str, *args: str) -> list[dict]:
-    run = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=240)
+def run(script: str, *args: str, env: dict[str, str] | None = None) -> list[dict]:
+    run = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, **(env or {})})  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines and all({"bench", "figure", "value"} <= set(line) for line in lines)
@@ -25,9 +27,13 @@ def test_encode_bench_reports_speed_and_size_ratios() -> None:
 
 
 def test_gpu_bench_runs_small_on_a_cpu() -> None:
-    lines = run("gpu_svd.py", "--small", "--repeat", "1")
+    lines = run("gpu_svd.py", "--small", "--repeat", "1", "--variants", "cudnn_benchmark,vae_compile", "--profile", "3",
+                env={"SVDQ_COMPILE_BACKEND": "aot_eager"})  # fmt: skip
     figures = {(line["path"], line["figure"]): line["value"] for line in lines}
-    assert {line["path"] for line in lines} == {"load", "stock", "lowvram", "svdq"}
+    paths = {"load", "stock", "lowvram", "svdq", "svdq_cudnn_benchmark", "vae_compile", "profile"}
+    assert {line["path"] for line in lines} == paths
+    assert figures[("vae_compile", "decode_ms_per_frame_chunk4_compiled")] > 0
+    assert [line["figure"] for line in lines if line["path"] == "profile"].count("kernel_ms") == 3
     for path in ("lowvram", "svdq"):
         assert figures[(path, "speedup_vs_stock")] > 0 and figures[(path, "cold_start_seconds")] > 0
         assert {"total", "denoise", "decode", "encode", "decode_chunk_size"} <= {f for p, f in figures if p == path}

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from producer.contract import JobParams
-from worker.decode import OutOfMemory
+from worker.decode import ChunkedDecoder, OutOfMemory
 from worker.pipeline import Renderer, load_renderer, tune_options
 from worker.settings import WorkerSettings
 from worker.tiny_model import build_tiny_pipeline, make_tiny_model
@@ -24,6 +24,8 @@ from worker.tuning import (
     TuneOptions,
     attention_first,
     attention_shapes,
+    compile_seconds,
+    compiler_stance,
     conv2d_channels_last,
     pick_attention,
     set_forward_chunking,
@@ -134,11 +136,43 @@ def test_every_transform_together_in_fp16_through_the_render_path() -> None:
 
 def test_compile_defaults_to_cuda_only_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tune_options(WorkerSettings(), torch.device("cuda")).compile is True
+    assert tune_options(WorkerSettings(), torch.device("cuda")).compile_vae is True  # follows the UNet's
     assert tune_options(WorkerSettings(), CPU).compile is False
+    assert tune_options(WorkerSettings(), CPU).compile_vae is False
+    monkeypatch.setenv("SVDQ_COMPILE_VAE", "0")
+    assert tune_options(WorkerSettings(), torch.device("cuda")).compile_vae is False
     monkeypatch.setenv("SVDQ_COMPILE", "0")
+    monkeypatch.delenv("SVDQ_COMPILE_VAE")
     assert tune_options(WorkerSettings(), torch.device("cuda")).compile is False
+    assert tune_options(WorkerSettings(), torch.device("cuda")).compile_vae is False
     monkeypatch.setenv("SVDQ_COMPILE", "1")
     assert tune_options(WorkerSettings(), CPU).compile is True
+
+
+def test_the_vae_decoder_is_compiled_at_one_chunk_size_and_decodes_other_sizes_eagerly() -> None:
+    """The compiled decoder (2.1x faster per frame on an H100) is built at warm-up for one chunk size; in a job
+    that size runs the compiled code and any other (a tail chunk, a halving after out-of-memory, a request's own
+    decode_chunk_size) runs eagerly: no job waits ~40 s for a compile. Same frames either way."""
+    pipe = tiny()
+    renderer = Renderer(pipe=pipe, device=CPU, dtype=torch.float32)
+    renderer.tuned = tune(pipe, CPU, torch.float32, TuneOptions(compile_vae=True, compile_backend="aot_eager"), [])
+    assert renderer.tuned.compiled_vae and "compiled VAE decoder" in renderer.tuned.describe()
+    latent = torch.randn(1, 5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with compiler_stance("force_eager"):
+        expected = torch.cat(list(ChunkedDecoder(pipe.vae, latent, 2)))
+    renderer.compile_decode(64, 64, 2)
+    renderer.compile_new_shapes = False  # the warm-up is over
+    assert renderer.compiled_decode_chunks == {2}
+    compiled = compile_seconds()
+    decoded = torch.cat(list(ChunkedDecoder(pipe.vae, latent, 2, stance=renderer.decode_stance)))  # 2, 2, then 1
+    assert compile_seconds() == compiled  # the tail chunk of 1 did not compile
+    torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
+    with renderer.decode_stance():  # chunk 3: no code for it, so eager, not a compile
+        pipe.vae.decode(latent[0, :3] / pipe.vae.config.scaling_factor, num_frames=3)
+    assert compile_seconds() == compiled
+    with compiler_stance("default"):  # while compiling is allowed, the tail would have compiled: the stance matters
+        pipe.vae.decode(latent[0, :1] / pipe.vae.config.scaling_factor, num_frames=1)
+    assert compile_seconds() > compiled
 
 
 def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(
@@ -163,7 +197,10 @@ def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(
         start_video(renderer, image, params, 0, settings, timings=timings, memory={}).finish()
         return timings
 
+    assert renderer.tuned.compiled_vae and renderer.compiled_decode_chunks == {2}  # the warm-up's chunk
+    compiled = compile_seconds()
     assert "compile" not in render(4)  # not a compiled shape: eager, no compile
+    assert compile_seconds() == compiled  # nor did its decode (a chunk of 4) compile
     assert renderer.compiled_shapes == {(64, 64, 2, True), (64, 64, 3, True)}
     assert "compile" not in render(3) and renderer.runs_compiled(JobParams(width=64, height=64, num_frames=3))
     with pytest.raises(ValueError, match="SVDQ_COMPILE_SHAPES"):
