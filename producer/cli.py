@@ -30,6 +30,7 @@ from producer.storage import StorageUnavailable
 from producer.terminal import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_REFUSED,
@@ -101,6 +102,41 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not args.json:
             print(job.id, flush=True)
         return wait_and_report(job, args.timeout, args.output, args.json, quiet=True)
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    from producer import bulk
+
+    defaults = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
+    try:
+        items = bulk.read_inputs(args.src)
+    except bulk.ManifestError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if not items:
+        raise CliError(f"{args.src}: no images in it ({', '.join(sorted(bulk.IMAGE_SUFFIXES))})", EXIT_USAGE)
+    with Client.from_env() as client:
+        problems = bulk.plan(items, defaults, client.settings)
+        if problems and not args.skip_invalid:
+            raise CliError(f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest",
+                           EXIT_USAGE)  # fmt: skip
+        display = bulk.Display(len(items), "json" if args.json else "bar" if sys.stderr.isatty() else "lines")
+        run = bulk.Run(client, items, args.out, priority=args.priority, retry_failed=args.retry_failed,
+                       on_end=display.ended)  # fmt: skip
+        interrupted, canceled = run.execute(wait=not args.no_wait, cancel_on_interrupt=args.cancel_on_interrupt)
+        display.close()
+        summary = run.summary()
+    if args.json:
+        print_json(summary)
+    else:
+        print(bulk.summary_text(summary, args.out))
+    if interrupted:
+        if args.cancel_on_interrupt:
+            print(f"svdq: interrupted: canceled {canceled} unfinished jobs", file=sys.stderr)
+        else:
+            print("svdq: interrupted: stopped following; the unfinished jobs go on: run the same command again to "
+                  "resume", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    return EXIT_JOB_FAILED if summary["failed"] else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -212,6 +248,15 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def add_param_flags(parser: argparse.ArgumentParser, **helps: str) -> None:
+    """The render flags (`--frames` ...), each named after the request field it sets; `helps` overrides a help."""
+    for flag, (field, kind) in PARAM_FLAGS.items():
+        metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
+        choices = ("mp4", "webm", "gif") if field == "format" else None
+        parser.add_argument(flag, dest=field, type=kind, metavar=None if choices else metavar, choices=choices,
+                            help=helps.get(field) or param_help(field))  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svdq",
@@ -224,11 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="queue an image-to-video render; prints the job id")
     submit.add_argument("image", help="a local image file, or an s3://, file:// or http(s):// URL")
-    for flag, (field, kind) in PARAM_FLAGS.items():
-        metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
-        choices = ("mp4", "webm", "gif") if field == "format" else None
-        submit.add_argument(flag, dest=field, type=kind, metavar=None if choices else metavar, choices=choices,
-                            help=param_help(field))  # fmt: skip
+    add_param_flags(submit)
     submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="queue order (default: normal)")
     submit.add_argument("--key", help="idempotency key, 1 to 200 characters: a resubmit with the same key returns "
                         "the same job (default: none)")  # fmt: skip
@@ -239,6 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--output", type=Path, help="with --wait: download the video here (default: none)")
     submit.add_argument("--json", action="store_true", help="print the job's status record as JSON")
     submit.set_defaults(func=cmd_submit)
+
+    bulk = sub.add_parser("bulk", help="render a folder or a manifest of images into a folder of videos; resumable",
+                          description="Render every image in SRC (a folder, searched recursively, or a .csv/.jsonl "
+                          "manifest with an `image` column, optional `output` and render-parameter columns) into "
+                          "--out, mirroring SRC's layout, with a report in OUT/svdq-bulk.jsonl. Re-running the "
+                          "same command submits nothing new: it follows the jobs and downloads what is missing. "
+                          "Without --seed, each image's seed derives from its content, so a re-run makes the "
+                          "same video. Exit 0 when all succeeded, 1 when any failed, 130 on Ctrl-C.")  # fmt: skip
+    bulk.add_argument("src", type=Path, help="a folder of images, or a .csv or .jsonl manifest")
+    bulk.add_argument("--out", type=Path, required=True, help="the folder the videos and the report go to (required)")
+    add_param_flags(bulk, seed="seed (default: derived from each image's content)")
+    bulk.add_argument("--priority", choices=PRIORITIES, default="low", help="queue order (default: low, so "
+                      "interactive jobs go first)")  # fmt: skip
+    bulk.add_argument("--skip-invalid", action="store_true", help="render the valid rows when some are not "
+                      "(default: report every problem and submit nothing)")  # fmt: skip
+    bulk.add_argument("--retry-failed", action="store_true", help="submit again the inputs whose job failed or "
+                      "was canceled (default: report them)")  # fmt: skip
+    bulk.add_argument("--no-wait", action="store_true", help="submit and exit; a later run follows and downloads")
+    bulk.add_argument("--cancel-on-interrupt", action="store_true", help="on Ctrl-C, cancel the unfinished jobs "
+                      "(default: leave them running)")  # fmt: skip
+    bulk.add_argument("--json", action="store_true", help="print only the final summary, as JSON")
+    bulk.set_defaults(func=cmd_bulk)
 
     status = sub.add_parser("status", help="show a job's status")
     status.add_argument("job_id")

@@ -6,8 +6,8 @@ import contextlib
 import io
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -227,6 +227,51 @@ class Client:
                 self.records.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
             raise
         return Job(job_id, self)
+
+    def submit_many(
+        self,
+        submissions: Iterable[Submission],
+        *,
+        priority: str = "normal",
+        webhook: str | None = None,
+        **defaults: Any,
+    ) -> Iterator[Submitted]:
+        """Submit each in turn, yielding as it goes: a job, or the InvalidParameter that refused it (the rest go on).
+
+        A submission's own `params` override `defaults`. One whose idempotency key already names a job is not
+        submitted again, nor its image read or stored: its job is yielded with `existed=True`, so a re-run of a
+        big batch costs one Redis read per item."""
+        for submission in submissions:
+            key = submission.idempotency_key
+            if key is not None and (held := self.redis.get(keys.idempotency(key))) is not None:
+                yield Submitted(submission, Job(held.decode() if isinstance(held, bytes) else held, self), existed=True)
+                continue
+            try:
+                job = self.submit(submission.image, priority=priority, idempotency_key=key, webhook=webhook,
+                                  **{**defaults, **submission.params})  # fmt: skip
+            except InvalidParameter as exc:
+                yield Submitted(submission, None, error=exc)
+                continue
+            yield Submitted(submission, job)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One item of `Client.submit_many`: an image, its own parameters, and its idempotency key."""
+
+    image: ImageInput
+    params: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What became of a Submission: its job, or the error that refused it before anything was written."""
+
+    submission: Submission
+    job: Job | None
+    error: InvalidParameter | None = None
+    existed: bool = False  # its idempotency key already named this job: nothing was submitted
 
 
 def send_job(celery: Celery, job_id: str, request: dict[str, Any], queue: str) -> None:

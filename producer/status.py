@@ -376,6 +376,20 @@ class StatusStore(Records):
             raise JobNotFound(job_id)
         return parse_record(job_id, raw)
 
+    def get_many(self, job_ids: list[str]) -> dict[str, JobRecord | None]:
+        """Many records in one round trip; None for a job with no record (expired) or one that does not parse."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        found: dict[str, JobRecord | None] = {}
+        for job_id, raw in zip(job_ids, pipe.execute(), strict=True):
+            try:
+                found[job_id] = parse_record(job_id, raw) if raw else None
+            except MalformedRecord as exc:
+                log.warning("%s", exc)
+                found[job_id] = None
+        return found
+
     def list(self, state: JobState | None = None, limit: int = 20) -> list[JobRecord]:
         """The most recent jobs, newest first, from the per-state indexes (no key scan)."""
         states = [state] if state else list(JobState)

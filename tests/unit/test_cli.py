@@ -26,7 +26,8 @@ def test_every_option_says_its_default_and_choices() -> None:
             if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
                 continue
             if action.choices is None or action.default is not None:
-                assert action.help and "default" in action.help, f"svdq {name} {action.option_strings[0]}"
+                said = "required" if action.required else "default"
+                assert action.help and said in action.help, f"svdq {name} {action.option_strings[0]}"
     submit = {a.option_strings[0]: a for a in subcommands()["submit"]._actions if a.option_strings}
     assert "default: 25; 1 to 128" in submit["--frames"].help
     assert "64 to 2048, a multiple of 8" in submit["--width"].help

@@ -1,0 +1,404 @@
+"""`svdq bulk SRC --out DIR`: a folder or a manifest of images in, a folder of videos out, resumable.
+
+1. Read the inputs from a folder (images found recursively) or a `.csv`/`.jsonl` manifest, and check every
+   row before anything is submitted: all the problems are reported at once, with their line numbers.
+2. Key each input by its image's content, its effective parameters and its seed. The key is the job's
+   idempotency key, so re-running the same command finds the jobs it submitted before: it submits nothing
+   new, follows them, and downloads only the videos that are missing. Identical inputs share one job.
+3. Submit what is new (`Client.submit_many`), follow every job, write each video atomically as it ends.
+4. `DIR/svdq-bulk.jsonl` gets one line per input as it ends: the run's report, which survives a crash.
+
+Without a seed, an input's seed derives from its content hash: a re-run renders the same video.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from producer.client import Client, Job, NotCancelable, Submission
+from producer.contract import InvalidParameter, JobParams, JobRecord, JobState, check_params
+from producer.settings import Settings
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+URL_PREFIXES = ("http://", "https://", "s3://")
+REPORT = "svdq-bulk.jsonl"
+# A manifest column -> the parameter it sets: the contract's names, and the CLI's flags without their dashes.
+COLUMNS = {name: name for name in JobParams.model_fields} | {
+    "frames": "num_frames", "steps": "num_inference_steps", "min_guidance": "min_guidance_scale",
+    "max_guidance": "max_guidance_scale",
+}  # fmt: skip
+
+
+class ManifestError(ValueError):
+    """Every problem found in the inputs, one line each ("line 3: num_frames: must be ...")."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in the inputs:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class Item:
+    """One input: where its image is, where its video goes (relative to --out), its own parameters."""
+
+    source: str  # as the user knows it: a path relative to SRC, or a URL
+    image: Path | str  # a local file, or a URL the worker reads
+    output: PurePosixPath
+    params: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
+    # Filled in by `plan`:
+    effective: JobParams | None = None
+    key: str = ""
+    problem: str | None = None  # a bad row skipped under --skip-invalid, or an unreadable image
+
+    def submission(self, key: str | None = None) -> Submission:
+        assert self.effective is not None, "plan() first"
+        return Submission(self.image, self.effective.model_dump(exclude_none=True), key or self.key)
+
+
+# 1. Reading the inputs.
+
+
+def read_inputs(src: Path) -> list[Item]:
+    """The inputs named by SRC: a folder's images (sorted, recursively) or a manifest's rows."""
+    if src.is_dir():
+        return _folder(src)
+    if src.suffix.lower() == ".csv":
+        with src.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return _rows(src, ((n, row) for n, row in enumerate(reader, start=2)), reader.fieldnames or [], text=True)
+    if src.suffix.lower() == ".jsonl":
+        return _rows(src, _jsonl(src), None, text=False)
+    if src.exists():
+        raise ManifestError([f"{src}: not a folder, a .csv or a .jsonl manifest"])
+    raise ManifestError([f"{src}: no such file or folder"])
+
+
+def _folder(src: Path) -> list[Item]:
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stems = Counter(p.with_suffix("") for p in files)
+    items = []
+    for path in files:
+        rel = PurePosixPath(path.relative_to(src).as_posix())
+        # cat.png -> cat.mp4, unless cat.jpg sits beside it: then cat.png.mp4 and cat.jpg.mp4
+        output = rel.with_suffix("") if stems[path.with_suffix("")] == 1 else rel
+        items.append(Item(source=str(rel), image=path, output=output))
+    return items
+
+
+def _jsonl(src: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with src.open(encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                row = {"__error__": f"not JSON ({exc.msg})"}
+            yield n, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
+
+
+def _rows(src: Path, rows: Iterator[tuple[int, dict[str, Any]]], header: list[str] | None, text: bool) -> list[Item]:
+    """A bad row becomes an Item with its `problem` set: all of them are reported together, or skipped."""
+    if header is not None:
+        problems = [
+            f"line 1: unknown column {c!r}" for c in header if c not in COLUMNS and c not in ("image", "output")
+        ]
+        if "image" not in header:
+            problems.append("line 1: no 'image' column")
+        if problems:
+            raise ManifestError(problems)
+    items = []
+    for n, row in rows:
+        try:
+            items.append(_row(src, n, row, text))
+        except ValueError as exc:
+            name = str(row.get("image") or f"line {n}")
+            items.append(Item(source=name, image=name, output=PurePosixPath(f"line-{n}"), line=n, problem=str(exc)))
+    return items
+
+
+def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
+    if "__error__" in row:
+        raise ValueError(row["__error__"])
+    if unknown := sorted(c for c in row if c not in COLUMNS and c not in ("image", "output")):
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    image = str(row.get("image") or "").strip()
+    if not image:
+        raise ValueError("image: empty")
+    params = {COLUMNS[column]: _from_text(value) if text else value for column, value in row.items()
+              if column not in ("image", "output") and value not in (None, "")}  # fmt: skip
+    if image.startswith(URL_PREFIXES):
+        source: Path | str = image
+        default_output = PurePosixPath(PurePosixPath(image.split("?", 1)[0]).name or f"line-{n}").with_suffix("")
+    else:
+        source = (src.parent / image).resolve()
+        if not source.is_file():
+            raise ValueError(f"image: no such file: {image}")
+        default_output = PurePosixPath(Path(image).as_posix()).with_suffix("")
+    output = PurePosixPath(str(row["output"])) if row.get("output") else default_output
+    if output.is_absolute() or ".." in output.parts or not output.parts:
+        raise ValueError(f"output: must be a relative path inside --out (got {str(output)!r})")
+    return Item(source=image, image=source, output=output, params=params, line=n)
+
+
+def _from_text(value: str) -> Any:
+    """A CSV cell as JSON would have it (14 an int, 0.02 a float); anything else stays text ("auto", "webm")."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+# 2. Keys, seeds and checks.
+
+
+def content_hash(item: Item) -> str:
+    data = item.image.read_bytes() if isinstance(item.image, Path) else item.image.encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def plan(items: list[Item], defaults: dict[str, Any], settings: Settings) -> list[str]:
+    """Effective parameters, seed, output suffix and key for each input; returns every problem found, by line."""
+    writers: dict[PurePosixPath, Item] = {}
+    for item in items:
+        if item.problem is not None:
+            continue
+        digest = content_hash(item)
+        merged = {**defaults, **item.params}
+        merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
+        try:
+            item.effective = check_params(merged)
+            settings.check_caps(item.effective)
+        except InvalidParameter as exc:
+            item.problem = f"{exc.param}: {exc.message}"
+            continue
+        if item.output.suffix != f".{item.effective.format}":
+            item.output = item.output.with_name(f"{item.output.name}.{item.effective.format}")
+        canonical = json.dumps({"image": digest, "params": item.effective.model_dump()}, sort_keys=True)
+        item.key = "bulk-" + hashlib.sha256(canonical.encode()).hexdigest()
+        other = writers.setdefault(item.output, item)
+        if other.key != item.key:  # two different videos for one file
+            item.problem = f"output: {item.output} is also the output of {other.source} (give each row its own)"
+    return [f"{f'line {i.line}' if i.line else i.source}: {i.problem}" for i in items if i.problem is not None]
+
+
+def retry_key(key: str, failed_job: str) -> str:
+    """The key of the resubmission of a failed job: re-runs with --retry-failed find it again."""
+    return f"{key[:64]}-retry-{failed_job}"
+
+
+# 3. Submitting, following, downloading.
+
+
+@dataclass
+class Outcome:
+    item: Item
+    job: Job | None = None
+    record: JobRecord | None = None
+    error: dict[str, str] | None = None
+    new: bool = False
+    downloaded: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.error is not None and self.record is None:
+            return JobState.FAILED.value
+        return self.record.state.value if self.record else JobState.QUEUED.value
+
+    def line(self, out: Path) -> dict[str, Any]:
+        record, effective = self.record, self.item.effective
+        error = self.error or (record.error.model_dump() if record and record.error else None)
+        seed = record.result.seed if record and record.result else effective.seed if effective else None
+        return {
+            "input": self.item.source,
+            "job_id": self.job.id if self.job else None,
+            "state": self.state,
+            "output": str(out / self.item.output) if self.state == JobState.SUCCEEDED.value else None,
+            "error": error,
+            "seed": seed,
+            "timings": record.timings if record else {},
+        }
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+class Run:
+    """One `svdq bulk` run over planned items: submit, follow, download, report."""
+
+    def __init__(self, client: Client, items: list[Item], out: Path, *, priority: str, retry_failed: bool,
+                 on_end: Callable[[Outcome, dict[str, Any]], None] = lambda outcome, line: None):  # fmt: skip
+        self.client, self.items, self.out = client, items, out
+        self.priority, self.retry_failed, self.on_end = priority, retry_failed, on_end
+        self.outcomes = [Outcome(item) for item in items]
+        self.report = out / REPORT
+        self.ended: set[int] = set()
+
+    def submit(self) -> None:
+        out_root = self.out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.report.write_text("")  # this run's report; every line is appended as its input ends
+        todo = []
+        for i, outcome in enumerate(self.outcomes):
+            target = (self.out / outcome.item.output).resolve()
+            if not target.is_relative_to(out_root):  # a link inside --out that leads outside it
+                outcome.error = {"code": "invalid_input", "message": f"output {outcome.item.output} leaves --out"}
+            elif outcome.item.problem is not None:
+                outcome.error = {"code": "invalid_input", "message": outcome.item.problem}
+            else:
+                todo.append(i)
+                continue
+            self._end(i)
+        submissions = (self.items[i].submission() for i in todo)
+        for i, submitted in zip(todo, self.client.submit_many(submissions, priority=self.priority), strict=True):
+            outcome = self.outcomes[i]
+            if submitted.error is not None:
+                outcome.error = {
+                    "code": "invalid_input",
+                    "message": f"{submitted.error.param}: {submitted.error.message}",
+                }
+                self._end(i)
+                continue
+            outcome.job, outcome.new = submitted.job, not submitted.existed
+
+    def follow(self, poll: float = 0.5, until: Callable[[], bool] = lambda: False) -> None:
+        """Until every input has ended: read the records of the jobs still running, in one round trip."""
+        while len(self.ended) < len(self.outcomes) and not until():
+            waiting = {i: o.job.id for i, o in enumerate(self.outcomes) if i not in self.ended and o.job is not None}
+            records = self.client.records.get_many(sorted(set(waiting.values())))
+            for i, job_id in waiting.items():
+                self._update(i, records.get(job_id))
+            if len(self.ended) < len(self.outcomes):
+                time.sleep(poll)
+
+    def _update(self, i: int, record: JobRecord | None) -> None:
+        outcome = self.outcomes[i]
+        if record is None:
+            outcome.error = {"code": "expired", "message": f"job {outcome.job.id} has no record (expired)"}  # type: ignore[union-attr]
+            self._end(i)
+            return
+        outcome.record = record
+        if not record.state.is_terminal():
+            return
+        if record.state is not JobState.SUCCEEDED and self.retry_failed:
+            assert outcome.job is not None
+            key = retry_key(outcome.item.key, outcome.job.id)
+            [again] = self.client.submit_many([outcome.item.submission(key)], priority=self.priority)
+            if again.job is not None:
+                outcome.job, outcome.record, outcome.new = again.job, None, outcome.new or not again.existed
+                return
+        if record.state is JobState.SUCCEEDED:
+            self._download(outcome)
+        self._end(i)
+
+    def _download(self, outcome: Outcome) -> None:
+        path = self.out / outcome.item.output
+        if path.is_file() and path.stat().st_size > 0:
+            return  # a re-run downloads only what is missing
+        assert outcome.job is not None
+        write_atomically(path, outcome.job.video_bytes())
+        outcome.downloaded = True
+
+    def _end(self, i: int) -> None:
+        self.ended.add(i)
+        outcome = self.outcomes[i]
+        line = outcome.line(self.out)
+        with self.report.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        self.on_end(outcome, line)
+
+    def execute(self, *, wait: bool, cancel_on_interrupt: bool) -> tuple[bool, int]:
+        """Submit, then follow unless not `wait`; on Ctrl-C stop following (and cancel, if asked). The report
+        gets a line for every input either way. Returns (interrupted, jobs canceled)."""
+        try:
+            self.submit()
+            if wait:
+                self.follow()
+        except KeyboardInterrupt:
+            return True, self.cancel_unfinished() if cancel_on_interrupt else 0
+        finally:
+            self.finish_report()
+        return False, 0
+
+    def finish_report(self) -> None:
+        """Lines for the inputs that have not ended (--no-wait, Ctrl-C): their state as last seen."""
+        for i in range(len(self.outcomes)):
+            if i not in self.ended:
+                self._end(i)
+
+    def cancel_unfinished(self) -> int:
+        canceled = 0
+        for i, outcome in enumerate(self.outcomes):
+            if i not in self.ended and outcome.job is not None:
+                try:
+                    outcome.record = outcome.job.cancel()
+                    canceled += 1
+                except NotCancelable:  # it ended meanwhile; the report says how
+                    outcome.record = outcome.job.status()
+        return canceled
+
+    def summary(self) -> dict[str, Any]:
+        states = Counter(o.state for o in self.outcomes)
+        return {
+            "inputs": len(self.outcomes),
+            "states": dict(sorted(states.items())),
+            "jobs_submitted": sum(o.new for o in self.outcomes),
+            "jobs_found": len({o.job.id for o in self.outcomes if o.job is not None and not o.new}),
+            "downloaded": sum(o.downloaded for o in self.outcomes),
+            "frames": sum(o.record.result.frames for o in self.outcomes if o.record and o.record.result),
+            "failed": [o.line(self.out) for o in self.outcomes if o.state in ("failed", "canceled")],
+            "report": str(self.report),
+        }
+
+
+def summary_text(summary: dict[str, Any], out: Path) -> str:
+    states = ", ".join(f"{n} {state}" for state, n in summary["states"].items())
+    lines = [
+        f"{summary['inputs']} inputs: {states}; {summary['jobs_submitted']} jobs submitted, "
+        f"{summary['jobs_found']} found from before, {summary['downloaded']} videos downloaded to {out}"
+    ]
+    for line in summary["failed"]:
+        error = line["error"] or {}
+        lines.append(f"  {line['state']}: {line['input']}: {error.get('code')}: {error.get('message')}")
+    lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
+
+
+class Display:
+    """A bar with counts by state on a terminal; a plain line per ended input otherwise; nothing with --json."""
+
+    def __init__(self, total: int, mode: str):
+        self.mode, self.states = mode, Counter[str]()
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="video", dynamic_ncols=True)
+
+    def ended(self, outcome: Outcome, line: dict[str, Any]) -> None:
+        self.states[outcome.state] += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in sorted(self.states.items())), refresh=False)
+            self.bar.update(1)
+        elif self.mode == "lines":
+            what = line["output"] or (f"{line['error']['code']}: {line['error']['message']}" if line["error"] else "")
+            print(f"{outcome.state:<9} {outcome.item.source}  {what}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

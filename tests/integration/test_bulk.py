@@ -1,0 +1,164 @@
+"""`svdq bulk` as a user runs it: real Redis, the S3 server and a real worker with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import pytest
+import redis
+from PIL import Image
+
+from producer import keys
+from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+SIZE = ["--width", str(SMALL["width"]), "--height", str(SMALL["height"]), "--steps",
+        str(SMALL["num_inference_steps"]), "--frames", str(SMALL["num_frames"])]  # fmt: skip
+
+
+def picture(path: Path, shade: int, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (64, 64), (shade, 255 - shade, (shade * 7) % 256))
+    img.putpixel((shade % 64, 5), (0, 0, 0))
+    img.save(path, format=fmt)
+    return path
+
+
+def bulk(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SVDQ, "bulk", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def report(out: Path) -> dict[str, dict[str, Any]]:
+    lines = [json.loads(line) for line in (out / "svdq-bulk.jsonl").read_text().splitlines()]
+    return {line["input"]: line for line in lines}
+
+
+def job_count(env: dict[str, str]) -> int:
+    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
+    try:
+        return sum(1 for _ in r.scan_iter(match=keys.job("*"), count=1000))
+    finally:
+        r.close()
+
+
+def test_a_folder_renders_to_a_mirrored_folder_and_a_rerun_resumes_without_new_jobs(
+    svdq_env: dict[str, str], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    picture(src / "a" / "one.png", 10)
+    picture(src / "a" / "two.jpg", 40, "JPEG")
+    picture(src / "a" / "b" / "three.png", 70)
+    picture(src / "a" / "b" / "four.webp", 100, "WEBP")
+    picture(src / "c" / "five.bmp", 130, "BMP")
+    picture(src / "c" / "six.png", 160)
+    shutil.copy(src / "a" / "one.png", src / "c" / "same-as-one.png")  # identical: one job, two files
+    (src / "c" / "d").mkdir()
+    (src / "c" / "d" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (src / "notes.txt").write_text("not an image: not an input")
+    jobs_before = job_count(svdq_env)
+
+    first = bulk(svdq_env, str(src), "--out", str(out), *SIZE)
+    assert first.returncode == 1, first.stderr  # one input failed
+    lines = report(out)
+    assert len(lines) == 8
+    broken = lines["c/d/broken.png"]
+    assert broken["state"] == "failed" and broken["error"]["code"] == "invalid_input" and broken["job_id"] is None
+    assert "is not an image svdq can read" in broken["error"]["message"]
+    videos = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4"))
+    assert videos == ["a/b/four.mp4", "a/b/three.mp4", "a/one.mp4", "a/two.mp4", "c/five.mp4", "c/same-as-one.mp4",
+                      "c/six.mp4"]  # fmt: skip
+    assert all(line["state"] == "succeeded" for name, line in lines.items() if name != "c/d/broken.png")
+    assert lines["a/one.png"]["job_id"] == lines["c/same-as-one.png"]["job_id"]
+    assert (out / "a/one.mp4").read_bytes() == (out / "c/same-as-one.mp4").read_bytes()
+    assert job_count(svdq_env) - jobs_before == 6
+    assert imageio_ffmpeg.count_frames_and_secs(str(out / "a/b/three.mp4"))[0] == SMALL["num_frames"]
+    assert "c/d/broken.png" in first.stdout and "6 jobs submitted" in first.stdout  # a line per input, a summary
+
+    # The same command again: no new job, nothing downloaded, the same report.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
+    again = bulk(svdq_env, str(src), "--out", str(out), *SIZE, "--json")
+    summary = json.loads(again.stdout)
+    assert again.returncode == 1 and summary["jobs_submitted"] == 0 and summary["downloaded"] == 0, again.stdout
+    assert summary["jobs_found"] == 6 and summary["states"] == {"failed": 1, "succeeded": 7}
+    assert job_count(svdq_env) - jobs_before == 6
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")} == stamps
+    assert {k: v["job_id"] for k, v in report(out).items()} == {k: v["job_id"] for k, v in lines.items()}
+
+    # A deleted output comes back, and only it; still no new job.
+    (out / "a/b/three.mp4").unlink()
+    third = json.loads(bulk(svdq_env, str(src), "--out", str(out), *SIZE, "--json").stdout)
+    assert third["downloaded"] == 1 and third["jobs_submitted"] == 0 and (out / "a/b/three.mp4").is_file()
+    assert job_count(svdq_env) - jobs_before == 6
+
+
+def test_manifests_set_frames_and_outputs_per_row(
+    svdq_env: dict[str, str], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    picture(tmp_path / "in" / "x.png", 20)
+    picture(tmp_path / "in" / "y.png", 220)
+    csv = tmp_path / "jobs.csv"
+    csv.write_text("image,frames,output\nin/x.png,6,clips/first\nin/y.png,,clips/second.mp4\n")
+    run = bulk(svdq_env, str(csv), "--out", str(tmp_path / "csv-out"), *SIZE)
+    assert run.returncode == 0, run.stdout + run.stderr
+    frames = {name: imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "csv-out" / "clips" / name))[0]
+              for name in ("first.mp4", "second.mp4")}  # fmt: skip
+    assert frames == {"first.mp4": 6, "second.mp4": SMALL["num_frames"]}  # the row's value beats the flag's
+
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(json.dumps({"image": "in/y.png", "num_frames": 5, "seed": 7, "output": "y5"}) + "\n")
+    run = bulk(svdq_env, str(jsonl), "--out", str(tmp_path / "jsonl-out"), *SIZE, "--json")
+    assert run.returncode == 0, run.stderr
+    [line] = report(tmp_path / "jsonl-out").values()
+    assert line["seed"] == 7 and line["output"].endswith("jsonl-out/y5.mp4")
+    assert imageio_ffmpeg.count_frames_and_secs(line["output"])[0] == 5
+
+
+def test_a_bad_manifest_is_reported_whole_and_submits_nothing(svdq_env: dict[str, str], tmp_path: Path) -> None:
+    picture(tmp_path / "ok.png", 50)
+    csv = tmp_path / "bad.csv"
+    csv.write_text("image,frames,output\nok.png,4,a\nmissing.png,4,b\nok.png,999,c\nok.png,4,../escape\n")
+    jobs_before = job_count(svdq_env)
+    run = bulk(svdq_env, str(csv), "--out", str(tmp_path / "out"), *SIZE)
+    assert run.returncode == 2 and job_count(svdq_env) == jobs_before
+    assert "line 3: image: no such file: missing.png" in run.stderr
+    assert "line 4: num_frames: must be" in run.stderr and "line 5: output: must be a relative path" in run.stderr
+    assert "nothing was submitted" in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_leaves_the_jobs_running_and_a_rerun_completes_them(
+    svdq_env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    queue = f"bulk-{uuid.uuid4().hex[:8]}"
+    env = {**svdq_env, "SVDQ_QUEUE": queue}  # no worker reads it yet: the jobs wait
+    src, out = tmp_path / "src", tmp_path / "out"
+    for n in range(3):
+        picture(src / f"p{n}.png", 30 + 60 * n)
+    running = subprocess.Popen([SVDQ, "bulk", str(src), "--out", str(out), *SIZE], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
+    deadline = time.monotonic() + 60
+    while r.llen(f"{queue}.low") < 3:  # the three messages are in the (low priority) queue: it is following now
+        assert time.monotonic() < deadline and running.poll() is None, running.communicate()
+        time.sleep(0.2)
+    r.close()
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=30)
+    assert running.returncode == 130, stderr
+    assert "the unfinished jobs go on: run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert {line["state"] for line in report(out).values()} == {"queued"}
+
+    start_worker(queue=queue)
+    rerun = bulk(env, str(src), "--out", str(out), *SIZE, "--json")
+    summary = json.loads(rerun.stdout)
+    assert rerun.returncode == 0 and summary["jobs_submitted"] == 0 and summary["jobs_found"] == 3, rerun.stderr
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["p0.mp4", "p1.mp4", "p2.mp4"]
