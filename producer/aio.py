@@ -28,7 +28,6 @@ from producer.client import ImageInput, Intake, NotCancelable, enqueue_failed, p
 from producer.contract import JobRecord, JobState, check_job_id
 from producer.settings import Settings, is_sentinel
 from producer.status import (
-    _RENEW_LUA,
     _TRANSITION_LUA,
     DuplicateKey,
     InvalidTransition,
@@ -46,7 +45,6 @@ class AsyncStatusStore(Records):
         super().__init__(result_ttl=result_ttl)
         self.redis = client
         self._transition = client.register_script(_TRANSITION_LUA)
-        self._renew = client.register_script(_RENEW_LUA)  # registered alike; producers never renew
 
     async def create(
         self, job_id: str, request: dict[str, Any], *, idempotency_key: str | None = None, **fields: Any
@@ -96,15 +94,17 @@ class AsyncJob:
                     last = record
                 if record.state.is_terminal():
                     return
-                with contextlib.suppress(redis.ConnectionError):  # redis-py resubscribes on the next call
+                try:
                     await pubsub.get_message(timeout=reread_every)
+                except redis.ConnectionError:  # redis-py resubscribes on the next call; no busy loop meanwhile
+                    await asyncio.sleep(min(reread_every, 0.5))
         finally:
             await pubsub.aclose()
 
     async def wait(self, timeout: float | None = None) -> JobRecord:
         """The terminal record; TimeoutError after `timeout` seconds (the job goes on)."""
-        async with asyncio.timeout(timeout):
-            async for record in self.events():
+        async with asyncio.timeout(timeout), contextlib.aclosing(self.events()) as records:
+            async for record in records:
                 if record.state.is_terminal():
                     return record
         raise AssertionError("events() ends only with a terminal record")  # pragma: no cover
@@ -148,7 +148,7 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self.redis.aclose()
-        self.celery.close()
+        await asyncio.to_thread(self.celery.close)  # may wait on its broker connection: not on the event loop
 
     async def __aenter__(self) -> AsyncClient:
         return self

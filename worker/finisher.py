@@ -19,7 +19,7 @@ import redis
 from producer.contract import ErrorCode, JobState, Stage, result_name
 from producer.storage import StorageUnavailable, Stored
 from worker.errors import JobCanceled, JobFailed
-from worker.outcome import Work, announce_end, end_job, fail_work
+from worker.outcome import Work, announce_end, announce_if_canceled, end_job, fail_work
 from worker.progress import Progress
 from worker.spool import SpoolFull
 from worker.video import PendingVideo, Stopwatch
@@ -115,7 +115,11 @@ def spool_video(
         return {"code": ErrorCode.STORAGE_UNAVAILABLE.value, "message": message}
 
     def still_wanted(tries: int) -> bool:
-        return rt.status.update(job_id, fence=attempt.number, stage=Stage.UPLOAD_PENDING, error=pending_error(tries))
+        if rt.status.update(job_id, fence=attempt.number, stage=Stage.UPLOAD_PENDING, error=pending_error(tries)):
+            return True
+        rt.heartbeat.release(job_id)  # canceled or taken over: the video is dropped, and its lease
+        announce_if_canceled(rt, attempt)
+        return False
 
     try:
         rt.spool.add(job_id, name, data, content_type, still_wanted, succeed)

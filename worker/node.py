@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from typing import Any
+
+import redis
 
 from producer.client import connect_redis, producer_celery, send_job
 from producer.fleet import FleetStore
 from producer.status import StatusStore
 from worker import revoke
+from worker.backoff import backoff
 from worker.events import TaskEvents
 from worker.recovery import Recovery, Sweeper
 from worker.settings import WorkerSettings
@@ -29,18 +33,41 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, *, redis_retry_for: float = 60.0):
         self.settings = settings
+        self.redis_retry_for = redis_retry_for
         self.hostname: str | None = None
         self.status: StatusStore | None = None
         self.events: TaskEvents | None = None
         self.sweeper: Sweeper | None = None
         self.fleet: FleetStore | None = None
+        self._stopping = threading.Event()
+        self._starter: threading.Thread | None = None
 
     def start(self, consumer: Any) -> None:
-        """The worker is ready: clear what a previous run of this node left, then start the sweep."""
+        """The worker is ready: start the node's duties, on a thread that tries again while Redis is away.
+        (Raised in Celery's worker_ready signal, an error would only be logged, and the node would run on
+        without its recovery sweep, presence and revoke.)"""
+        self._starter = threading.Thread(target=self._start_until_done, args=(consumer,), name="svdq-node-start",
+                                         daemon=True)  # fmt: skip
+        self._starter.start()
+
+    def _start_until_done(self, consumer: Any) -> None:
+        tries = 0
+        while not self._stopping.is_set():
+            try:
+                self._start(consumer)
+                return
+            except redis.RedisError as exc:
+                tries += 1
+                delay = backoff(tries, 1.0, 30.0, random.random())
+                log.warning("node start: Redis unreachable (%s); trying again in %.0fs", exc, delay)
+                self._stopping.wait(delay)
+
+    def _start(self, consumer: Any) -> None:
+        """Clear what a previous run of this node left, then start the sweep."""
         settings, hostname = self.settings, consumer.hostname
-        status = StatusStore(connect_redis(settings, retry_for=60), result_ttl=settings.result_ttl)
+        status = StatusStore(connect_redis(settings, retry_for=self.redis_retry_for), result_ttl=settings.result_ttl)
         fleet = FleetStore(status.redis)
         fleet.started(hostname)  # a restarted node is neither stopping nor failed, as it may have been
         sender = producer_celery(settings)
@@ -94,6 +121,9 @@ class Node:
 
     def stop(self) -> None:
         """Shutdown: end the sweep; leave the presence with the load failure's reason, if that is why."""
+        self._stopping.set()
+        if self._starter is not None:
+            self._starter.join(timeout=10)
         if self.sweeper is None or self.fleet is None or self.hostname is None:
             return
         self.sweeper.stop()

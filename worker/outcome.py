@@ -11,7 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from producer.contract import ErrorCode, JobRequest, JobState
+import redis
+
+from producer.contract import ErrorCode, JobRequest, JobState, Stage
 from producer.status import InvalidTransition, JobNotFound, MalformedRecord
 from worker import webhooks
 from worker.decode import OutOfMemory
@@ -89,15 +91,28 @@ def end_job(rt: Runtime, attempt: Attempt, state: JobState, *, unleased: bool = 
         rt.status.transition(job_id, state, fence=fence, unleased=unleased, **fields)
     except InvalidTransition as exc:  # canceled while it ran (the cancel stands), or taken over
         log.info("job %s: result dropped, %s", job_id, exc)
+        announce_if_canceled(rt, attempt)
         return Outcome(job_id, exc.current)
     announce_end(rt, job_id)
     return Outcome(job_id, state)
 
 
+def announce_if_canceled(rt: Runtime, attempt: Attempt) -> None:
+    """A result dropped because the job was canceled after its last check (during the upload, or while it
+    waited in the spool): nobody else announces that end, so its latest attempt does."""
+    with contextlib.suppress(JobNotFound, MalformedRecord, redis.RedisError):
+        record = rt.status.get(attempt.job_id)
+        if record.state is JobState.CANCELED and record.attempts == attempt.number:
+            announce_end(rt, attempt.job_id)
+
+
 def announce_canceled(rt: Runtime, job_id: str) -> None:
-    """A job canceled while queued: Flower and the webhook hear of it when its message comes up."""
+    """A job canceled while queued: Flower and the webhook hear of it when its message comes up, unless a
+    revoke canceled it: the worker that took the revoke has said so already (worker.revoke)."""
     with contextlib.suppress(JobNotFound, MalformedRecord):
         record = rt.status.get(job_id)
+        if record.stage == Stage.REVOKED:
+            return
         rt.events.ended(record)
         webhooks.notify_record(rt.webhooks, record)
 

@@ -56,8 +56,16 @@ def run_job(
     accepted = _accept(rt, job_id, raw_request, queue)
     if isinstance(accepted, Outcome):
         return accepted
-    request = accepted
+    try:
+        return _run(rt, job_id, accepted, worker, task_id)
+    except BaseException:
+        # Redis gone mid-job (or a bug): stop renewing the lease, so that it lapses and a live worker
+        # recovers the job from its record, instead of the job staying `started` for good.
+        rt.heartbeat.release(job_id)
+        raise
 
+
+def _run(rt: Runtime, job_id: str, request: JobRequest, worker: str, task_id: str | None) -> Outcome:
     # 2. Claim the job and its lease; this worker must serve its model, within its own caps.
     attempt = _claim(rt, job_id, worker, task_id)
     if isinstance(attempt, Outcome):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from producer import keys
-from producer.aio import AsyncClient
+from producer.aio import AsyncClient, AsyncJob
 from producer.client import Client
 from producer.contract import DEFAULT_QUEUE, InvalidParameter, JobState
 from tests.integration.conftest import SLOW, SMALL, WorkerProcess
@@ -122,3 +122,28 @@ def test_events_cancel_and_the_same_refusals_as_the_sync_client(worker: WorkerPr
             assert await svdq.redis.exists(keys.job(job.id))
 
     asyncio.run(main())
+
+
+def test_a_wait_closes_its_subscription_before_it_returns(
+    svdq_env: dict[str, str], image_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not later, when the garbage collector finds the events generator: at a thousand requests that waited,
+    that would be a thousand Redis subscriptions left open meanwhile."""
+    made: list[Any] = []
+    events = AsyncJob.events
+
+    def tracked(self: AsyncJob, **options: Any) -> Any:
+        made.append(events(self, **options))
+        return made[-1]
+
+    monkeypatch.setattr(AsyncJob, "events", tracked)
+
+    async def scenario() -> JobState:
+        async with AsyncClient.from_env(queue=f"unread-{time.monotonic_ns()}") as client:
+            job = await client.submit(image_file, **SMALL)
+            await job.cancel()
+            record = await job.wait(timeout=10)
+            assert made[0].ag_frame is None  # closed, its `finally` (the unsubscribe) done
+            return record.state
+
+    assert asyncio.run(scenario()) is JobState.CANCELED

@@ -5,14 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
 
-from producer.client import Client
+from producer.client import Client, producer_celery
 from producer.contract import JobState
-from producer.local_redis import LocalRedis
+from producer.fleet import FleetStore
+from producer.local_redis import LocalRedis, free_port
 from tests.integration.conftest import SLOW, SMALL
+from worker.node import Node
+from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -47,3 +52,26 @@ def test_jobs_and_records_survive_a_redis_restart(
     assert [f.state for f in finals] == [JobState.SUCCEEDED] * 4, [f.error for f in finals]
     assert [f.attempts for f in finals] == [1, 1, 1, 1]
     assert worker.proc.poll() is None
+
+
+def test_a_node_ready_while_redis_is_away_starts_its_duties_when_redis_returns(tmp_path: Path) -> None:
+    """Celery's worker_ready came while Redis was unreachable: the node's recovery sweep, presence and revoke
+    start once Redis answers, instead of an error logged in the signal and a node without them for good."""
+    port = free_port()
+    settings = WorkerSettings(redis_url=f"redis://127.0.0.1:{port}/0", lease_ttl=2.0)
+    node, app = Node(settings, redis_retry_for=0.5), producer_celery(settings)
+    node.start(SimpleNamespace(hostname="late@test", app=app))  # returns at once: nothing answers yet
+    time.sleep(2)  # several failed tries
+    server = LocalRedis(tmp_path / "redis")
+    server.start(port=port)
+    try:
+        fleet = FleetStore(redis.Redis(port=port))
+        deadline = time.monotonic() + 30
+        while "late@test" not in fleet.nodes():
+            assert time.monotonic() < deadline, "the node never started"
+            time.sleep(0.2)
+        assert node.sweeper is not None
+    finally:
+        node.stop()
+        app.close()
+        server.stop()

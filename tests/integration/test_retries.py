@@ -10,11 +10,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from producer.client import Client
 from producer.contract import JobState
 from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, wait_until
 from tests.integration.faults import CuttableProxy
+from tests.integration.test_webhooks import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +99,35 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
     assert s3.head_object(Bucket=BUCKET, Key=final.result.key)["ContentLength"] == final.result.bytes
     assert not [p for p in spool.rglob("*") if p.is_file()]
     assert f"job {job.id} succeeded" in fresh.log_text()
+
+
+def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_end_announced(
+    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Canceled after its last progress check: the worker drops the video and its lease, and says the job
+    ended (webhook, Flower, metrics), as it does for a cancel while rendering."""
+    spool, receiver = tmp_path / "spool", Receiver()
+    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_RETRY_BACKOFF": "1",
+                              "SVDQ_SPOOL_DIR": str(spool), "SVDQ_WEBHOOK_SECRET": SECRET,
+                              "SVDQ_WEBHOOK_ALLOW_PRIVATE": "1"})  # fmt: skip
+    image = uploaded_image(s3, image_file)
+    try:
+        with Client.from_env(queue=fresh.queue, webhook_allow_private=True) as client:
+            job = client.submit(image, webhook=receiver.url, **SLOW)
+            wait_until(job, lambda r: r.stage == "denoise")
+            s3_proxy.down()
+            wait_until(job, lambda r: r.stage == "upload_pending")
+            assert job.cancel().state is JobState.CANCELED
+            calls = receiver.events(2, timeout=60)
+        assert [Webhook(SECRET).verify(body, headers)["type"] for headers, body in calls] == [
+            "job.started", "job.canceled"]  # fmt: skip
+        deadline = time.monotonic() + 30
+        while [p for p in spool.rglob("*") if p.is_file()]:  # dropped at its next try
+            assert time.monotonic() < deadline, "the canceled job's video is still spooled"
+            time.sleep(0.2)
+    finally:
+        receiver.close()
+        s3_proxy.up()
 
 
 def test_a_full_spool_fails_the_job_clearly(

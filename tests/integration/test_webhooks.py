@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -111,6 +112,28 @@ def test_a_failing_endpoint_is_retried_and_never_delays_the_next_render(
         assert ids[0] == ids[1] == ids[2] != ids[3]  # the same message, retried
     finally:
         flaky.close()
+
+
+def test_a_job_revoked_while_queued_is_announced_once(
+    hooks_env: dict[str, str], start_worker: Any, celery_control: Any, receiver: Receiver, image_file: Path
+) -> None:
+    """Flower's Revoke on a queued job: the worker that cancels it says so at once; when its message comes up
+    later, the worker that drops it does not say it again."""
+    fresh = start_worker()
+    later = f"later-{uuid.uuid4().hex[:8]}"  # nobody reads it yet
+    with Client.from_env(queue=later) as client:
+        job = client.submit(image_file, webhook=receiver.url, **SMALL)
+        celery_control.control.revoke(job.id, destination=[fresh.hostname], reply=True, timeout=10)
+        assert job.status().state is JobState.CANCELED
+        [(headers, body)] = receiver.events(1)
+        assert Webhook(SECRET).verify(body, headers)["type"] == "job.canceled"
+        celery_control.control.add_consumer(later, destination=[fresh.hostname], reply=True, timeout=10)
+        deadline = time.monotonic() + 60
+        while f"job {job.id} not run" not in fresh.log_text():  # its message came up and was dropped
+            assert time.monotonic() < deadline, fresh.log_text()[-3000:]
+            time.sleep(0.2)
+    time.sleep(1)  # a second announcement would be on its way by now
+    assert len(receiver.requests) == 1
 
 
 def test_private_webhook_urls_are_refused_at_submit(svdq_env: dict[str, str], image_file: Path) -> None:
