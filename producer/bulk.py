@@ -276,10 +276,16 @@ class Run:
                 continue
             outcome.job, outcome.new = submitted.job, not submitted.existed
 
-    def follow(self, poll: float = 0.5, until: Callable[[], bool] = lambda: False) -> None:
-        """Until every input has ended: read the records of the jobs still running, in one round trip."""
-        while len(self.ended) < len(self.outcomes) and not until():
-            waiting = {i: o.job.id for i, o in enumerate(self.outcomes) if i not in self.ended and o.job is not None}
+    def follow(self, poll: float = 0.5, window: int = 2000) -> None:
+        """Until every input has ended: read the records of the oldest `window` unfinished jobs, in one round
+        trip a poll (jobs of one priority start in the order they were sent, so those end first)."""
+        while len(self.ended) < len(self.outcomes):
+            waiting: dict[int, str] = {}
+            for i, outcome in enumerate(self.outcomes):
+                if i not in self.ended and outcome.job is not None:
+                    waiting[i] = outcome.job.id
+                    if len(waiting) == window:
+                        break
             records = self.client.records.get_many(sorted(set(waiting.values())))
             for i, job_id in waiting.items():
                 self._update(i, records.get(job_id))
@@ -383,7 +389,7 @@ class Display:
     """A bar with counts by state on a terminal; a plain line per ended input otherwise; nothing with --json."""
 
     def __init__(self, total: int, mode: str):
-        self.mode, self.states = mode, Counter[str]()
+        self.mode, self.states, self.frames = mode, Counter[str](), 0
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
@@ -392,8 +398,11 @@ class Display:
 
     def ended(self, outcome: Outcome, line: dict[str, Any]) -> None:
         self.states[outcome.state] += 1
+        if outcome.record is not None and outcome.record.result is not None:
+            self.frames += outcome.record.result.frames
         if self.bar is not None:
-            self.bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in sorted(self.states.items())), refresh=False)
+            counts = " ".join(f"{k} {v}" for k, v in sorted(self.states.items()))
+            self.bar.set_postfix_str(f"{counts}, {self.frames} frames", refresh=False)
             self.bar.update(1)
         elif self.mode == "lines":
             what = line["output"] or (f"{line['error']['code']}: {line['error']['message']}" if line["error"] else "")

@@ -7,6 +7,7 @@ import io
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,7 +19,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from producer import keys
+from producer import keys, wire
 from producer.contract import (
     TASK_NAME,
     ErrorCode,
@@ -33,7 +34,7 @@ from producer.contract import (
 )
 from producer.netguard import UnsafeURL, check_url
 from producer.settings import Settings, is_sentinel, parse_sentinel_url, sentinel_options
-from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore
+from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore, as_text
 from producer.storage import ObjectStore, content_name, not_readable, open_store
 
 ImageInput = str | Path | bytes | Image.Image | BinaryIO
@@ -234,25 +235,88 @@ class Client:
         *,
         priority: str = "normal",
         webhook: str | None = None,
+        batch_size: int = 500,
+        concurrency: int = 8,
         **defaults: Any,
     ) -> Iterator[Submitted]:
         """Submit each in turn, yielding as it goes: a job, or the InvalidParameter that refused it (the rest go on).
 
         A submission's own `params` override `defaults`. One whose idempotency key already names a job is not
         submitted again, nor its image read or stored: its job is yielded with `existed=True`, so a re-run of a
-        big batch costs one Redis read per item."""
-        for submission in submissions:
-            key = submission.idempotency_key
-            if key is not None and (held := self.redis.get(keys.idempotency(key))) is not None:
-                yield Submitted(submission, Job(held.decode() if isinstance(held, bytes) else held, self), existed=True)
-                continue
+        big batch costs one Redis read per item. Pipelined: `batch_size` submissions at a time, their images
+        checked and stored `concurrency` at a time, their keys, records and messages written in one round trip
+        each (producer.wire)."""
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="svdq-submit") as pool:
+            for batch in _batches(submissions, batch_size):
+                yield from self._submit_batch(batch, pool, priority, webhook, defaults)
+
+    def _submit_batch(self, batch: list[Submission], pool: ThreadPoolExecutor, priority: str, webhook: str | None,
+                      defaults: dict[str, Any]) -> Iterator[Submitted]:  # fmt: skip
+        # 1. Keys already held: those jobs exist (a re-run).
+        pipe = self.redis.pipeline(transaction=False)
+        for submission in batch:
+            pipe.get(keys.idempotency(submission.idempotency_key or "-"))
+        held = [
+            as_text(h) if h is not None and s.idempotency_key else None
+            for s, h in zip(batch, pipe.execute(), strict=True)
+        ]
+
+        # 2. Check the others here (CPU), and store their images on the pool, `concurrency` at a time (I/O).
+        def check(submission: Submission) -> Checked | InvalidParameter:
             try:
-                job = self.submit(submission.image, priority=priority, idempotency_key=key, webhook=webhook,
-                                  **{**defaults, **submission.params})  # fmt: skip
+                return self.intake.check(submission.image, priority=priority, webhook=webhook,
+                                         idempotency_key=submission.idempotency_key,
+                                         params={**defaults, **submission.params})  # fmt: skip
             except InvalidParameter as exc:
-                yield Submitted(submission, None, error=exc)
-                continue
-            yield Submitted(submission, job)
+                return exc
+
+        checked = {i: check(batch[i]) for i, job_id in enumerate(held) if job_id is None}
+        stored = {i: pool.submit(self.intake.store_image, c) for i, c in checked.items()
+                  if isinstance(c, Checked) and c.image_ref is None}  # fmt: skip
+        checks = {i: c if isinstance(c, InvalidParameter) else (c, c.image_ref or stored[i].result())
+                  for i, c in checked.items()}  # fmt: skip
+
+        # 3. Records first (each claiming its key atomically), then the messages of those created.
+        creations = {i: {"job_id": uuid.uuid4().hex, "request": c[0].request(c[1]), "priority": priority,
+                         "webhook": webhook, "queue": c[0].queue, "idempotency_key": batch[i].idempotency_key}
+                     for i, c in checks.items() if not isinstance(c, InvalidParameter)}  # fmt: skip
+        refused = self._create_and_send(creations)
+        for i, submission in enumerate(batch):
+            if held[i] is not None:
+                yield Submitted(submission, Job(held[i], self), existed=True)
+            elif isinstance(checks[i], InvalidParameter):
+                yield Submitted(submission, None, error=checks[i])
+            elif (why := refused[i]) is None:
+                yield Submitted(submission, Job(creations[i]["job_id"], self))
+            elif isinstance(why, DuplicateKey):  # another submit took the key meanwhile
+                yield Submitted(submission, Job(why.job_id, self), existed=True)
+            else:  # a fresh random id that already had a record
+                raise why
+
+    def _create_and_send(self, creations: dict[int, dict[str, Any]]) -> dict[int, Exception | None]:
+        """Records first (each claiming its key atomically), then the messages of those created; for each
+        creation, None when sent, else why its record was not written."""
+        refused = dict(zip(creations, self.records.create_many(list(creations.values())), strict=True))
+        sent = [creations[i] for i, why in refused.items() if why is None]
+        try:
+            wire.push(self.redis, [(c["job_id"], c["request"], c["queue"]) for c in sent])
+        except Exception as exc:
+            with contextlib.suppress(InvalidTransition, redis.RedisError):  # best effort, as in `submit`
+                for c in sent:
+                    self.records.transition(c["job_id"], JobState.FAILED, error=enqueue_failed(exc))
+            raise
+        return refused  # type: ignore[return-value]
+
+
+def _batches(items: Iterable[Submission], size: int) -> Iterator[list[Submission]]:
+    batch: list[Submission] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)

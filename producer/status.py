@@ -306,6 +306,25 @@ class StatusStore(Records):
             return False
         return True
 
+    def create_many(self, creations: list[dict[str, Any]]) -> list[InvalidTransition | DuplicateKey | None]:
+        """`create` for each of `creations` (its keyword arguments, with `job_id` and `request`), in one round
+        trip; for each, None when written, else why not (DuplicateKey naming the job holding its key)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in creations:
+            fields = self.creation(c["job_id"], c["request"], priority=c.get("priority", "normal"),
+                                   webhook=c.get("webhook"), queue=c.get("queue"))  # fmt: skip
+            script_keys, args = self.plan_transition(c["job_id"], JobState.QUEUED, only_new=True,
+                                                     idempotency_key=c.get("idempotency_key"), **fields)  # fmt: skip
+            self._transition(keys=script_keys, args=args, client=pipe)
+        outcomes: list[InvalidTransition | DuplicateKey | None] = []
+        for c, answer in zip(creations, pipe.execute(), strict=True):
+            try:
+                self.transition_outcome(c["job_id"], JobState.QUEUED, answer)
+                outcomes.append(None)
+            except (InvalidTransition, DuplicateKey) as exc:
+                outcomes.append(exc)
+        return outcomes
+
     def transition(self, job_id: str, new: JobState, **options: Any) -> int:
         """Move a job to `new` if the transition table allows it, writing the other keyword arguments as
         fields with it; returns `attempts`.

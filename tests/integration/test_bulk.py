@@ -17,7 +17,8 @@ import pytest
 import redis
 from PIL import Image
 
-from producer import keys
+from producer import keys, wire
+from producer.client import Client, send_job
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -162,3 +163,17 @@ def test_ctrl_c_leaves_the_jobs_running_and_a_rerun_completes_them(
     summary = json.loads(rerun.stdout)
     assert rerun.returncode == 0 and summary["jobs_submitted"] == 0 and summary["jobs_found"] == 3, rerun.stderr
     assert sorted(p.name for p in out.glob("*.mp4")) == ["p0.mp4", "p1.mp4", "p2.mp4"]
+
+
+def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
+    """submit_many pushes messages it builds itself (producer.wire): they must stay what Celery would send."""
+    queue = f"wire-{uuid.uuid4().hex[:8]}"
+    request = {"image": "inputs/x.png", "num_frames": 4, "seed": None}
+    send_job(client.celery, "wire-job-1", request, queue)
+    wire.push(client.redis, [("wire-job-1", request, queue)])
+    ours = json.loads(client.redis.lpop(queue))  # LPUSH: the newest is first
+    celerys = json.loads(client.redis.lpop(queue))
+    for message in (ours, celerys):
+        message["properties"].pop("delivery_tag")  # a fresh uuid each
+        message["properties"].pop("reply_to")  # Celery's per-thread oid; unused (no result backend)
+    assert ours == celerys

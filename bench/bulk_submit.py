@@ -1,0 +1,104 @@
+"""Submitting many jobs: `Client.submit_many` (pipelined) against a loop of `Client.submit`, same run.
+
+A real redis-server (started here on a free port) and a file:// store holding the input image already, so the
+figure is the submission path itself: checks, records, messages. No worker: the jobs stay queued.
+`--manifest-rows N` also runs `svdq bulk` on an N-row JSONL manifest (`--no-wait`) in a child process and
+reports its peak RSS.
+
+    .venv/bin/python bench/bulk_submit.py [--jobs 10000] [--manifest-rows 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image
+
+from producer.client import Client, Submission
+from producer.local_redis import LocalRedis
+
+PARAMS = {"num_frames": 14, "num_inference_steps": 25}
+
+
+def figure(name: str, value: float, **extra: object) -> None:
+    print(json.dumps({"bench": "bulk_submit", "machine": platform.node(), "figure": name, "value": round(value, 3),
+                      **extra}), flush=True)  # fmt: skip
+
+
+def loop(client: Client, image: str, jobs: int) -> float:
+    started = time.perf_counter()
+    for n in range(jobs):
+        client.submit(image, idempotency_key=f"loop-{n}", **PARAMS)
+    return jobs / (time.perf_counter() - started)
+
+
+def pipelined(client: Client, image: str, jobs: int) -> float:
+    started = time.perf_counter()
+    submissions = (Submission(image, {"seed": n}, f"many-{n}") for n in range(jobs))
+    done = sum(1 for s in client.submit_many(submissions, **PARAMS) if s.job is not None and not s.existed)
+    assert done == jobs, done
+    return jobs / (time.perf_counter() - started)
+
+
+def manifest_rss(workdir: Path, env: dict[str, str], rows: int) -> None:
+    manifest = workdir / "rows.jsonl"
+    with manifest.open("w") as f:
+        for n in range(rows):
+            f.write(json.dumps({"image": "in.png", "seed": n, "output": f"v/{n}"}) + "\n")
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(workdir / "in.png")
+    started = time.perf_counter()
+    run = subprocess.run([str(Path(sys.executable).with_name("svdq")), "bulk", str(manifest), "--out",
+                          str(workdir / "out"), "--no-wait", "--json", *map(str, ["--frames", 14])],
+                         env=env, capture_output=True, text=True)  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout)
+    assert summary["jobs_submitted"] == rows, summary
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    figure("manifest_rows", rows)
+    figure("manifest_seconds", seconds)
+    figure("manifest_peak_rss_mib", peak_mib, goal="<= 300")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--manifest-rows", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        server = LocalRedis(workdir / "redis")
+        server.start()
+        try:
+            store = workdir / "store"
+            store.mkdir()
+            Image.new("RGB", (64, 64), (10, 20, 30)).save(store / "in.png")
+            image = f"file://{store}/in.png"  # already in the store: no upload
+            env = {**os.environ, "SVDQ_REDIS_URL": server.url, "SVDQ_STORAGE_URL": f"file://{store}"}
+            with Client.from_env(redis_url=server.url, storage_url=f"file://{store}") as client:
+                client.submit(image, idempotency_key="warm-up", **PARAMS)
+                loop_rate = loop(client, image, args.jobs)
+                many_rate = pipelined(client, image, args.jobs)
+            figure("jobs", args.jobs)
+            figure("loop_jobs_per_second", loop_rate)
+            figure("submit_many_jobs_per_second", many_rate)
+            figure("speedup", many_rate / loop_rate, goal=">= 10")
+            if args.manifest_rows:
+                manifest_rss(workdir, env, args.manifest_rows)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
