@@ -14,7 +14,7 @@ COPY constraints.txt pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
 RUN pip install -c constraints.txt torch \
-    && pip install -c constraints.txt ".[worker,flower]"
+    && pip install -c constraints.txt ".[worker,flower,gateway]"
 
 # Celery warns against running as root, and a render needs no privileges. Named volumes mount over these
 # folders and take their owner, so the image's user can write the model cache, compile cache and spool.

@@ -1,9 +1,9 @@
 """`AsyncClient`: the Python client for async web backends (FastAPI, aiohttp, Starlette...), on redis.asyncio.
 
 Same contract as `producer.client.Client`: the same checks refuse the same bad parameters (`Intake`), the same
-Lua scripts change records (`Records`), the same message reaches the workers (`send_job`). Redis calls are
-awaited; the few blocking ones (the image's upload through boto3, the Celery send through kombu) run in a
-thread, so one request's upload never stalls the event loop's other requests.
+Lua scripts change records (`Records`), the same message reaches the workers (built by `producer.wire` as Celery
+writes it, and pushed on redis.asyncio). Redis calls are awaited; the blocking ones (checking the image, its
+upload through boto3) run in a thread, so one request's upload never stalls the event loop's other requests.
 
     async with AsyncClient.from_env() as svdq:
         job = await svdq.submit(image_bytes, num_frames=14)
@@ -23,8 +23,8 @@ import redis
 import redis.asyncio
 from celery import Celery
 
-from producer import keys
-from producer.client import ImageInput, Intake, NotCancelable, enqueue_failed, producer_celery, send_job
+from producer import keys, wire
+from producer.client import ImageInput, Intake, NotCancelable, enqueue_failed, producer_celery
 from producer.contract import JobRecord, JobState, check_job_id
 from producer.settings import Settings, is_sentinel
 from producer.status import (
@@ -83,15 +83,21 @@ class AsyncJob:
     async def events(self, *, reread_every: float = 1.0) -> AsyncIterator[JobRecord]:
         """The record now, then again at each change (and at least every `reread_every` seconds while it
         stays the same, so a missed event only delays), ending with its terminal record."""
+        async with contextlib.aclosing(self.changes(reread_every=reread_every)) as changes:
+            async for record in changes:
+                if record is not None:
+                    yield record
+
+    async def changes(self, *, reread_every: float = 1.0) -> AsyncIterator[JobRecord | None]:
+        """As `events`, with None at each re-read that found no change (for a stream's keep-alives)."""
         pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(keys.events(self.id))  # before the first read: nothing slips in between
             last: JobRecord | None = None
             while True:
                 record = await self.status()
-                if record != last:
-                    yield record
-                    last = record
+                yield record if record != last else None
+                last = record
                 if record.state.is_terminal():
                     return
                 try:
@@ -139,7 +145,10 @@ class AsyncClient:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AsyncClient:
-        settings = Settings(**overrides)
+        return cls.from_settings(Settings(**overrides))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AsyncClient:
         if is_sentinel(settings.redis_url):
             raise NotImplementedError("AsyncClient does not follow Redis Sentinel yet: use Client, or a plain URL")
         client = redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
@@ -167,9 +176,11 @@ class AsyncClient:
         priority: str = "normal",
         idempotency_key: str | None = None,
         webhook: str | None = None,
+        owner: str | None = None,
         **params: Any,
     ) -> AsyncJob:
-        """As `Client.submit`: validate, store the image, write a `queued` record, then enqueue."""
+        """As `Client.submit`: validate, store the image, write a `queued` record, then enqueue. `owner` (the
+        gateway's API key name) goes on the record."""
         # 1. Check parameters and the image (decoding it is CPU work: off the loop).
         checked = await asyncio.to_thread(
             self.intake.check, image, priority=priority, idempotency_key=idempotency_key, webhook=webhook,
@@ -184,11 +195,11 @@ class AsyncClient:
         request = checked.request(image_ref)
         try:
             await self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority,
-                                     webhook=webhook, queue=checked.queue)  # fmt: skip
+                                     webhook=webhook, queue=checked.queue, owner=owner)  # fmt: skip
         except DuplicateKey as dup:
             return AsyncJob(dup.job_id, self)
         try:
-            await asyncio.to_thread(send_job, self.celery, job_id, request, checked.queue)
+            await self.redis.lpush(checked.queue, wire.message(job_id, request, checked.queue))
         except Exception as exc:
             with contextlib.suppress(InvalidTransition, redis.RedisError):
                 await self.records.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))

@@ -204,6 +204,20 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise CliError("the gateway is not installed here: `pip install 'svdq[gateway]'`", EXIT_USAGE)
+    from producer import gateway
+
+    settings = Settings()
+    try:
+        gateway.create_app(settings, unsafe_no_auth=args.unsafe_no_auth)  # refuses bad keys before listening
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    gateway.serve(args.host, args.port, args.workers, args.unsafe_no_auth)
+    return EXIT_OK
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     settings = Settings()
     celery = producer_celery(settings)
@@ -343,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--unsafe-no-auth", action="store_true", help="allow Flower without authentication "
                         "(default: refused)")  # fmt: skip
     flower.set_defaults(func=cmd_flower)
+
+    gw = sub.add_parser("gateway", help="serve the HTTP API (POST /v1/jobs, SSE events...) for web backends")
+    gw.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    gw.add_argument("--port", type=int, default=8000, help="default: 8000")
+    gw.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    gw.add_argument("--unsafe-no-auth", action="store_true", help="serve without API keys (default: refused "
+                    "unless SVDQ_API_KEYS is set)")  # fmt: skip
+    gw.set_defaults(func=cmd_gateway)
 
     top = sub.add_parser("top", help="workers, what they render, and the queues, refreshed live")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")

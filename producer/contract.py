@@ -298,6 +298,7 @@ class JobRecord(BaseModel):
     idempotency_key: str | None = None
     webhook: str | None = None
     webhook_error: str | None = None  # why the job's webhook is not called, when a worker knows it cannot
+    owner: str | None = None  # the gateway's API key name that submitted it (never the key)
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     # `user:password[,user2:password2]` for `svdq flower` (Flower's own FLOWER_BASIC_AUTH works too).
     flower_basic_auth: SecretStr | None = None
+    # `svdq gateway`'s API keys: `name:key[,name2:key2]` (or bare keys, named key1, key2...). A caller sends
+    # `Authorization: Bearer KEY`; each job records its key's name, and a key sees only its own jobs.
+    api_keys: SecretStr | None = None
 
 
 def settings_error(exc: ValidationError) -> str:

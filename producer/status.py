@@ -209,10 +209,14 @@ class Records:
         priority: str = "normal",
         webhook: str | None = None,
         queue: str | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """A new record's fields."""
-        return {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
-                "priority": priority, "webhook": webhook, "queue": queue}  # fmt: skip
+        fields = {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
+                  "priority": priority, "webhook": webhook, "queue": queue}  # fmt: skip
+        if owner is not None:
+            fields["owner"] = owner
+        return fields
 
     def plan_transition(
         self,

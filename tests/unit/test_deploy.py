@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parents[2]
-ENV = {"MINIO_ROOT_PASSWORD": "pw-for-config", "FLOWER_BASIC_AUTH": "ops:pw-for-config", "HF_TOKEN": "hf_test"}
+ENV = {"MINIO_ROOT_PASSWORD": "pw-for-config", "FLOWER_BASIC_AUTH": "ops:pw-for-config", "HF_TOKEN": "hf_test",
+       "SVDQ_API_KEYS": "app:key-for-config"}  # fmt: skip
 
 
 def need(tool: str) -> str:
@@ -75,12 +76,17 @@ def test_compose_runs_svdq_on_an_nvidia_host() -> None:
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     # Every long-running service says when it is healthy.
-    for name in ("redis", "minio", "worker-gpu0", "flower"):
+    for name in ("redis", "minio", "worker-gpu0", "flower", "gateway"):
         assert services[name].get("healthcheck", {}).get("test"), name
     # Flower from svdq's image (its pinned Flower, svdq's auth), its credentials from the environment.
     flower = services["flower"]
     assert flower["image"] == worker["image"] and flower["command"][:2] == ["svdq", "flower"]
     assert flower["environment"]["SVDQ_FLOWER_BASIC_AUTH"] == ENV["FLOWER_BASIC_AUTH"]
+    # The gateway likewise: svdq's image, its keys from the environment, on loopback unless published further.
+    gateway = services["gateway"]
+    assert gateway["image"] == worker["image"] and gateway["command"][:2] == ["svdq", "gateway"]
+    assert gateway["environment"]["SVDQ_API_KEYS"] == ENV["SVDQ_API_KEYS"]
+    assert gateway["environment"]["SVDQ_REDIS_URL"] == worker["environment"]["SVDQ_REDIS_URL"]
 
 
 def test_the_image_writes_where_compose_mounts_volumes() -> None:
@@ -131,10 +137,11 @@ def test_make_and_the_image_install_the_same_locked_versions() -> None:
 
 @pytest.mark.integration
 def test_the_images_pins_resolve_together() -> None:
-    """pip resolves the image's install (torch, then svdq with its worker and flower extras) against the lock."""
+    """pip resolves the image's install (torch, then svdq with its worker, flower and gateway extras) against
+    the lock."""
     out = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
-         "-c", "constraints.txt", "torch", ".[worker,flower]"],
+         "-c", "constraints.txt", "torch", ".[worker,flower,gateway]"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,0 +1,295 @@
+"""`svdq gateway`: svdq's contract over HTTP, for web backends in any language (FastAPI on uvicorn).
+
+Stateless: every request reads and writes Redis and the store through `AsyncClient`, so any number of gateway
+processes can serve behind a load balancer. Each API key (SVDQ_API_KEYS, `Authorization: Bearer KEY`) sees,
+streams, cancels and downloads only the jobs it submitted: another key's job is a 404, as an unknown one is.
+
+    POST   /v1/jobs                 JSON ({"image_url"} or {"image": base64}, parameters by diffusers' names) or
+                                    multipart/form-data with an `image` file part; Idempotency-Key header
+    GET    /v1/jobs/{id}            the job's record
+    DELETE /v1/jobs/{id}            cancel (409 when it already ended)
+    GET    /v1/jobs/{id}/events     Server-Sent Events, one per change, closing after the final state
+    GET    /v1/jobs/{id}/video      302 to a presigned URL (S3), or the file (a file:// store)
+    GET    /healthz, /readyz        alive; Redis and the store reachable (else 503)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+
+from producer.aio import AsyncClient, AsyncJob
+from producer.client import NotCancelable
+from producer.contract import PRIORITIES, InvalidParameter, JobRecord
+from producer.settings import Settings
+from producer.status import JobNotFound
+from producer.storage import StorageUnavailable
+
+KEEP_ALIVE_SECONDS = 15.0
+RETRY_AFTER = "5"
+NO_AUTH = "anonymous"
+
+
+class Refused(Exception):
+    """An HTTP error with svdq's error body: {"error": {"code", "message", "param"?}}."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None, **headers: str):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = {name.replace("_", "-"): value for name, value in headers.items()}
+
+    def response(self) -> JSONResponse:
+        error = {"code": self.code, "message": self.message} | ({"param": self.param} if self.param else {})
+        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+
+
+def parse_api_keys(spec: str) -> dict[str, str]:
+    """`name:key,name2:key2` or bare keys (named key1, key2...) -> {key: name}."""
+    keys: dict[str, str] = {}
+    for n, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+        name, sep, key = part.partition(":")
+        name, key = (name, key) if sep else (f"key{n + 1}", name)
+        if not key or not name:
+            raise ValueError(f"SVDQ_API_KEYS: entry {n + 1} is empty; use name:key[,name2:key2]")
+        keys[key] = name
+    return keys
+
+
+class Auth:
+    """Who is calling: the name of the key in `Authorization: Bearer KEY`, compared in constant time."""
+
+    def __init__(self, keys: dict[str, str] | None):
+        self.keys = keys  # None: no authentication (`--unsafe-no-auth`)
+
+    def __call__(self, request: Request) -> str:
+        if self.keys is None:
+            return NO_AUTH
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        name = None
+        for key, key_name in self.keys.items():  # every key compared, so the time says nothing about which
+            if hmac.compare_digest(given.strip().encode(), key.encode()) and scheme.lower() == "bearer":
+                name = key_name
+        if name is None:
+            raise Refused(401, "unauthorized", "send `Authorization: Bearer KEY` with one of SVDQ_API_KEYS",
+                          **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return name
+
+
+def links(job_id: str) -> dict[str, str]:
+    base = f"/v1/jobs/{job_id}"
+    return {"self": base, "events": f"{base}/events", "video": f"{base}/video"}
+
+
+def job_json(record: JobRecord) -> dict[str, Any]:
+    return {**record.to_json_dict(), "links": links(record.id)}
+
+
+router = APIRouter()
+
+
+def create_app(settings: Settings, *, unsafe_no_auth: bool = False) -> FastAPI:
+    keys = parse_api_keys(settings.api_keys.get_secret_value()) if settings.api_keys else None
+    if keys is None and not unsafe_no_auth:
+        raise ValueError("svdq gateway needs SVDQ_API_KEYS (name:key[,name2:key2]); --unsafe-no-auth runs it open")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.client = AsyncClient.from_settings(settings)
+        yield
+        await app.state.client.aclose()
+
+    app = FastAPI(title="svdq", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.auth, app.state.settings = Auth(keys), settings
+    app.include_router(router)
+    app.add_exception_handler(Refused, lambda request, exc: exc.response())  # type: ignore[arg-type,return-value]
+    app.add_exception_handler(redis.RedisError, lambda request, exc: unavailable("Redis").response())
+    app.add_exception_handler(StorageUnavailable, lambda request, exc: unavailable("storage").response())
+    return app
+
+
+def unavailable(what: str) -> Refused:
+    return Refused(503, "unavailable", f"{what} is unreachable; try again", Retry_After=RETRY_AFTER)
+
+
+def client_of(request: Request) -> AsyncClient:
+    return request.app.state.client  # type: ignore[no-any-return]
+
+
+async def owned(request: Request, job_id: str) -> tuple[AsyncJob, JobRecord]:
+    """The caller's job: another key's, an unknown id and a malformed one all read as 404."""
+    owner = request.app.state.auth(request)
+    try:
+        job = client_of(request).job(job_id)
+        record: JobRecord | None = await job.status()
+    except (InvalidParameter, JobNotFound):
+        record = None
+    if record is None or (record.owner or NO_AUTH) != owner:
+        raise Refused(404, "not_found", f"no job {job_id}")
+    return job, record
+
+
+@router.post("/v1/jobs", status_code=201)
+async def submit(request: Request) -> JSONResponse:
+    owner = request.app.state.auth(request)
+    image, fields = await read_submission(request, request.app.state.settings.max_image_bytes)
+    key = request.headers.get("idempotency-key")
+    priority = fields.pop("priority", "normal")
+    if priority not in PRIORITIES:
+        raise Refused(422, "invalid_parameter", f"priority: must be one of {', '.join(PRIORITIES)}", "priority")
+    webhook = fields.pop("webhook", None)
+    try:
+        # A key is the caller's own: another caller's same key names another job.
+        job = await client_of(request).submit(image, priority=priority, webhook=webhook, owner=owner,
+                                              idempotency_key=f"{owner}:{key}" if key else None, **fields)  # fmt: skip
+    except InvalidParameter as exc:
+        if exc.param == "image" and "larger than" in exc.message:
+            raise Refused(413, "too_large", exc.message, "image") from None
+        raise Refused(422, "invalid_parameter", f"{exc.param}: {exc.message}", exc.param) from None
+    record = await job.status()
+    if (record.owner or NO_AUTH) != owner:  # a key that a producer outside the gateway used: not this caller's
+        raise Refused(409, "idempotency_conflict", "this Idempotency-Key names a job this API key did not submit")
+    return JSONResponse(job_json(record), status_code=201, headers={"Location": links(job.id)["self"]})
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    _, record = await owned(request, job_id)
+    return job_json(record)
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel(request: Request, job_id: str) -> dict[str, Any]:
+    job, _ = await owned(request, job_id)
+    try:
+        return job_json(await job.cancel())
+    except NotCancelable as exc:
+        raise Refused(409, "already_ended", str(exc)) from None
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def events(request: Request, job_id: str) -> StreamingResponse:
+    job, _ = await owned(request, job_id)
+    return StreamingResponse(sse(job, request.is_disconnected), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+@router.get("/v1/jobs/{job_id}/video", response_model=None)
+async def video(request: Request, job_id: str) -> Response:
+    job, record = await owned(request, job_id)
+    if record.result is None:
+        raise Refused(409, "no_video", f"job {job_id} is {record.state.value}: no video (yet)")
+    if record.result.url:
+        return RedirectResponse(record.result.url, status_code=302)
+    return Response(await job.video_bytes(), media_type=f"video/{record.result.format}")
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    client = client_of(request)
+    try:
+        await asyncio.wait_for(client.redis.ping(), 3)
+        await asyncio.wait_for(asyncio.to_thread(client.store.exists, "svdq-readyz-probe"), 5)
+    except (redis.RedisError, StorageUnavailable, TimeoutError, OSError) as exc:
+        return Refused(503, "unavailable", f"not ready: {type(exc).__name__}", Retry_After=RETRY_AFTER).response()
+    return JSONResponse({"status": "ready"})
+
+
+async def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | str, dict[str, Any]]:
+    """The image (bytes, or a URL/store reference the worker reads) and the other fields of a POST."""
+    limit = max_image_bytes * 4 // 3 + 64 * 1024  # base64 and the other fields
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():  # the server holds a body to its declared length: so it is capped
+        raise Refused(411, "length_required", "send the body with a Content-Length header")
+    if int(length) > limit:
+        raise Refused(413, "too_large", f"the request is larger than {limit} bytes", "image")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _read_form(request, max_image_bytes)
+    try:
+        fields = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(422, "invalid_json", "the body must be a JSON object (or multipart/form-data)") from None
+    if not isinstance(fields, dict):
+        raise Refused(422, "invalid_json", "the body must be a JSON object")
+    url, encoded = fields.pop("image_url", None), fields.pop("image", None)
+    if (url is None) == (encoded is None):
+        raise Refused(422, "invalid_parameter", "image: give exactly one of image_url and image (base64)", "image")
+    if url is not None:
+        if not isinstance(url, str):
+            raise Refused(422, "invalid_parameter", "image_url: must be a string", "image_url")
+        return url, fields
+    try:
+        return base64.b64decode(str(encoded), validate=True), fields
+    except (binascii.Error, ValueError):
+        raise Refused(422, "invalid_parameter", "image: not valid base64", "image") from None
+
+
+async def _read_form(request: Request, max_image_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    form = await request.form(max_files=1, max_fields=32)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise Refused(422, "invalid_parameter", "image: a file part named `image` is required", "image")
+    data = await upload.read(max_image_bytes + 1)
+    return data, {k: _form_value(v) for k, v in form.items() if k != "image" and isinstance(v, str)}
+
+
+def _form_value(value: str) -> Any:
+    """A form field as JSON would have it (14 an int, 0.02 a float); anything else stays text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+async def sse(job: AsyncJob, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    """One event per change of the record, named by its state; a comment every KEEP_ALIVE_SECONDS while
+    nothing changes; the stream ends after the final state (at once, for a job that has ended)."""
+    n, last_sent = 0, time.monotonic()
+    async with contextlib.aclosing(job.changes()) as changes:
+        async for record in changes:
+            if await disconnected():
+                return
+            if record is None:
+                if time.monotonic() - last_sent >= KEEP_ALIVE_SECONDS:
+                    last_sent = time.monotonic()
+                    yield ": keep-alive\n\n"
+                continue
+            n += 1
+            last_sent = time.monotonic()
+            yield f"id: {n}\nevent: {record.state.value}\ndata: {json.dumps(job_json(record))}\n\n"
+
+
+def serve(host: str, port: int, workers: int, unsafe_no_auth: bool) -> None:
+    """Run the gateway under uvicorn (in this process with one worker; forked workers otherwise)."""
+    import os
+
+    import uvicorn
+
+    if workers > 1:
+        os.environ["SVDQ_GATEWAY_UNSAFE_NO_AUTH"] = "1" if unsafe_no_auth else ""
+        uvicorn.run("producer.gateway:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="info")  # fmt: skip
+        return
+    uvicorn.run(create_app(Settings(), unsafe_no_auth=unsafe_no_auth), host=host, port=port, log_level="info")
+
+
+def app_from_env() -> FastAPI:
+    import os
+
+    return create_app(Settings(), unsafe_no_auth=os.environ.get("SVDQ_GATEWAY_UNSAFE_NO_AUTH") == "1")
