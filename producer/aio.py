@@ -197,7 +197,8 @@ class AsyncClient:
             await self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority,
                                      webhook=webhook, queue=checked.queue, owner=owner)  # fmt: skip
         except DuplicateKey as dup:
-            return AsyncJob(dup.job_id, self)
+            if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
+                return AsyncJob(dup.job_id, self)
         try:
             await self.redis.lpush(checked.queue, wire.message(job_id, request, checked.queue))
         except Exception as exc:

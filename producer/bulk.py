@@ -212,7 +212,7 @@ class Outcome:
 
     @property
     def state(self) -> str:
-        if self.error is not None and self.record is None:
+        if self.error is not None:  # refused before a job, or its video could not be written where asked
             return JobState.FAILED.value
         return self.record.state.value if self.record else JobState.QUEUED.value
 
@@ -232,10 +232,17 @@ class Outcome:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
+    """The whole file or none of it, even across a crash: a partial file next to it, synced, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        with partial.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class Run:
@@ -248,6 +255,7 @@ class Run:
         self.outcomes = [Outcome(item) for item in items]
         self.report = out / REPORT
         self.ended: set[int] = set()
+        self.retried: set[int] = set()  # one new try per input per run: a job that always fails ends the run
 
     def submit(self) -> None:
         out_root = self.out.resolve()
@@ -301,11 +309,14 @@ class Run:
         outcome.record = record
         if not record.state.is_terminal():
             return
-        if record.state is not JobState.SUCCEEDED and self.retry_failed:
+        if record.state is not JobState.SUCCEEDED and self.retry_failed and i not in self.retried:
+            # Earlier runs' retries are followed to the last; then one new try per run, at most.
             assert outcome.job is not None
             key = retry_key(outcome.item.key, outcome.job.id)
             [again] = self.client.submit_many([outcome.item.submission(key)], priority=self.priority)
             if again.job is not None:
+                if not again.existed:
+                    self.retried.add(i)
                 outcome.job, outcome.record, outcome.new = again.job, None, outcome.new or not again.existed
                 return
         if record.state is JobState.SUCCEEDED:
@@ -314,9 +325,12 @@ class Run:
 
     def _download(self, outcome: Outcome) -> None:
         path = self.out / outcome.item.output
-        if path.is_file() and path.stat().st_size > 0:
-            return  # a re-run downloads only what is missing
-        assert outcome.job is not None
+        assert outcome.job is not None and outcome.record is not None and outcome.record.result is not None
+        if path.is_file() and path.stat().st_size == outcome.record.result.bytes:
+            return  # a re-run downloads only what is missing (or cut short)
+        if not path.resolve().is_relative_to(self.out.resolve()):  # again: a folder may have become a link
+            outcome.error = {"code": "invalid_input", "message": f"output {outcome.item.output} leaves --out"}
+            return
         write_atomically(path, outcome.job.video_bytes())
         outcome.downloaded = True
 

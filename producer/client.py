@@ -219,7 +219,8 @@ class Client:
             self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook,
                                queue=checked.queue)  # fmt: skip
         except DuplicateKey as dup:
-            return Job(dup.job_id, self)
+            if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
+                return Job(dup.job_id, self)
         try:
             send_job(self.celery, job_id, request, checked.queue)
         except Exception as exc:

@@ -40,6 +40,7 @@ from producer.storage import StorageUnavailable
 KEEP_ALIVE_SECONDS = 15.0
 RETRY_AFTER = "5"
 NO_AUTH = "anonymous"
+RESERVED = {"owner", "idempotency_key", "image", "self"}  # submit()'s own arguments: never from a body
 
 
 class Refused(Exception):
@@ -63,6 +64,8 @@ def parse_api_keys(spec: str) -> dict[str, str]:
         name, key = (name, key) if sep else (f"key{n + 1}", name)
         if not key or not name:
             raise ValueError(f"SVDQ_API_KEYS: entry {n + 1} is empty; use name:key[,name2:key2]")
+        if name in keys.values() or name == NO_AUTH:  # two keys with one name would share their jobs
+            raise ValueError(f"SVDQ_API_KEYS: the name {name!r} is taken; give each key a name of its own")
         keys[key] = name
     return keys
 
@@ -135,7 +138,7 @@ async def owned(request: Request, job_id: str) -> tuple[AsyncJob, JobRecord]:
         record: JobRecord | None = await job.status()
     except (InvalidParameter, JobNotFound):
         record = None
-    if record is None or (record.owner or NO_AUTH) != owner:
+    if record is None or record.owner != (None if owner == NO_AUTH else owner):
         raise Refused(404, "not_found", f"no job {job_id}")
     return job, record
 
@@ -149,16 +152,21 @@ async def submit(request: Request) -> JSONResponse:
     if priority not in PRIORITIES:
         raise Refused(422, "invalid_parameter", f"priority: must be one of {', '.join(PRIORITIES)}", "priority")
     webhook = fields.pop("webhook", None)
+    if webhook is not None and not isinstance(webhook, str):
+        raise Refused(422, "invalid_parameter", "webhook: must be a URL string", "webhook")
+    if reserved := sorted(set(fields) & RESERVED):
+        raise Refused(422, "invalid_parameter", f"{reserved[0]}: is not a parameter svdq knows", reserved[0])
     try:
         # A key is the caller's own: another caller's same key names another job.
-        job = await client_of(request).submit(image, priority=priority, webhook=webhook, owner=owner,
+        job = await client_of(request).submit(image, priority=priority, webhook=webhook,
+                                              owner=None if owner == NO_AUTH else owner,
                                               idempotency_key=f"{owner}:{key}" if key else None, **fields)  # fmt: skip
     except InvalidParameter as exc:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None
         raise Refused(422, "invalid_parameter", f"{exc.param}: {exc.message}", exc.param) from None
     record = await job.status()
-    if (record.owner or NO_AUTH) != owner:  # a key that a producer outside the gateway used: not this caller's
+    if record.owner != (None if owner == NO_AUTH else owner):  # a key a producer outside the gateway used
         raise Refused(409, "idempotency_conflict", "this Idempotency-Key names a job this API key did not submit")
     return JSONResponse(job_json(record), status_code=201, headers={"Location": links(job.id)["self"]})
 
@@ -190,8 +198,11 @@ async def video(request: Request, job_id: str) -> Response:
     job, record = await owned(request, job_id)
     if record.result is None:
         raise Refused(409, "no_video", f"job {job_id} is {record.state.value}: no video (yet)")
-    if record.result.url:
-        return RedirectResponse(record.result.url, status_code=302)
+    # Presigned now, not when the job ended (that URL expires long before the record); a file store's URL is a
+    # path on this server: its bytes are served instead.
+    url = await asyncio.to_thread(client_of(request).store.public_url, record.result.key)
+    if url and url.startswith(("http://", "https://")):
+        return RedirectResponse(url, status_code=302)
     return Response(await job.video_bytes(), media_type=f"video/{record.result.format}")
 
 
@@ -211,14 +222,19 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-async def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | str, dict[str, Any]]:
-    """The image (bytes, or a URL/store reference the worker reads) and the other fields of a POST."""
-    limit = max_image_bytes * 4 // 3 + 64 * 1024  # base64 and the other fields
+def check_length(request: Request, limit: int) -> None:
+    """Only a declared length caps what the server reads (h11 would take a chunked body beside one): none, or
+    any transfer coding, is refused before a byte of the body is read, and so is one over `limit`."""
     length = request.headers.get("content-length")
-    if length is None or not length.isdigit():  # the server holds a body to its declared length: so it is capped
-        raise Refused(411, "length_required", "send the body with a Content-Length header")
+    if "transfer-encoding" in request.headers or length is None or not length.isdigit():
+        raise Refused(411, "length_required", "send the body with a Content-Length header (not chunked)")
     if int(length) > limit:
         raise Refused(413, "too_large", f"the request is larger than {limit} bytes", "image")
+
+
+async def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes | str, dict[str, Any]]:
+    """The image (bytes, or a URL/store reference the worker reads) and the other fields of a POST."""
+    check_length(request, limit=max_image_bytes * 4 // 3 + 64 * 1024)  # base64 and the other fields
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         return await _read_form(request, max_image_bytes)
     try:
@@ -231,8 +247,9 @@ async def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes
     if (url is None) == (encoded is None):
         raise Refused(422, "invalid_parameter", "image: give exactly one of image_url and image (base64)", "image")
     if url is not None:
-        if not isinstance(url, str):
-            raise Refused(422, "invalid_parameter", "image_url: must be a string", "image_url")
+        # Only the web: store references (s3://, file://, a key) would let one API key read another's images.
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise Refused(422, "invalid_parameter", "image_url: must be an http(s) URL", "image_url")
         return url, fields
     try:
         return base64.b64decode(str(encoded), validate=True), fields
@@ -241,12 +258,12 @@ async def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes
 
 
 async def _read_form(request: Request, max_image_bytes: int) -> tuple[bytes, dict[str, Any]]:
-    form = await request.form(max_files=1, max_fields=32)
-    upload = form.get("image")
-    if upload is None or isinstance(upload, str):
-        raise Refused(422, "invalid_parameter", "image: a file part named `image` is required", "image")
-    data = await upload.read(max_image_bytes + 1)
-    return data, {k: _form_value(v) for k, v in form.items() if k != "image" and isinstance(v, str)}
+    async with request.form(max_files=1, max_fields=32) as form:  # its spooled files go when it closes
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise Refused(422, "invalid_parameter", "image: a file part named `image` is required", "image")
+        data = await upload.read(max_image_bytes + 1)
+        return data, {k: _form_value(v) for k, v in form.items() if k != "image" and isinstance(v, str)}
 
 
 def _form_value(value: str) -> Any:

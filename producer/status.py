@@ -325,8 +325,10 @@ class StatusStore(Records):
             try:
                 self.transition_outcome(c["job_id"], JobState.QUEUED, answer)
                 outcomes.append(None)
-            except (InvalidTransition, DuplicateKey) as exc:
-                outcomes.append(exc)
+            except DuplicateKey as exc:  # naming the job itself: a retried pipeline whose first reply was lost
+                outcomes.append(None if exc.job_id == c["job_id"] else exc)
+            except InvalidTransition as exc:  # already queued under its fresh id: the same retry, without a key
+                outcomes.append(None if exc.current is JobState.QUEUED else exc)
         return outcomes
 
     def transition(self, job_id: str, new: JobState, **options: Any) -> int:

@@ -18,11 +18,12 @@ import redis
 from PIL import Image
 
 from producer import keys, wire
-from producer.client import Client, send_job
+from producer.client import Client, Submission, send_job
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
+PARAMS_SMALL = {k: SMALL[k] for k in ("width", "height", "num_frames", "num_inference_steps")}
 SIZE = ["--width", str(SMALL["width"]), "--height", str(SMALL["height"]), "--steps",
         str(SMALL["num_inference_steps"]), "--frames", str(SMALL["num_frames"])]  # fmt: skip
 
@@ -99,6 +100,9 @@ def test_a_folder_renders_to_a_mirrored_folder_and_a_rerun_resumes_without_new_j
     (out / "a/b/three.mp4").unlink()
     third = json.loads(bulk(svdq_env, str(src), "--out", str(out), *SIZE, "--json").stdout)
     assert third["downloaded"] == 1 and third["jobs_submitted"] == 0 and (out / "a/b/three.mp4").is_file()
+    (out / "c/six.mp4").write_bytes((out / "c/six.mp4").read_bytes()[:100])  # cut short (a crash elsewhere)
+    fourth = json.loads(bulk(svdq_env, str(src), "--out", str(out), *SIZE, "--json").stdout)
+    assert fourth["downloaded"] == 1 and imageio_ffmpeg.count_frames_and_secs(str(out / "c/six.mp4"))[0] == 4
     assert job_count(svdq_env) - jobs_before == 6
 
 
@@ -177,3 +181,49 @@ def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
         message["properties"].pop("delivery_tag")  # a fresh uuid each
         message["properties"].pop("reply_to")  # Celery's per-thread oid; unused (no result backend)
     assert ours == celerys
+
+
+def test_a_creation_retried_after_a_lost_reply_still_enqueues_its_job(
+    client: Client, image_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py retries a command whose reply was lost to a dropped connection: the record was written the first
+    time, so the retry answers "key taken" naming the job itself. That job must still get its message."""
+    queue = f"retried-{uuid.uuid4().hex[:8]}"
+    client.settings.queue = queue
+    create, create_many = client.records.create, client.records.create_many
+
+    def twice(*args: Any, **kwargs: Any) -> Any:
+        create(*args, **kwargs)  # the reply that was lost
+        return create(*args, **kwargs)
+
+    def twice_many(creations: list[dict[str, Any]]) -> Any:
+        create_many(creations)
+        return create_many(creations)
+
+    monkeypatch.setattr(client.records, "create", twice)
+    monkeypatch.setattr(client.records, "create_many", twice_many)
+    job = client.submit(image_file, idempotency_key=uuid.uuid4().hex, **PARAMS_SMALL)
+    submitted = list(client.submit_many([Submission(image_file, {"seed": 1}, uuid.uuid4().hex),
+                                         Submission(image_file, {"seed": 2})], **PARAMS_SMALL))  # fmt: skip
+    assert all(s.job is not None and not s.existed for s in submitted)
+    queued = [json.loads(m)["headers"]["id"] for m in client.redis.lrange(queue, 0, -1)]
+    assert sorted(queued) == sorted([job.id, *(s.job.id for s in submitted if s.job)])
+
+
+def test_retry_failed_submits_a_failed_input_once_a_run(
+    svdq_env: dict[str, str], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.jsonl"
+    missing = f"s3://svdq-test/renders/missing-{uuid.uuid4().hex}.png"  # fails in the worker, every time
+    manifest.write_text(json.dumps({"image": missing, "output": "gone"}) + "\n")
+    jobs_before = job_count(svdq_env)
+    first = bulk(svdq_env, str(manifest), "--out", str(tmp_path / "out"), *SIZE, "--json")
+    assert first.returncode == 1 and job_count(svdq_env) - jobs_before == 1
+    [line] = report(tmp_path / "out").values()
+    assert line["state"] == "failed" and line["error"]["code"] == "invalid_input"
+    again = bulk(svdq_env, str(manifest), "--out", str(tmp_path / "out"), *SIZE, "--json", "--retry-failed")
+    assert again.returncode == 1 and job_count(svdq_env) - jobs_before == 2  # one more try, then the run ends
+    [line] = report(tmp_path / "out").values()
+    assert line["state"] == "failed" and line["job_id"] != json.loads(first.stdout)["failed"][0]["job_id"]
+    third = bulk(svdq_env, str(manifest), "--out", str(tmp_path / "out"), *SIZE, "--json", "--retry-failed")
+    assert third.returncode == 1 and job_count(svdq_env) - jobs_before == 3

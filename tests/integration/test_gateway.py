@@ -7,6 +7,7 @@ import base64
 import http.client
 import io
 import json
+import socket
 import subprocess
 import time
 import urllib.error
@@ -144,8 +145,13 @@ def test_refusals_name_what_is_wrong_and_submit_nothing(gateway: Gateway, svdq_e
     assert status == 422 and body["error"]["param"] == "width" and "multiple of 8" in body["error"]["message"]
     status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": "http://127.0.0.1:9/x.png", **PARAMS})
     assert status == 422 and body["error"]["param"] == "image"
-    status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": "s3://someone-elses/x.png", **PARAMS})
-    assert status == 422 and body["error"]["param"] == "image"
+    for reference in ("s3://someone-elses/x.png", "s3://svdq-test/renders/inputs/x.png", "inputs/x.png",
+                      "file:///etc/passwd"):  # fmt: skip
+        status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": reference, **PARAMS})
+        assert status == 422 and body["error"]["param"] == "image_url", reference  # the store is nobody's to name
+    for field, value in (("owner", "bob"), ("idempotency_key", "x"), ("webhook", 5)):
+        status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image": image, **PARAMS, field: value})
+        assert status == 422 and body["error"]["param"] == field, body
     status, _, body = gateway.call("POST", "/v1/jobs", ALICE, raw=b"not json", headers={"Content-Type": "text/plain"})
     assert status == 422 and body["error"]["code"] == "invalid_json"
     huge = gateway.call("POST", "/v1/jobs", ALICE, raw=b"x" * 10, headers={"Content-Length": str(10**9)})
@@ -155,6 +161,10 @@ def test_refusals_name_what_is_wrong_and_submit_nothing(gateway: Gateway, svdq_e
                        headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})  # fmt: skip
     assert connection.getresponse().status == 411  # no declared length, no cap: refused before reading it
     connection.close()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as raw:  # a length *and* chunked
+        raw.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\nContent-Length: 5\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode())  # fmt: skip
+        assert raw.recv(100).split(b" ")[1] in (b"400", b"411")
 
 
 def test_an_idempotency_key_is_the_caller_s_own(gateway: Gateway) -> None:
