@@ -6,6 +6,7 @@ streams, cancels and downloads only the jobs it submitted: another key's job is 
 
     POST   /v1/jobs                 JSON ({"image_url"} or {"image": base64}, parameters by diffusers' names) or
                                     multipart/form-data with an `image` file part; Idempotency-Key header
+    GET    /v1/jobs                 the caller's jobs, newest first (?state=&limit=&cursor=)
     GET    /v1/jobs/{id}            the job's record
     DELETE /v1/jobs/{id}            cancel (409 when it already ended)
     GET    /v1/jobs/{id}/events     Server-Sent Events, one per change, closing after the final state
@@ -21,6 +22,7 @@ import binascii
 import contextlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,11 +32,12 @@ import redis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
+from producer import keys
 from producer.aio import AsyncClient, AsyncJob
 from producer.client import NotCancelable
-from producer.contract import PRIORITIES, InvalidParameter, JobRecord
+from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState
 from producer.settings import Settings
-from producer.status import JobNotFound
+from producer.status import JobNotFound, MalformedRecord, as_text, parse_record
 from producer.storage import StorageUnavailable
 
 KEEP_ALIVE_SECONDS = 15.0
@@ -70,6 +73,19 @@ def parse_api_keys(spec: str) -> dict[str, str]:
     return keys
 
 
+RATE_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_rate(spec: str | None) -> tuple[int, int] | None:
+    """`20/s`, `600/m`, `10000/h` -> (requests, window seconds); None: no limit."""
+    if not spec:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*([smh])\s*", spec)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"SVDQ_RATE_LIMIT={spec!r}: write it as N/s, N/m or N/h, e.g. 20/s")
+    return int(match.group(1)), RATE_UNITS[match.group(2)]
+
+
 class Auth:
     """Who is calling: the name of the key in `Authorization: Bearer KEY`, compared in constant time."""
 
@@ -88,6 +104,32 @@ class Auth:
             raise Refused(401, "unauthorized", "send `Authorization: Bearer KEY` with one of SVDQ_API_KEYS",
                           **{"WWW-Authenticate": "Bearer"})  # fmt: skip
         return name
+
+
+async def caller(request: Request) -> str:
+    """The calling key's name, once it is authenticated and within its rate limit (one INCR a request)."""
+    name = request.app.state.auth(request)
+    rate = request.app.state.rate
+    if rate is None:
+        return name
+    limit, window = rate
+    now = time.time()
+    bucket = int(now // window)
+    counter = keys.rate(name, bucket)
+    pipe = client_of(request).redis.pipeline(transaction=False)
+    pipe.incr(counter)
+    pipe.expire(counter, window + 1)
+    count, _ = await pipe.execute()
+    if count > limit:
+        wait = max(1, int((bucket + 1) * window - now + 0.999))
+        raise Refused(429, "rate_limited", f"more than {limit} requests in {window}s for this key; slow down",
+                      Retry_After=str(wait))  # fmt: skip
+    return name
+
+
+def stored(owner: str) -> str | None:
+    """The record's `owner` for a caller: its key's name; none for an open gateway (`--unsafe-no-auth`)."""
+    return None if owner == NO_AUTH else owner
 
 
 def links(job_id: str) -> dict[str, str]:
@@ -114,7 +156,7 @@ def create_app(settings: Settings, *, unsafe_no_auth: bool = False) -> FastAPI:
         await app.state.client.aclose()
 
     app = FastAPI(title="svdq", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.auth, app.state.settings = Auth(keys), settings
+    app.state.auth, app.state.settings, app.state.rate = Auth(keys), settings, parse_rate(settings.rate_limit)
     app.include_router(router)
     app.add_exception_handler(Refused, lambda request, exc: exc.response())  # type: ignore[arg-type,return-value]
     app.add_exception_handler(redis.RedisError, lambda request, exc: unavailable("Redis").response())
@@ -132,20 +174,20 @@ def client_of(request: Request) -> AsyncClient:
 
 async def owned(request: Request, job_id: str) -> tuple[AsyncJob, JobRecord]:
     """The caller's job: another key's, an unknown id and a malformed one all read as 404."""
-    owner = request.app.state.auth(request)
+    owner = await caller(request)
     try:
         job = client_of(request).job(job_id)
         record: JobRecord | None = await job.status()
     except (InvalidParameter, JobNotFound):
         record = None
-    if record is None or record.owner != (None if owner == NO_AUTH else owner):
+    if record is None or record.owner != stored(owner):
         raise Refused(404, "not_found", f"no job {job_id}")
     return job, record
 
 
 @router.post("/v1/jobs", status_code=201)
 async def submit(request: Request) -> JSONResponse:
-    owner = request.app.state.auth(request)
+    owner = await caller(request)
     image, fields = await read_submission(request, request.app.state.settings.max_image_bytes)
     key = request.headers.get("idempotency-key")
     priority = fields.pop("priority", "normal")
@@ -159,16 +201,51 @@ async def submit(request: Request) -> JSONResponse:
     try:
         # A key is the caller's own: another caller's same key names another job.
         job = await client_of(request).submit(image, priority=priority, webhook=webhook,
-                                              owner=None if owner == NO_AUTH else owner,
+                                              owner=stored(owner),
                                               idempotency_key=f"{owner}:{key}" if key else None, **fields)  # fmt: skip
     except InvalidParameter as exc:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None
         raise Refused(422, "invalid_parameter", f"{exc.param}: {exc.message}", exc.param) from None
     record = await job.status()
-    if record.owner != (None if owner == NO_AUTH else owner):  # a key a producer outside the gateway used
+    if record.owner != stored(owner):  # a key that a producer outside the gateway used
         raise Refused(409, "idempotency_conflict", "this Idempotency-Key names a job this API key did not submit")
+    await index_job(request, owner, record)
     return JSONResponse(job_json(record), status_code=201, headers={"Location": links(job.id)["self"]})
+
+
+async def index_job(request: Request, owner: str, record: JobRecord) -> None:
+    """The caller's list of jobs (GET /v1/jobs): added to at submit, trimmed of what has expired since."""
+    index, now = keys.owner_index(owner), time.time()
+    pipe = client_of(request).redis.pipeline(transaction=False)
+    pipe.zadd(index, {record.id: now}, nx=True)
+    pipe.zremrangebyscore(index, "-inf", now - request.app.state.settings.result_ttl)
+    await pipe.execute()
+
+
+@router.get("/v1/jobs")
+async def list_jobs(request: Request, state: str | None = None, limit: int = 20, cursor: float | None = None
+                    ) -> dict[str, Any]:  # fmt: skip
+    """The caller's jobs, newest first, `limit` (1-100) a page; `next_cursor` fetches the page after."""
+    owner = await caller(request)
+    if state is not None and state not in {s.value for s in JobState}:
+        raise Refused(422, "invalid_parameter", f"state: one of {', '.join(s.value for s in JobState)}", "state")
+    if not 1 <= limit <= 100:
+        raise Refused(422, "invalid_parameter", "limit: must be 1 to 100", "limit")
+    redis_client = client_of(request).redis
+    top = f"({cursor}" if cursor is not None else "+inf"
+    page = await redis_client.zrevrangebyscore(keys.owner_index(owner), top, "-inf", start=0, num=limit,
+                                               withscores=True)  # fmt: skip
+    pipe = redis_client.pipeline(transaction=False)
+    for member, _ in page:
+        pipe.hgetall(keys.job(as_text(member)))
+    jobs = []
+    for (member, _), raw in zip(page, await pipe.execute(), strict=True):
+        with contextlib.suppress(MalformedRecord):  # one bad record must not hide the caller's other jobs
+            record = parse_record(as_text(member), raw) if raw else None  # None: expired meanwhile
+            if record is not None and record.owner == stored(owner) and state in (None, record.state.value):
+                jobs.append(job_json(record))
+    return {"jobs": jobs, "next_cursor": page[-1][1] if len(page) == limit else None}
 
 
 @router.get("/v1/jobs/{job_id}")

@@ -54,3 +54,13 @@ def recovering(job_id: str) -> str:
 def worker(name: str) -> str:
     """Hash describing a live worker node (model, device, queues); expires unless its main process refreshes it."""
     return f"{PREFIX}:worker:{name}"
+
+
+def owner_index(name: str) -> str:
+    """Sorted set of the job ids an API key submitted through the gateway, scored by submission time."""
+    return f"{PREFIX}:owner:{name}"
+
+
+def rate(name: str, window: int) -> str:
+    """Counter of an API key's gateway requests in one window of its rate limit; expires with the window."""
+    return f"{PREFIX}:rate:{name}:{window}"

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # `svdq gateway`'s API keys: `name:key[,name2:key2]` (or bare keys, named key1, key2...). A caller sends
     # `Authorization: Bearer KEY`; each job records its key's name, and a key sees only its own jobs.
     api_keys: SecretStr | None = None
+    # Requests per API key, shared by every gateway process: `20/s`, `600/m`, `10000/h`; unset: no limit.
+    rate_limit: str | None = None
 
 
 def settings_error(exc: ValidationError) -> str:

@@ -178,6 +178,19 @@ def test_an_idempotency_key_is_the_caller_s_own(gateway: Gateway) -> None:
     assert status == 409 and refused["error"]["code"] == "idempotency_conflict" and "id" not in refused
 
 
+def test_a_key_lists_its_own_jobs_newest_first_a_page_at_a_time(gateway: Gateway) -> None:
+    mine = [gateway.call("POST", "/v1/jobs", ALICE, {"image": base64.b64encode(png(n)).decode(), **PARAMS})[2]["id"]
+            for n in (150, 151, 152)]  # fmt: skip
+    theirs = gateway.call("POST", "/v1/jobs", BOB, {"image": base64.b64encode(png(153)).decode(), **PARAMS})[2]["id"]
+    status, _, first = gateway.call("GET", "/v1/jobs?limit=2", ALICE)
+    assert status == 200 and [j["id"] for j in first["jobs"]] == mine[::-1][:2]
+    _, _, second = gateway.call("GET", f"/v1/jobs?limit=2&cursor={first['next_cursor']}", ALICE)
+    assert mine[0] in [j["id"] for j in second["jobs"]] and theirs not in json.dumps([first, second])
+    assert theirs in [j["id"] for j in gateway.call("GET", "/v1/jobs?limit=100", BOB)[2]["jobs"]]
+    assert gateway.call("GET", "/v1/jobs?state=nonsense", ALICE)[2]["error"]["param"] == "state"
+    assert gateway.call("GET", "/v1/jobs?limit=0", ALICE)[0] == 422
+
+
 def test_a_multipart_upload(gateway: Gateway) -> None:
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
@@ -190,15 +203,22 @@ def test_a_multipart_upload(gateway: Gateway) -> None:
     assert status == 201 and job["request"]["num_frames"] == SMALL["num_frames"], job
 
 
-def test_ready_only_with_redis_and_no_start_without_keys(svdq_env: dict[str, str], tmp_path: Path) -> None:
+def test_ready_only_with_redis_rate_limited_per_key_and_no_start_without_keys(
+    svdq_env: dict[str, str], tmp_path: Path
+) -> None:
     refused = subprocess.run([SVDQ, "gateway", "--port", str(free_port())], env=svdq_env, capture_output=True,
                              text=True, timeout=60)  # fmt: skip
     assert refused.returncode == 2 and "SVDQ_API_KEYS" in refused.stderr
     own = LocalRedis(tmp_path / "redis")
     own.start()
-    gateway = Gateway({**svdq_env, "SVDQ_REDIS_URL": own.url, "SVDQ_API_KEYS": KEYS}, tmp_path / "g.log")
+    gateway = Gateway({**svdq_env, "SVDQ_REDIS_URL": own.url, "SVDQ_API_KEYS": KEYS, "SVDQ_RATE_LIMIT": "5/h"},
+                      tmp_path / "g.log")  # fmt: skip
     try:
         assert gateway.call("GET", "/readyz")[0] == 200
+        assert [gateway.call("GET", "/v1/jobs", ALICE)[0] for _ in range(6)] == [200] * 5 + [429]  # 5/h
+        status, headers, body = gateway.call("GET", "/v1/jobs", ALICE)
+        assert status == 429 and 1 <= int(headers["retry-after"]) <= 3600 and body["error"]["code"] == "rate_limited"
+        assert gateway.call("GET", "/v1/jobs", BOB)[0] == 200  # per key
         own.stop()
         status, headers, body = gateway.call("GET", "/readyz")
         assert status == 503 and headers["retry-after"] == "5" and body["error"]["code"] == "unavailable"

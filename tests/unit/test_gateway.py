@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.gateway import create_app, parse_api_keys
+from producer.gateway import create_app, parse_api_keys, parse_rate
 from producer.settings import Settings
 
 
@@ -20,3 +20,10 @@ def test_the_gateway_will_not_run_open_unless_told() -> None:
     with pytest.raises(ValueError, match="SVDQ_API_KEYS"):
         create_app(Settings(api_keys=None))
     assert create_app(Settings(api_keys=None), unsafe_no_auth=True) is not None
+
+
+def test_rate_limits_are_requests_per_second_minute_or_hour() -> None:
+    assert parse_rate("20/s") == (20, 1) and parse_rate(" 600 / m ") == (600, 60) and parse_rate(None) is None
+    for spec in ("20", "0/s", "5/d", "x/s"):
+        with pytest.raises(ValueError, match="SVDQ_RATE_LIMIT"):
+            parse_rate(spec)
