@@ -37,6 +37,8 @@ from producer.status import (
 )
 from producer.storage import ObjectStore, open_store
 
+MAX_CONNECTIONS = 256  # per AsyncClient; each `events()` holds one while it waits
+
 
 class AsyncStatusStore(Records):
     """The records as `StatusStore` keeps them, read and changed through redis.asyncio."""
@@ -151,8 +153,13 @@ class AsyncClient:
     def from_settings(cls, settings: Settings) -> AsyncClient:
         if is_sentinel(settings.redis_url):
             raise NotImplementedError("AsyncClient does not follow Redis Sentinel yet: use Client, or a plain URL")
-        client = redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
-                                              health_check_interval=30)  # fmt: skip
+        # A blocking pool: under a burst (a thousand streams re-reading their records at once) a request waits
+        # for one of the pool's connections instead of failing with "Too many connections".
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30, socket_connect_timeout=5,
+            socket_timeout=30, health_check_interval=30,
+        )  # fmt: skip
+        client = redis.asyncio.Redis(connection_pool=pool)
         return cls(settings, client, open_store(settings), producer_celery(settings))
 
     async def aclose(self) -> None:

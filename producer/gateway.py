@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
@@ -152,7 +153,10 @@ def create_app(settings: Settings, *, unsafe_no_auth: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = AsyncClient.from_settings(settings)
+        app.state.hub = EventHub(app.state.client.redis)
+        await app.state.hub.start()
         yield
+        await app.state.hub.close()
         await app.state.client.aclose()
 
     app = FastAPI(title="svdq", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -266,7 +270,7 @@ async def cancel(request: Request, job_id: str) -> dict[str, Any]:
 @router.get("/v1/jobs/{job_id}/events")
 async def events(request: Request, job_id: str) -> StreamingResponse:
     job, _ = await owned(request, job_id)
-    return StreamingResponse(sse(job, request.is_disconnected), media_type="text/event-stream",
+    return StreamingResponse(sse(job, request.app.state.hub, request.is_disconnected), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
@@ -351,29 +355,87 @@ def _form_value(value: str) -> Any:
         return value
 
 
-async def sse(job: AsyncJob, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-    """One event per change of the record, named by its state; a comment every KEEP_ALIVE_SECONDS while
-    nothing changes; the stream ends after the final state (at once, for a job that has ended)."""
-    n, last_sent = 0, time.monotonic()
-    async with contextlib.aclosing(job.changes()) as changes:
-        async for record in changes:
-            if await disconnected():
-                return
-            if record is None:
-                if time.monotonic() - last_sent >= KEEP_ALIVE_SECONDS:
-                    last_sent = time.monotonic()
-                    yield ": keep-alive\n\n"
+class EventHub:
+    """One Redis subscription per gateway process, for all its open event streams: a stream per subscription
+    would hold a Redis connection (and a file descriptor) each, and run out of both at a few hundred streams.
+    Every job's events come in on one pattern subscription; each open stream waits on its job's `asyncio.Event`.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis):
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.waiting: dict[str, set[asyncio.Event]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.pubsub.aclose()
+
+    async def _run(self) -> None:
+        prefix = keys.events("")
+        while True:
+            try:
+                if not self.pubsub.subscribed:
+                    await self.pubsub.psubscribe(keys.events("*"))
+                message = await self.pubsub.get_message(timeout=1.0)
+            except redis.RedisError:  # Redis away: streams re-read every second meanwhile; try again
+                await asyncio.sleep(1.0)
                 continue
-            n += 1
-            last_sent = time.monotonic()
-            yield f"id: {n}\nevent: {record.state.value}\ndata: {json.dumps(job_json(record))}\n\n"
+            if message is not None and message.get("type") == "pmessage":
+                for changed in self.waiting.get(as_text(message["channel"]).removeprefix(prefix), ()):
+                    changed.set()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        changed = asyncio.Event()
+        self.waiting.setdefault(job_id, set()).add(changed)
+        try:
+            yield changed
+        finally:
+            watchers = self.waiting.get(job_id, set())
+            watchers.discard(changed)
+            if not watchers:
+                self.waiting.pop(job_id, None)
+
+
+async def sse(job: AsyncJob, hub: EventHub, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    """One event per change of the record, named by its state; a comment every KEEP_ALIVE_SECONDS while
+    nothing changes; the stream ends after the final state (at once, for a job that has ended). The record is
+    re-read at each of its job's events and at least every second, so a missed event only delays."""
+    n, last_sent, last = 0, time.monotonic(), None
+    async with hub.watch(job.id) as changed:
+        while not await disconnected():
+            changed.clear()  # before the read: an event after it wakes the wait below
+            record = await job.status()
+            if record != last:
+                n, last_sent, last = n + 1, time.monotonic(), record
+                yield f"id: {n}\nevent: {record.state.value}\ndata: {json.dumps(job_json(record))}\n\n"
+                if record.state.is_terminal():
+                    return
+            elif time.monotonic() - last_sent >= KEEP_ALIVE_SECONDS:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=1.0)
 
 
 def serve(host: str, port: int, workers: int, unsafe_no_auth: bool) -> None:
     """Run the gateway under uvicorn (in this process with one worker; forked workers otherwise)."""
     import os
+    import resource
 
     import uvicorn
+
+    # Each open event stream is a socket: the usual soft limit of 1,024 descriptors would cap a process near
+    # 1,000 streams, so take what the hard limit allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
     if workers > 1:
         os.environ["SVDQ_GATEWAY_UNSAFE_NO_AUTH"] = "1" if unsafe_no_auth else ""

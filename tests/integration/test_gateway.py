@@ -19,7 +19,9 @@ from typing import Any
 
 import imageio_ffmpeg
 import pytest
+import redis
 
+from producer import keys
 from producer.client import Client
 from producer.local_redis import LocalRedis, free_port
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
@@ -189,6 +191,33 @@ def test_a_key_lists_its_own_jobs_newest_first_a_page_at_a_time(gateway: Gateway
     assert theirs in [j["id"] for j in gateway.call("GET", "/v1/jobs?limit=100", BOB)[2]["jobs"]]
     assert gateway.call("GET", "/v1/jobs?state=nonsense", ALICE)[2]["error"]["param"] == "state"
     assert gateway.call("GET", "/v1/jobs?limit=0", ALICE)[0] == 422
+
+
+def test_open_streams_share_one_redis_subscription(gateway: Gateway, svdq_env: dict[str, str]) -> None:
+    """A stream per Redis subscription would cost a Redis connection and a descriptor each: a few hundred
+    streams would exhaust both. All of a process's streams wait on its one pattern subscription."""
+    _, _, job = gateway.call("POST", "/v1/jobs", ALICE, {"image": base64.b64encode(png(77)).decode(), **PARAMS})
+    streams: list[tuple[socket.socket, bytes]] = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+        sock.sendall(f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n\r\n"
+                     .encode())  # fmt: skip
+        seen = b""
+        while b"event: " not in seen:
+            seen += sock.recv(65536)
+        streams.append((sock, seen))
+    r = redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"])
+    try:
+        assert r.pubsub_numsub(keys.events(job["id"])) == [(keys.events(job["id"]).encode(), 0)]
+        assert r.pubsub_numpat() >= 1
+    finally:
+        r.close()
+    gateway.call("DELETE", f"/v1/jobs/{job['id']}", ALICE)  # or it has ended meanwhile: either way, a final event
+    for sock, seen in streams:
+        while not seen.endswith(b"0\r\n\r\n") and (chunk := sock.recv(65536)):  # to the chunked body's end
+            seen += chunk
+        sock.close()
+        assert b"event: canceled" in seen or b"event: succeeded" in seen, seen[-500:]
 
 
 def test_a_multipart_upload(gateway: Gateway) -> None:

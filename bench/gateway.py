@@ -1,0 +1,146 @@
+"""`svdq gateway` under load: POST /v1/jobs latency and rate, and many open event streams on one process.
+
+A real redis-server and one `svdq gateway` process (uvicorn, one worker) started here, a file:// store, no
+worker (the jobs stay queued). `--clients` threads post a small base64 PNG over keep-alive connections; then
+`--streams` event streams are opened on one process and held while its memory is read.
+The clients run on the same 2 cores as the gateway and Redis, so the figures are a floor.
+
+    .venv/bin/python bench/gateway.py [--posts 3000] [--clients 16] [--streams 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image
+
+from producer.local_redis import LocalRedis, free_port
+
+KEY = "bench-key-0123456789"
+
+
+def figure(name: str, value: float, **extra: object) -> None:
+    print(json.dumps({"bench": "gateway", "machine": platform.node(), "figure": name, "value": round(value, 3),
+                      **extra}), flush=True)  # fmt: skip
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def post_many(port: int, body: bytes, count: int, latencies: list[float], errors: list[int]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for _ in range(count):
+        started = time.perf_counter()
+        connection.request("POST", "/v1/jobs", body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        latencies.append(time.perf_counter() - started)
+        if response.status != 201:
+            errors.append(response.status)
+    connection.close()
+
+
+def open_stream(port: int, job_id: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode())
+    return sock
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--posts", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--streams", type=int, default=1000)
+    args = parser.parse_args()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 120, 220)).save(buf, format="PNG")
+    body = json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "num_frames": 14}).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = LocalRedis(Path(tmp) / "redis")
+        server.start()
+        port = free_port()
+        env = {**os.environ, "SVDQ_REDIS_URL": server.url, "SVDQ_STORAGE_URL": f"file://{tmp}/store",
+               "SVDQ_API_KEYS": f"bench:{KEY}"}  # fmt: skip
+        gateway = subprocess.Popen([str(Path(sys.executable).with_name("svdq")), "gateway", "--port", str(port)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/healthz")
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and gateway.poll() is None, "the gateway did not start"
+                    time.sleep(0.2)
+            post_many(port, body, 50, [], [])  # warm: the image stored, connections opened
+            latencies: list[float] = []
+            errors: list[int] = []
+            each = args.posts // args.clients
+            threads = [threading.Thread(target=post_many, args=(port, body, each, latencies, errors))
+                       for _ in range(args.clients)]  # fmt: skip
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            seconds = time.perf_counter() - started
+            assert not errors, errors[:5]
+            cuts = statistics.quantiles(latencies, n=100)
+            figure("posts", len(latencies), clients=args.clients)
+            figure("posts_per_second", len(latencies) / seconds, goal=">= 1000")
+            figure("post_p50_ms", cuts[49] * 1000)
+            figure("post_p99_ms", cuts[98] * 1000, goal="<= 50")
+
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("POST", "/v1/jobs", body=body, headers={"Authorization": f"Bearer {KEY}"})
+            job_id = json.loads(connection.getresponse().read())["id"]
+            idle_rss = rss_mib(gateway.pid)
+            streams: list[socket.socket] = []
+            try:
+                for _ in range(args.streams):
+                    streams.append(open_stream(port, job_id))
+                for sock in streams:  # each has its first event: the stream is open and subscribed
+                    seen = b""
+                    while b"event: queued" not in seen:
+                        chunk = sock.recv(65536)
+                        assert chunk, f"stream {len(streams)} closed early after {seen[:300]!r}"
+                        seen += chunk
+                time.sleep(2)
+                figure("open_streams", len(streams))
+                figure("rss_idle_mib", idle_rss)
+                figure("rss_with_streams_mib", rss_mib(gateway.pid))
+            finally:
+                for sock in streams:
+                    sock.close()
+        finally:
+            gateway.terminate()
+            try:
+                gateway.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
