@@ -159,7 +159,7 @@ class AsyncClient:
             settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30, socket_connect_timeout=5,
             socket_timeout=30, health_check_interval=30,
         )  # fmt: skip
-        client = redis.asyncio.Redis(connection_pool=pool)
+        client = redis.asyncio.Redis.from_pool(pool)  # the client owns it: aclose() disconnects it
         return cls(settings, client, open_store(settings), producer_celery(settings))
 
     async def aclose(self) -> None:

@@ -128,6 +128,12 @@ async def caller(request: Request) -> str:
     return name
 
 
+def for_callers(message: str) -> str:
+    """An error as an API caller may read it: which address a host resolves to inside the network is not theirs
+    to learn (a 422 would otherwise map internal DNS for them)."""
+    return re.sub(r"resolves to a non-public address \([^)]*\)", "is not a public address", message)
+
+
 def stored(owner: str) -> str | None:
     """The record's `owner` for a caller: its key's name; none for an open gateway (`--unsafe-no-auth`)."""
     return None if owner == NO_AUTH else owner
@@ -210,7 +216,7 @@ async def submit(request: Request) -> JSONResponse:
     except InvalidParameter as exc:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None
-        raise Refused(422, "invalid_parameter", f"{exc.param}: {exc.message}", exc.param) from None
+        raise Refused(422, "invalid_parameter", f"{exc.param}: {for_callers(exc.message)}", exc.param) from None
     record = await job.status()
     if record.owner != stored(owner):  # a key that a producer outside the gateway used
         raise Refused(409, "idempotency_conflict", "this Idempotency-Key names a job this API key did not submit")

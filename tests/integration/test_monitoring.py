@@ -95,7 +95,11 @@ def test_metrics_after_two_jobs(start_worker: Any, image_file: Path, s3: Any) ->
         s3.put_object(Bucket=BUCKET, Key=key, Body=image_file.read_bytes()[:200])
         bad = client.submit(f"s3://{BUCKET}/{key}", **SMALL).wait(timeout=120)
     assert good.state is JobState.SUCCEEDED and bad.state is JobState.FAILED
-    m = scrape(port)
+    failed = ("svdq_jobs_total", (("error_code", "invalid_input"), ("state", "failed")))
+    deadline = time.monotonic() + 10
+    while failed not in (m := scrape(port)):  # counted just after the record says failed, which `wait` returns on
+        assert time.monotonic() < deadline, "the failed job was never counted"
+        time.sleep(0.1)
     assert m[("svdq_jobs_total", (("error_code", ""), ("state", "succeeded")))] == 1
     assert m[("svdq_jobs_total", (("error_code", "invalid_input"), ("state", "failed")))] == 1
     assert m[("svdq_frames_rendered_total", ())] == SMALL["num_frames"]
