@@ -32,6 +32,7 @@ from producer.status import (
     DuplicateKey,
     InvalidTransition,
     JobNotFound,
+    MalformedRecord,
     Records,
     parse_record,
 )
@@ -61,6 +62,19 @@ class AsyncStatusStore(Records):
     async def transition(self, job_id: str, new: JobState, **options: Any) -> int:
         script_keys, args = self.plan_transition(job_id, new, **options)
         return self.transition_outcome(job_id, new, await self._transition(keys=script_keys, args=args))
+
+    async def get_many(self, job_ids: list[str]) -> dict[str, JobRecord | None]:
+        """As StatusStore.get_many: one round trip; None for an expired or unreadable record."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        found: dict[str, JobRecord | None] = {}
+        for job_id, raw in zip(job_ids, await pipe.execute(), strict=True):
+            try:
+                found[job_id] = parse_record(job_id, raw) if raw else None
+            except MalformedRecord:  # one bad record must not hide the others
+                found[job_id] = None
+        return found
 
     async def get(self, job_id: str) -> JobRecord:
         raw = await self.redis.hgetall(keys.job(job_id))

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from producer.client import Client, Job, NotCancelable, Submission
-from producer.contract import InvalidParameter, JobParams, JobRecord, JobState, check_params
+from producer.contract import InvalidParameter, JobParams, JobRecord, JobState, check_params, value_from_text
 from producer.settings import Settings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -136,7 +136,7 @@ def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     image = str(row.get("image") or "").strip()
     if not image:
         raise ValueError("image: empty")
-    params = {COLUMNS[column]: _from_text(value) if text else value for column, value in row.items()
+    params = {COLUMNS[column]: value_from_text(value) if text else value for column, value in row.items()
               if column not in ("image", "output") and value not in (None, "")}  # fmt: skip
     if image.startswith(URL_PREFIXES):
         source: Path | str = image
@@ -150,14 +150,6 @@ def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     if output.is_absolute() or ".." in output.parts or not output.parts:
         raise ValueError(f"output: must be a relative path inside --out (got {str(output)!r})")
     return Item(source=image, image=source, output=output, params=params, line=n)
-
-
-def _from_text(value: str) -> Any:
-    """A CSV cell as JSON would have it (14 an int, 0.02 a float); anything else stays text ("auto", "webm")."""
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 # 2. Keys, seeds and checks.

@@ -7,6 +7,7 @@ message format and this module cannot drift apart.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -302,3 +303,12 @@ class JobRecord(BaseModel):
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def value_from_text(value: str) -> Any:
+    """A parameter given as text (a CSV cell, a form field) as JSON would have it: 14 an int, 0.02 a float;
+    anything else stays text ("auto", "webm")."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

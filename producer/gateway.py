@@ -36,9 +36,9 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from producer import keys
 from producer.aio import AsyncClient, AsyncJob
 from producer.client import NotCancelable
-from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState
+from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState, value_from_text
 from producer.settings import Settings
-from producer.status import JobNotFound, MalformedRecord, as_text, parse_record
+from producer.status import JobNotFound, as_text
 from producer.storage import StorageUnavailable
 
 KEEP_ALIVE_SECONDS = 15.0
@@ -246,15 +246,9 @@ async def list_jobs(request: Request, state: str | None = None, limit: int = 20,
     top = f"({cursor}" if cursor is not None else "+inf"
     page = await redis_client.zrevrangebyscore(keys.owner_index(owner), top, "-inf", start=0, num=limit,
                                                withscores=True)  # fmt: skip
-    pipe = redis_client.pipeline(transaction=False)
-    for member, _ in page:
-        pipe.hgetall(keys.job(as_text(member)))
-    jobs = []
-    for (member, _), raw in zip(page, await pipe.execute(), strict=True):
-        with contextlib.suppress(MalformedRecord):  # one bad record must not hide the caller's other jobs
-            record = parse_record(as_text(member), raw) if raw else None  # None: expired meanwhile
-            if record is not None and record.owner == stored(owner) and state in (None, record.state.value):
-                jobs.append(job_json(record))
+    records = await client_of(request).records.get_many([as_text(member) for member, _ in page])
+    jobs = [job_json(r) for r in records.values()
+            if r is not None and r.owner == stored(owner) and state in (None, r.state.value)]  # fmt: skip
     return {"jobs": jobs, "next_cursor": page[-1][1] if len(page) == limit else None}
 
 
@@ -350,15 +344,7 @@ async def _read_form(request: Request, max_image_bytes: int) -> tuple[bytes, dic
         if upload is None or isinstance(upload, str):
             raise Refused(422, "invalid_parameter", "image: a file part named `image` is required", "image")
         data = await upload.read(max_image_bytes + 1)
-        return data, {k: _form_value(v) for k, v in form.items() if k != "image" and isinstance(v, str)}
-
-
-def _form_value(value: str) -> Any:
-    """A form field as JSON would have it (14 an int, 0.02 a float); anything else stays text."""
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
+        return data, {k: value_from_text(v) for k, v in form.items() if k != "image" and isinstance(v, str)}
 
 
 class EventHub:
