@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from producer.client import Client, Job, NotCancelable, Submission
-from producer.contract import InvalidParameter, JobParams, JobRecord, JobState, check_params, value_from_text
+from producer.contract import InvalidParameter, JobParams, JobRecord, JobState, check_inputs, value_from_text
 from producer.settings import Settings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -170,7 +170,7 @@ def plan(items: list[Item], defaults: dict[str, Any], settings: Settings) -> lis
         merged = {**defaults, **item.params}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
         try:
-            item.effective = check_params(merged)
+            item.effective = check_inputs(merged)
             settings.check_caps(item.effective)
         except InvalidParameter as exc:
             item.problem = f"{exc.param}: {exc.message}"

@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         if argv[:1] == ["bench"]:
             run_worker_module("worker.bench", argv[1:])
         args = build_parser().parse_args(argv)
+        # Pillow warns on broken images ("Invalid APNG ..."); the image's refusal already says what is wrong.
+        warnings.filterwarnings("ignore", module="PIL")
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except BrokenPipeError:  # `svdq list | head`: the reader has all it wanted

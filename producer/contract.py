@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -233,18 +233,14 @@ def _first_error(exc: ValidationError) -> InvalidParameter:
     return InvalidParameter(loc, f"{err['msg']} (got {got!r})")
 
 
-def check_params(params: dict[str, Any]) -> JobParams:
-    """Validate render parameters, raising InvalidParameter that names the first bad one."""
-    try:
-        return JobParams.model_validate(params)
-    except ValidationError as exc:
-        raise _first_error(exc) from None
+Checked = TypeVar("Checked", bound=JobParams)
 
 
-def check_request(request: dict[str, Any]) -> JobRequest:
-    """Validate a whole message body (parameters and image), as a worker receives it."""
+def check_inputs(data: dict[str, Any], kind: type[Checked] = JobParams) -> Checked:
+    """Validate render parameters (or, with kind=JobRequest, a whole message body as a worker receives it),
+    raising InvalidParameter that names the first bad one."""
     try:
-        return JobRequest.model_validate(request)
+        return kind.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc) from None
 

@@ -7,12 +7,10 @@ a message that says why. Nothing here can take the worker down.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image, ImageOps
 
-from producer.client import IMAGE_ERRORS
+from producer import images
 from producer.contract import ErrorCode
 from producer.netguard import HTTPFailure, TooLarge, UnsafeURL, fetch
 from producer.storage import InvalidReference, ObjectNotFound, ObjectStore, StorageUnavailable
@@ -47,19 +45,13 @@ def _shown(ref: str) -> str:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode fully now, so a truncated file fails here and not halfway through the pipeline.
-
-    Above `max_pixels` the image is refused from its header alone, before any pixel is decoded.
-    """
+    """Decode fully now, so a truncated file fails here and not halfway through the pipeline."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise JobFailed(ErrorCode.INVALID_INPUT, f"the image is {img.width}x{img.height}, over the "
-                                f"{max_pixels:,}-pixel limit (a decompression bomb?)")  # fmt: skip
+        with images.opened(data, max_pixels) as img:
             img.seek(0)  # animated images: the first frame
             return to_rgb(ImageOps.exif_transpose(img))
-    except IMAGE_ERRORS as exc:
-        raise JobFailed(ErrorCode.INVALID_INPUT, f"the image could not be decoded: {exc}") from None
+    except images.BadImage as exc:
+        raise JobFailed(ErrorCode.INVALID_INPUT, f"the image {exc}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

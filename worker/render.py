@@ -31,8 +31,8 @@ from producer.contract import (
     JobRequest,
     JobState,
     Stage,
+    check_inputs,
     check_job_id,
-    check_request,
     shown,
 )
 from producer.status import AttemptsExhausted, InvalidTransition, JobNotFound, Leased, MalformedRecord, StatusStore
@@ -135,7 +135,7 @@ def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> Jo
         return Outcome(None, None, detail="dropped: invalid job_id")
     body = raw_request if isinstance(raw_request, dict) else {}
     try:
-        request = check_request(body)
+        request = check_inputs(body, JobRequest)
     except InvalidParameter as exc:
         if not status.create(job_id, body, queue=queue):
             log.warning("job %s: dropped a message with an invalid request (%s); its record stands", job_id, exc)
@@ -151,7 +151,7 @@ def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> Jo
 def _refused(status: StatusStore, job_id: str, request: JobRequest) -> str | None:
     """Why a message for a job that has a record must not run it; None when the record asks for the same."""
     try:
-        recorded = check_request(status.get(job_id).request)
+        recorded = check_inputs(status.get(job_id).request, JobRequest)
     except JobNotFound:  # expired just now: the claim finds no record and refuses on its own
         return None
     except (MalformedRecord, InvalidParameter) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import imageio_ffmpeg
 import pytest
 from celery import Celery
 from PIL import Image
@@ -253,3 +255,19 @@ def flower(svdq_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def probe(data: bytes, tmp_path: Path) -> tuple[int, dict[str, Any]]:
+    """Decode every frame with the ffmpeg that imageio-ffmpeg ships; return the count and stream facts."""
+    path = tmp_path / f"{uuid.uuid4().hex}.mp4"
+    path.write_bytes(data)
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path), "-map", "0:v:0"]
+    run = subprocess.run([*command, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True,
+                         timeout=60)  # fmt: skip
+    stream = re.search(rb"Video: (\w+).*?, (yuv\w+).*?, (\d+)x(\d+).*?, ([\d.]+) fps", run.stderr)
+    assert stream is not None, run.stderr.decode(errors="replace")
+    codec, pix_fmt, width, height, fps = stream.groups()
+    size = (int(width), int(height))
+    frames, rest = divmod(len(run.stdout), size[0] * size[1] * 3)
+    assert rest == 0
+    return frames, {"codec": codec.decode(), "pix_fmt": pix_fmt.decode(), "size": size, "fps": float(fps)}

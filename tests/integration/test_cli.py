@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import time
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import SMALL, SVDQ
+from tests.integration.conftest import SMALL, SVDQ, WorkerProcess, probe
+from tests.odd_images import png_without_image_data
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +36,16 @@ def test_a_text_file_is_refused_by_its_name(svdq_env: dict[str, str], tmp_path: 
     out = subprocess.run([SVDQ, "submit", str(notes)], env=svdq_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr == f"svdq: image {notes}: is not an image svdq can read (PNG, JPEG, WebP, GIF, BMP or TIFF)\n"
+
+
+def test_an_image_that_makes_pillow_raise_an_unexpected_error_is_refused_in_one_line(
+    svdq_env: dict[str, str], tmp_path: Path
+) -> None:
+    image = tmp_path / "no-frames.png"
+    image.write_bytes(png_without_image_data())  # Pillow's verify() raises IndexError on it
+    out = subprocess.run([SVDQ, "submit", str(image)], env=svdq_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr == f"svdq: image {image}: is not a readable image (IndexError: list index out of range)\n"
 
 
 def test_status_into_a_closed_pipe_ends_quietly(svdq_env: dict[str, str], image_file: Path) -> None:
@@ -61,3 +74,38 @@ def test_ctrl_c_says_the_job_goes_on_and_how_to_follow_it(svdq_env: dict[str, st
     assert waiting.returncode == 130
     assert err.startswith(f"svdq: stopped waiting (Ctrl-C). job {job_id} is still queued"), err
     assert f"`svdq wait {job_id}` to keep following it" in err and "Traceback" not in err
+
+
+def test_cli_submit_wait_status_and_output(
+    svdq_env: dict[str, str], worker: WorkerProcess, image_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.mp4"
+    flags = ["--frames", "4", "--steps", "2", "--width", "64", "--height", "64", "--fps", "6"]
+    run = subprocess.run(
+        [SVDQ, "submit", str(image_file), *flags, "--wait", "--json", "--output", str(out)],
+        env=svdq_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["state"] == "succeeded" and record["result"]["fps"] == 6
+    frames, meta = probe(out.read_bytes(), tmp_path)
+    assert frames == 4 and meta["size"] == (64, 64)
+
+    status = subprocess.run([SVDQ, "status", record["id"], "--json"], env=svdq_env, capture_output=True, text=True)
+    assert status.returncode == 0 and json.loads(status.stdout)["id"] == record["id"]
+    plain = subprocess.run([SVDQ, "submit", str(image_file), *flags], env=svdq_env, capture_output=True, text=True)
+    assert plain.returncode == 0 and re.fullmatch(r"[0-9a-f]{32}\n", plain.stdout)
+    missing = subprocess.run([SVDQ, "status", "no-such-job"], env=svdq_env, capture_output=True, text=True)
+    assert missing.returncode == 3 and "no-such-job" in missing.stderr
+
+
+def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str, str], worker: WorkerProcess) -> None:
+    live = subprocess.run([SVDQ, "ping", "--hostname", worker.hostname], env=svdq_env, capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert live.returncode == 0 and live.stdout.split() == [worker.hostname], live
+    gone = subprocess.run([SVDQ, "ping", "--hostname", "nobody@nowhere", "--timeout", "1"], env=svdq_env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert gone.returncode == 5 and "no worker nobody@nowhere answered" in gone.stderr, gone

@@ -48,3 +48,10 @@ def test_svdq_bench_prints_a_table_or_json_lines() -> None:
     assert set(rows) == {"stock", "svdq"} and float(rows["svdq"][1]) > 0  # total seconds
     bad = subprocess.run([svdq, "bench", "--paths", "turbo"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown turbo" in bad.stderr
+
+
+def test_fuzz_bench_finds_no_escape_in_its_smallest_form() -> None:
+    lines = run("fuzz_images.py", "--cases", "300", "--worker-sample", "0")
+    figures = {line["figure"]: line["value"] for line in lines}
+    assert figures["submit_escapes"] == 0 and figures["worker_escapes"] == 0
+    assert 0 < figures["submit_refused"] < 300 and figures["cases_per_second"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from producer.cli import build_parser, in_users_words
-from producer.contract import InvalidParameter, check_params
+from producer.contract import InvalidParameter, check_inputs
 
 SVDQ = str(Path(sys.executable).with_name("svdq"))
 
@@ -36,7 +36,7 @@ def test_every_option_says_its_default_and_choices() -> None:
 
 def test_errors_use_the_flag_and_the_image_the_user_typed() -> None:
     with pytest.raises(InvalidParameter) as refused:
-        check_params({"num_frames": 0})
+        check_inputs({"num_frames": 0})
     assert in_users_words(refused.value, "cat.png") == "--frames: must be 1 to 128 (got 0)"
     empty = InvalidParameter("image", "is empty (0 bytes)")
     assert in_users_words(empty, "cat.png") == "image cat.png: is empty (0 bytes)"

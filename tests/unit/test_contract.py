@@ -16,12 +16,12 @@ from producer.contract import (
     TRANSITIONS,
     InvalidParameter,
     JobParams,
+    JobRequest,
     JobState,
     Stage,
     check_caps,
+    check_inputs,
     check_job_id,
-    check_params,
-    check_request,
     result_name,
     sources_of,
     worker_queues,
@@ -30,7 +30,7 @@ from producer.settings import Settings, parse_sentinel_url, redact_url, sentinel
 
 
 def test_defaults_are_svd_xt() -> None:
-    p = check_params({})
+    p = check_inputs({})
     assert (p.num_frames, p.num_inference_steps, p.fps, p.motion_bucket_id) == (25, 25, 7, 127)
     assert (p.noise_aug_strength, p.min_guidance_scale, p.max_guidance_scale) == (0.02, 1.0, 3.0)
     assert (p.width, p.height) == (1024, 576)
@@ -59,16 +59,16 @@ def test_defaults_are_svd_xt() -> None:
 )
 def test_a_bad_parameter_is_named(params: dict[str, Any], named: str) -> None:
     with pytest.raises(InvalidParameter) as err:
-        check_params(params)
+        check_inputs(params)
     assert err.value.param == named
     assert str(err.value).startswith(f"{named}: ")
 
 
 def test_a_request_needs_an_image() -> None:
     with pytest.raises(InvalidParameter) as err:
-        check_request({"num_frames": 4})
+        check_inputs({"num_frames": 4}, JobRequest)
     assert err.value.param == "image"
-    assert check_request({"image": "s3://b/k.png", "num_frames": 4}).image == "s3://b/k.png"
+    assert check_inputs({"image": "s3://b/k.png", "num_frames": 4}, JobRequest).image == "s3://b/k.png"
 
 
 def test_every_cli_flag_sets_a_real_parameter() -> None:
@@ -104,7 +104,7 @@ def test_a_worker_reads_its_model_and_any_model_at_each_priority_level() -> None
     assert worker_queues("celery", "svd-xt") == [
         "celery@svd-xt.high", "celery.high", "celery@svd-xt", "celery", "celery@svd-xt.low", "celery.low",
     ]  # fmt: skip
-    assert check_params({"model": "svd-xt"}).model == "svd-xt"
+    assert check_inputs({"model": "svd-xt"}).model == "svd-xt"
 
 
 def test_a_sentinel_url_gives_its_nodes_password_and_db_and_is_redacted_in_logs() -> None:
@@ -135,18 +135,18 @@ def test_our_own_ids_fit_the_grammar() -> None:
 
 def test_operator_caps_name_the_parameter_and_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     caps = {"max_frames": 64, "max_pixels": 1024 * 1024, "max_steps": 100}
-    check_caps(check_params({"num_frames": 64, "width": 1024, "height": 1024, "num_inference_steps": 100}), **caps)
+    check_caps(check_inputs({"num_frames": 64, "width": 1024, "height": 1024, "num_inference_steps": 100}), **caps)
     for params, param, cap in [
         ({"num_frames": 65}, "num_frames", "SVDQ_MAX_FRAMES=64"),
         ({"width": 2048, "height": 576}, "width", "SVDQ_MAX_PIXELS=1,048,576"),
         ({"num_inference_steps": 101}, "num_inference_steps", "SVDQ_MAX_STEPS=100"),
     ]:
         with pytest.raises(InvalidParameter) as refused:
-            check_caps(check_params(params), **caps)
+            check_caps(check_inputs(params), **caps)
         assert refused.value.param == param and cap in refused.value.message
     monkeypatch.setenv("SVDQ_MAX_FRAMES", "8")
     with pytest.raises(InvalidParameter, match="SVDQ_MAX_FRAMES=8"):
-        Settings().check_caps(check_params({"num_frames": 9}))
+        Settings().check_caps(check_inputs({"num_frames": 9}))
 
 
 def test_the_contract_imports_without_the_clients_dependencies() -> None:

@@ -1,0 +1,48 @@
+"""The job record's rules on a real Redis: only the transition table's moves, and keys that expire once a job
+ends."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import keys
+from producer.client import Client
+from producer.contract import JobState
+from producer.status import StatusStore
+from tests.integration.conftest import SMALL, WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def test_status_store_enforces_the_transition_table(redis_url: str) -> None:
+    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
+    job_id = uuid.uuid4().hex
+    assert store.create(job_id, {"image": "x"}) is True
+    assert store.create(job_id, {"image": "y"}) is False
+    with pytest.raises(Exception, match="cannot go from queued to succeeded"):
+        store.transition(job_id, JobState.SUCCEEDED)
+    assert store.update(job_id, progress=0.5) is False  # not started: progress is not written
+    store.claim(job_id, "test/1", lease_seconds=60)
+    assert store.update(job_id, progress=0.5, stage="denoise") is True
+    store.transition(job_id, JobState.CANCELED)
+    with pytest.raises(Exception, match="cannot go from canceled to started"):
+        store.claim(job_id, "test/1", lease_seconds=60)
+    record = store.get(job_id)
+    assert (record.state, record.attempts, record.progress, record.request) == (
+        JobState.CANCELED,
+        1,
+        0.5,
+        {"image": "x"},
+    )
+    assert record.finished_at is not None
+
+
+def test_terminal_records_expire(client: Client, worker: WorkerProcess, image_file: Path) -> None:
+    job = client.submit(image_file, **SMALL)
+    job.wait(timeout=120)
+    ttl = client.redis.ttl(keys.job(job.id))
+    assert 0 < ttl <= client.settings.result_ttl

@@ -1,0 +1,91 @@
+"""Bad input refused where it is found: a bad parameter at submit (nothing stored or enqueued, the CLI
+names it), a bad image in the worker (its job fails `invalid_input`, the worker takes the next)."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from producer import keys
+from producer.client import Client
+from producer.contract import DEFAULT_QUEUE, InvalidParameter, JobState
+from tests.integration.conftest import BUCKET, PREFIX, SMALL, SVDQ, WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"num_frames": 0}, "num_frames"),
+        ({"width": 100}, "width"),
+        ({"height": 4096}, "height"),
+        ({"motion_bucket_id": 300}, "motion_bucket_id"),
+        ({"min_guidance_scale": 3.0, "max_guidance_scale": 1.0}, "max_guidance_scale"),
+        ({"frames": 4}, "frames"),
+    ],
+)
+def test_bad_parameter_is_refused_with_nothing_stored_or_enqueued(
+    client: Client, s3: Any, params: dict[str, Any], named: str
+) -> None:
+    r = client.redis
+    jobs_before = sorted(r.scan_iter(keys.JOB_PATTERN))
+    queued_before = r.llen(DEFAULT_QUEUE)
+    objects_before = s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0)
+    fresh_image = io.BytesIO()
+    Image.new("RGB", (32, 32), (uuid.uuid4().int % 255, 1, 2)).save(fresh_image, format="PNG")
+
+    with pytest.raises(InvalidParameter) as err:
+        client.submit(fresh_image.getvalue(), **params)
+
+    assert err.value.param == named and named in str(err.value)
+    assert sorted(r.scan_iter(keys.JOB_PATTERN)) == jobs_before
+    assert r.llen(DEFAULT_QUEUE) == queued_before
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == objects_before
+
+
+def test_cli_refuses_a_bad_parameter_naming_it(svdq_env: dict[str, str], image_file: Path) -> None:
+    run = subprocess.run(
+        [SVDQ, "submit", str(image_file), "--frames", "0"], env=svdq_env, capture_output=True, text=True
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "svdq: --frames: must be 1 to 128 (got 0)\n"  # the flag the user typed
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"this is not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40],
+    ids=["text", "empty", "truncated-png"],
+)
+def test_corrupt_image_fails_its_job_and_the_worker_takes_the_next(
+    client: Client, worker: WorkerProcess, s3: Any, image_file: Path, payload: bytes
+) -> None:
+    key = f"{PREFIX}/uploads/{uuid.uuid4().hex}.png"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=payload)
+    bad = client.submit(f"s3://{BUCKET}/{key}", **SMALL).wait(timeout=60)
+    assert bad.state is JobState.FAILED
+    assert bad.error is not None and bad.error.code == "invalid_input"
+    assert "image" in bad.error.message
+    assert bad.attempts == 1  # bad input is never retried
+    assert bad.result is None
+
+    good = client.submit(image_file, **SMALL).wait(timeout=120)
+    assert good.state is JobState.SUCCEEDED
+    assert good.worker == bad.worker == worker.hostname
+
+
+def test_submit_wait_says_why_a_job_failed(svdq_env: dict[str, str], worker: WorkerProcess, s3: Any) -> None:
+    key = f"{PREFIX}/uploads/{uuid.uuid4().hex}.png"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"this is not an image at all")
+    argv = [SVDQ, "submit", f"s3://{BUCKET}/{key}", "--wait", "--width", "64", "--height", "64", "--frames", "4"]
+    out = subprocess.run([*argv, "--steps", "2"], env=svdq_env, capture_output=True, text=True, timeout=120)
+    job_id = out.stdout.strip()
+    assert out.returncode == 1 and re.fullmatch(r"[0-9a-f]{32}", job_id)
+    assert out.stderr.startswith(f"svdq: job {job_id} failed: invalid_input: the image is not an image svdq can read")
