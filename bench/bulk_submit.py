@@ -32,8 +32,12 @@ PARAMS = {"num_frames": 14, "num_inference_steps": 25}
 
 
 def figure(name: str, value: float, **extra: object) -> None:
-    print(json.dumps({"bench": "bulk_submit", "machine": platform.node(), "figure": name, "value": round(value, 3),
-                      **extra}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {"bench": "bulk_submit", "machine": platform.node(), "figure": name, "value": round(value, 3), **extra}
+        ),
+        flush=True,
+    )
 
 
 def loop(client: Client, image: str, jobs: int) -> float:
@@ -58,9 +62,21 @@ def manifest_rss(workdir: Path, env: dict[str, str], rows: int) -> None:
             f.write(json.dumps({"image": "in.png", "seed": n, "output": f"v/{n}"}) + "\n")
     Image.new("RGB", (64, 64), (10, 20, 30)).save(workdir / "in.png")
     started = time.perf_counter()
-    run = subprocess.run([str(Path(sys.executable).with_name("svdq")), "bulk", str(manifest), "--out",
-                          str(workdir / "out"), "--no-wait", "--json", *map(str, ["--frames", 14])],
-                         env=env, capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("svdq")),
+            "bulk",
+            str(manifest),
+            "--out",
+            str(workdir / "out"),
+            "--no-wait",
+            "--json",
+            *map(str, ["--frames", 14]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)

@@ -75,8 +75,9 @@ def one(path: str, frames: int, chunk: int | None, size: int, model: str) -> dic
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
-            video = pipe(image, decode_chunk_size=chunk, generator=torch.Generator("cpu").manual_seed(0),
-                         **common).frames[0]  # fmt: skip
+            video = pipe(
+                image, decode_chunk_size=chunk, generator=torch.Generator("cpu").manual_seed(0), **common
+            ).frames[0]
         out = export_to_video(video, tempfile.mktemp(suffix=".mp4"), fps=7)
         os.unlink(out)
     figures = {
@@ -97,8 +98,11 @@ def _process_peak_mib() -> float:
 
 def ensure_model() -> str:
     if not (MODEL_DIR / "model_index.json").is_file():
-        subprocess.run([sys.executable, "-m", "worker.tiny_model", str(MODEL_DIR), "--full-vae"], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "worker.tiny_model", str(MODEL_DIR), "--full-vae"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return str(MODEL_DIR)
 
 
@@ -117,8 +121,13 @@ def main() -> None:
         print(json.dumps(one(path, frames, chunk, args.size, model)))
         return
 
-    common = {"bench": "decode_memory", "size": f"{args.size}x{args.size}", "machine": platform.node(),
-              "cpus": os.cpu_count(), "model": "tiny UNet + CLIP, SVD's full VAE, random weights"}  # fmt: skip
+    common = {
+        "bench": "decode_memory",
+        "size": f"{args.size}x{args.size}",
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "model": "tiny UNet + CLIP, SVD's full VAE, random weights",
+    }
     peaks: dict[tuple[str, int], float] = {}
     for frames in args.frames:
         for path, chunk in [("svdq", str(args.chunk)), ("stock", str(args.chunk)), ("stock", "none")]:
@@ -139,16 +148,35 @@ def main() -> None:
             label = f"{path} decode_chunk_size={chunk}"
             peaks[(label, frames)] = figures["peak_rss_mib"]
             for figure, value in figures.items():
-                print(json.dumps({**common, "path": label, "frames": frames, "figure": figure,
-                                  "value": round(value, 1)}), flush=True)  # fmt: skip
+                print(
+                    json.dumps({**common, "path": label, "frames": frames, "figure": figure, "value": round(value, 1)}),
+                    flush=True,
+                )
     lo, hi = min(args.frames), max(args.frames)
     for label in {label for label, _ in peaks}:
-        print(json.dumps({**common, "path": label, "figure": f"peak_ratio_{hi}_over_{lo}_frames",
-                          "value": round(peaks[(label, hi)] / peaks[(label, lo)], 3)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    **common,
+                    "path": label,
+                    "figure": f"peak_ratio_{hi}_over_{lo}_frames",
+                    "value": round(peaks[(label, hi)] / peaks[(label, lo)], 3),
+                }
+            )
+        )
     ours = f"svdq decode_chunk_size={args.chunk}"
     for stock_label in (f"stock decode_chunk_size={args.chunk}", "stock decode_chunk_size=none"):
-        print(json.dumps({**common, "path": ours, "figure": f"peak_ratio_vs_{stock_label.replace(' ', '_')}",
-                          "frames": hi, "value": round(peaks[(ours, hi)] / peaks[(stock_label, hi)], 3)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    **common,
+                    "path": ours,
+                    "figure": f"peak_ratio_vs_{stock_label.replace(' ', '_')}",
+                    "frames": hi,
+                    "value": round(peaks[(ours, hi)] / peaks[(stock_label, hi)], 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

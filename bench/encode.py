@@ -73,8 +73,9 @@ def svdq(frames: np.ndarray, fps: int, fmt: str, args: argparse.Namespace, chunk
     pix_fmt = "rgb24" if frames.ndim == 4 else "yuv420p"
     height, width = (frames.shape[1], frames.shape[2]) if frames.ndim == 4 else (576, 1024)
     started = time.perf_counter()
-    with VideoWriter(width, height, fps, fmt=fmt, pix_fmt=pix_fmt, crf=args.crf, preset=args.preset,
-                     x264_params=args.x264_params) as writer:  # fmt: skip
+    with VideoWriter(
+        width, height, fps, fmt=fmt, pix_fmt=pix_fmt, crf=args.crf, preset=args.preset, x264_params=args.x264_params
+    ) as writer:
         for i in range(0, len(frames), chunk):
             writer.write(frames[i : i + chunk])
         data = writer.finish()
@@ -91,9 +92,21 @@ def psnr(video: bytes, reference: np.ndarray) -> float:
         fh.write(video)
         fh.flush()
         decoded = subprocess.run(
-            [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", fh.name,
-             "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"], capture_output=True, check=True,
-        ).stdout  # fmt: skip
+            [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                "-loglevel",
+                "error",
+                "-i",
+                fh.name,
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "pipe:1",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout
     frames = np.frombuffer(decoded, dtype=np.uint8).reshape(reference.shape).astype(np.float64)
     mse = np.mean((frames - reference.astype(np.float64)) ** 2)
     return float(10 * np.log10(255**2 / mse))
@@ -123,15 +136,24 @@ def main() -> None:
     stock_s, ours_s, rgb_s = (statistics.median(t for t, _ in runs) for runs in (stock_runs, ours_runs, rgb_runs))
     stock_b, ours_b = len(stock_runs[0][1]), len(ours_runs[0][1])
     common = {
-        "bench": "encode", "frames": args.frames, "size": "1024x576", "machine": platform.node(),
-        "cpus": os.cpu_count(), "repeat": args.repeat, "stock": "export_to_video (libx264 medium, quality 5)",
+        "bench": "encode",
+        "frames": args.frames,
+        "size": "1024x576",
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "stock": "export_to_video (libx264 medium, quality 5)",
         "svdq": f"{args.format} preset={args.preset} crf={args.crf} x264-params={args.x264_params}",
-    }  # fmt: skip
+    }
     for figure, value in [
-        ("stock_seconds", stock_s), ("svdq_seconds", ours_s), ("speedup", stock_s / ours_s),
+        ("stock_seconds", stock_s),
+        ("svdq_seconds", ours_s),
+        ("speedup", stock_s / ours_s),
         ("speedup_rgb_input", stock_s / rgb_s),
-        ("stock_bytes", stock_b), ("svdq_bytes", ours_b), ("size_ratio", ours_b / stock_b),
-    ]:  # fmt: skip
+        ("stock_bytes", stock_b),
+        ("svdq_bytes", ours_b),
+        ("size_ratio", ours_b / stock_b),
+    ]:
         print(json.dumps({**common, "figure": figure, "value": round(value, 4)}))
     if args.format == "mp4":
         for figure, data in [("stock_psnr_db", stock_runs[0][1]), ("svdq_psnr_db", ours_runs[0][1])]:

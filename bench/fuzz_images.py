@@ -43,8 +43,10 @@ LIMIT = 40_000_000  # SVDQ_MAX_IMAGE_PIXELS's default
 
 
 def figure(name: str, value: float, **extra: object) -> None:
-    print(json.dumps({"bench": "fuzz_images", "machine": platform.node(), "figure": name, "value": value, **extra}),
-          flush=True)  # fmt: skip
+    print(
+        json.dumps({"bench": "fuzz_images", "machine": platform.node(), "figure": name, "value": value, **extra}),
+        flush=True,
+    )
 
 
 def in_process(cases: int, seed: int, workdir: Path) -> tuple[list[bytes], list[bytes]]:
@@ -105,8 +107,12 @@ def through_worker(refused: list[bytes], accepted: list[bytes], sample: int, wor
     worker = None
     try:
         with log_path.open("wb") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "worker", "--hostname=fuzz@%h"], stdout=log,
-                                      stderr=subprocess.STDOUT, env={**_base_env(), **env})  # fmt: skip
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker", "--hostname=fuzz@%h"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**_base_env(), **env},
+            )
         with Client.from_env(redis_url=url, storage_url=store, queue="fuzz") as client:
             wait_for_worker(client, worker, log_path)
             started = time.perf_counter()

@@ -36,8 +36,10 @@ KEY = "bench-key-0123456789"
 
 
 def figure(name: str, value: float, **extra: object) -> None:
-    print(json.dumps({"bench": "gateway", "machine": platform.node(), "figure": name, "value": round(value, 3),
-                      **extra}), flush=True)  # fmt: skip
+    print(
+        json.dumps({"bench": "gateway", "machine": platform.node(), "figure": name, "value": round(value, 3), **extra}),
+        flush=True,
+    )
 
 
 def rss_mib(pid: int) -> float:
@@ -80,10 +82,18 @@ def main() -> None:
         server = LocalRedis(Path(tmp) / "redis")
         server.start()
         port = free_port()
-        env = {**os.environ, "SVDQ_REDIS_URL": server.url, "SVDQ_STORAGE_URL": f"file://{tmp}/store",
-               "SVDQ_API_KEYS": f"bench:{KEY}"}  # fmt: skip
-        gateway = subprocess.Popen([str(Path(sys.executable).with_name("svdq")), "gateway", "--port", str(port)],
-                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        env = {
+            **os.environ,
+            "SVDQ_REDIS_URL": server.url,
+            "SVDQ_STORAGE_URL": f"file://{tmp}/store",
+            "SVDQ_API_KEYS": f"bench:{KEY}",
+        }
+        gateway = subprocess.Popen(
+            [str(Path(sys.executable).with_name("svdq")), "gateway", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -97,8 +107,10 @@ def main() -> None:
             latencies: list[float] = []
             errors: list[int] = []
             each = args.posts // args.clients
-            threads = [threading.Thread(target=post_many, args=(port, body, each, latencies, errors))
-                       for _ in range(args.clients)]  # fmt: skip
+            threads = [
+                threading.Thread(target=post_many, args=(port, body, each, latencies, errors))
+                for _ in range(args.clients)
+            ]
             started = time.perf_counter()
             for t in threads:
                 t.start()

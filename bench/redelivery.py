@@ -31,8 +31,13 @@ QUEUE = "redelivery"
 
 def make_app(url: str, options: dict[str, object]) -> Celery:
     app = Celery("redelivery", broker=url)
-    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, broker_transport_options=options,
-                    task_default_queue=QUEUE, worker_hijack_root_logger=False)  # fmt: skip
+    app.conf.update(
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=options,
+        task_default_queue=QUEUE,
+        worker_hijack_root_logger=False,
+    )
 
     @app.task(name="bench.hold")
     def hold(seconds: float) -> None:
@@ -50,8 +55,12 @@ def worker(url: str, options: dict[str, object], name: str) -> subprocess.Popen[
         f"'--hostname={name}@bench', '--queues={QUEUE}'])"
     )
     root = str(Path(__file__).resolve().parents[1])
-    return subprocess.Popen([sys.executable, "-c", code, root, url, json.dumps(options)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code, root, url, json.dumps(options)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def measure(options: dict[str, object], label: str, workdir: Path) -> dict[str, object]:
@@ -75,8 +84,12 @@ def measure(options: dict[str, object], label: str, workdir: Path) -> dict[str, 
         second.wait()
     finally:
         server.stop()
-    return {"figure": "redelivery_after_kill_s", "config": label, "seconds": round(back - killed, 1),
-            "visibility_timeout": options["visibility_timeout"]}  # fmt: skip
+    return {
+        "figure": "redelivery_after_kill_s",
+        "config": label,
+        "seconds": round(back - killed, 1),
+        "visibility_timeout": options["visibility_timeout"],
+    }
 
 
 def main() -> None:

@@ -170,9 +170,13 @@ class AsyncClient:
         # A blocking pool: under a burst (a thousand streams re-reading their records at once) a request waits
         # for one of the pool's connections instead of failing with "Too many connections".
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30, socket_connect_timeout=5,
-            socket_timeout=30, health_check_interval=30,
-        )  # fmt: skip
+            settings.redis_url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=30,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+        )
         client = redis.asyncio.Redis.from_pool(pool)  # the client owns it: aclose() disconnects it
         return cls(settings, client, open_store(settings), producer_celery(settings))
 
@@ -204,9 +208,13 @@ class AsyncClient:
         gateway's API key name) goes on the record."""
         # 1. Check parameters and the image (decoding it is CPU work: off the loop).
         checked = await asyncio.to_thread(
-            self.intake.check, image, priority=priority, idempotency_key=idempotency_key, webhook=webhook,
+            self.intake.check,
+            image,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
             params=params,
-        )  # fmt: skip
+        )
 
         # 2. Store the image once per content (boto3 blocks: in a thread).
         image_ref = checked.image_ref or await asyncio.to_thread(self.intake.store_image, checked)
@@ -215,8 +223,15 @@ class AsyncClient:
         job_id = uuid.uuid4().hex
         request = checked.request(image_ref)
         try:
-            await self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority,
-                                     webhook=webhook, queue=checked.queue, owner=owner)  # fmt: skip
+            await self.records.create(
+                job_id,
+                request,
+                idempotency_key=idempotency_key,
+                priority=priority,
+                webhook=webhook,
+                queue=checked.queue,
+                owner=owner,
+            )
         except DuplicateKey as dup:
             if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
                 return AsyncJob(dup.job_id, self)

@@ -34,9 +34,11 @@ URL_PREFIXES = ("http://", "https://", "s3://")
 REPORT = "svdq-bulk.jsonl"
 # A manifest column -> the parameter it sets: the contract's names, and the CLI's flags without their dashes.
 COLUMNS = {name: name for name in JobParams.model_fields} | {
-    "frames": "num_frames", "steps": "num_inference_steps", "min_guidance": "min_guidance_scale",
+    "frames": "num_frames",
+    "steps": "num_inference_steps",
+    "min_guidance": "min_guidance_scale",
     "max_guidance": "max_guidance_scale",
-}  # fmt: skip
+}
 
 
 class ManifestError(ValueError):
@@ -136,8 +138,11 @@ def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     image = str(row.get("image") or "").strip()
     if not image:
         raise ValueError("image: empty")
-    params = {COLUMNS[column]: value_from_text(value) if text else value for column, value in row.items()
-              if column not in ("image", "output") and value not in (None, "")}  # fmt: skip
+    params = {
+        COLUMNS[column]: value_from_text(value) if text else value
+        for column, value in row.items()
+        if column not in ("image", "output") and value not in (None, "")
+    }
     if image.startswith(URL_PREFIXES):
         source: Path | str = image
         default_output = PurePosixPath(PurePosixPath(image.split("?", 1)[0]).name or f"line-{n}").with_suffix("")
@@ -240,8 +245,16 @@ def write_atomically(path: Path, data: bytes) -> None:
 class Run:
     """One `svdq bulk` run over planned items: submit, follow, download, report."""
 
-    def __init__(self, client: Client, items: list[Item], out: Path, *, priority: str, retry_failed: bool,
-                 on_end: Callable[[Outcome, dict[str, Any]], None] = lambda outcome, line: None):  # fmt: skip
+    def __init__(
+        self,
+        client: Client,
+        items: list[Item],
+        out: Path,
+        *,
+        priority: str,
+        retry_failed: bool,
+        on_end: Callable[[Outcome, dict[str, Any]], None] = lambda outcome, line: None,
+    ):
         self.client, self.items, self.out = client, items, out
         self.priority, self.retry_failed, self.on_end = priority, retry_failed, on_end
         self.outcomes = [Outcome(item) for item in items]

@@ -90,8 +90,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     image = args.image if args.image.startswith(URL_SCHEMES) else Path(args.image)
     with Client.from_env() as client:
         try:
-            job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook,
-                                **params)  # fmt: skip
+            job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook, **params)
         except InvalidParameter as exc:
             raise CliError(in_users_words(exc, args.image), EXIT_USAGE) from None
         if not args.wait:
@@ -118,11 +117,13 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     with Client.from_env() as client:
         problems = bulk.plan(items, defaults, client.settings)
         if problems and not args.skip_invalid:
-            raise CliError(f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest",
-                           EXIT_USAGE)  # fmt: skip
+            raise CliError(
+                f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
+            )
         display = bulk.Display(len(items), "json" if args.json else "bar" if sys.stderr.isatty() else "lines")
-        run = bulk.Run(client, items, args.out, priority=args.priority, retry_failed=args.retry_failed,
-                       on_end=display.ended)  # fmt: skip
+        run = bulk.Run(
+            client, items, args.out, priority=args.priority, retry_failed=args.retry_failed, on_end=display.ended
+        )
         interrupted, canceled = run.execute(wait=not args.no_wait, cancel_on_interrupt=args.cancel_on_interrupt)
         display.close()
         summary = run.summary()
@@ -134,8 +135,10 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         if args.cancel_on_interrupt:
             print(f"svdq: interrupted: canceled {canceled} unfinished jobs", file=sys.stderr)
         else:
-            print("svdq: interrupted: stopped following; the unfinished jobs go on: run the same command again to "
-                  "resume", file=sys.stderr)  # fmt: skip
+            print(
+                "svdq: interrupted: stopped following; the unfinished jobs go on: run the same command again to resume",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
     return EXIT_JOB_FAILED if summary["failed"] else EXIT_OK
 
@@ -223,8 +226,14 @@ def cmd_top(args: argparse.Namespace) -> int:
     settings = Settings()
     celery = producer_celery(settings)
     try:
-        top.run(celery, StatusStore(connect_redis(settings), result_ttl=settings.result_ttl),
-                settings.queue, args.interval, args.once, args.json)  # fmt: skip
+        top.run(
+            celery,
+            StatusStore(connect_redis(settings), result_ttl=settings.result_ttl),
+            settings.queue,
+            args.interval,
+            args.once,
+            args.json,
+        )
     finally:
         celery.close()
     return EXIT_OK
@@ -240,8 +249,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
     names = sorted(name for reply in replies for name in reply)
     if not names:
         who = f"worker {args.hostname}" if args.hostname else "worker"
-        raise CliError(f"no {who} answered within {args.timeout:g}s (starting, or down: see `svdq top`)",
-                       EXIT_UNAVAILABLE)  # fmt: skip
+        raise CliError(
+            f"no {who} answered within {args.timeout:g}s (starting, or down: see `svdq top`)", EXIT_UNAVAILABLE
+        )
     if args.json:
         print_json(names)
     else:
@@ -268,8 +278,14 @@ def add_param_flags(parser: argparse.ArgumentParser, **helps: str) -> None:
     for flag, (field, kind) in PARAM_FLAGS.items():
         metavar = {int: "N", float: "X"}.get(kind, "VALUE")  # type: ignore[call-overload]
         choices = ("mp4", "webm", "gif") if field == "format" else None
-        parser.add_argument(flag, dest=field, type=kind, metavar=None if choices else metavar, choices=choices,
-                            help=helps.get(field) or param_help(field))  # fmt: skip
+        parser.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            metavar=None if choices else metavar,
+            choices=choices,
+            help=helps.get(field) or param_help(field),
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,35 +302,53 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("image", help="a local image file, or an s3://, file:// or http(s):// URL")
     add_param_flags(submit)
     submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="queue order (default: normal)")
-    submit.add_argument("--key", help="idempotency key, 1 to 200 characters: a resubmit with the same key returns "
-                        "the same job (default: none)")  # fmt: skip
-    submit.add_argument("--webhook", metavar="URL", help="POST signed events here, started then the end (default: "
-                        "none; workers need SVDQ_WEBHOOK_SECRET)")  # fmt: skip
+    submit.add_argument(
+        "--key",
+        help="idempotency key, 1 to 200 characters: a resubmit with the same key returns the same job (default: none)",
+    )
+    submit.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="POST signed events here, started then the end (default: none; workers need SVDQ_WEBHOOK_SECRET)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     submit.add_argument("--timeout", type=float, help="with --wait: seconds to wait at most (default: no limit)")
     submit.add_argument("--output", type=Path, help="with --wait: download the video here (default: none)")
     submit.add_argument("--json", action="store_true", help="print the job's status record as JSON")
     submit.set_defaults(func=cmd_submit)
 
-    bulk = sub.add_parser("bulk", help="render a folder or a manifest of images into a folder of videos; resumable",
-                          description="Render every image in SRC (a folder, searched recursively, or a .csv/.jsonl "
-                          "manifest with an `image` column, optional `output` and render-parameter columns) into "
-                          "--out, mirroring SRC's layout, with a report in OUT/svdq-bulk.jsonl. Re-running the "
-                          "same command submits nothing new: it follows the jobs and downloads what is missing. "
-                          "Without --seed, each image's seed derives from its content, so a re-run makes the "
-                          "same video. Exit 0 when all succeeded, 1 when any failed, 130 on Ctrl-C.")  # fmt: skip
+    bulk = sub.add_parser(
+        "bulk",
+        help="render a folder or a manifest of images into a folder of videos; resumable",
+        description="Render every image in SRC (a folder, searched recursively, or a .csv/.jsonl "
+        "manifest with an `image` column, optional `output` and render-parameter columns) into "
+        "--out, mirroring SRC's layout, with a report in OUT/svdq-bulk.jsonl. Re-running the "
+        "same command submits nothing new: it follows the jobs and downloads what is missing. "
+        "Without --seed, each image's seed derives from its content, so a re-run makes the "
+        "same video. Exit 0 when all succeeded, 1 when any failed, 130 on Ctrl-C.",
+    )
     bulk.add_argument("src", type=Path, help="a folder of images, or a .csv or .jsonl manifest")
     bulk.add_argument("--out", type=Path, required=True, help="the folder the videos and the report go to (required)")
     add_param_flags(bulk, seed="seed (default: derived from each image's content)")
-    bulk.add_argument("--priority", choices=PRIORITIES, default="low", help="queue order (default: low, so "
-                      "interactive jobs go first)")  # fmt: skip
-    bulk.add_argument("--skip-invalid", action="store_true", help="render the valid rows when some are not "
-                      "(default: report every problem and submit nothing)")  # fmt: skip
-    bulk.add_argument("--retry-failed", action="store_true", help="submit again the inputs whose job failed or "
-                      "was canceled (default: report them)")  # fmt: skip
+    bulk.add_argument(
+        "--priority", choices=PRIORITIES, default="low", help="queue order (default: low, so interactive jobs go first)"
+    )
+    bulk.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="render the valid rows when some are not (default: report every problem and submit nothing)",
+    )
+    bulk.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="submit again the inputs whose job failed or was canceled (default: report them)",
+    )
     bulk.add_argument("--no-wait", action="store_true", help="submit and exit; a later run follows and downloads")
-    bulk.add_argument("--cancel-on-interrupt", action="store_true", help="on Ctrl-C, cancel the unfinished jobs "
-                      "(default: leave them running)")  # fmt: skip
+    bulk.add_argument(
+        "--cancel-on-interrupt",
+        action="store_true",
+        help="on Ctrl-C, cancel the unfinished jobs (default: leave them running)",
+    )
     bulk.add_argument("--json", action="store_true", help="print only the final summary, as JSON")
     bulk.set_defaults(func=cmd_bulk)
 
@@ -341,30 +375,41 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="records as JSON")
     listing.set_defaults(func=cmd_list)
 
-    sub.add_parser("worker", help="start a worker: --gpus, --model, --model-name, and any `celery worker` option "
-                   "(`svdq worker --help`)", add_help=False)  # fmt: skip
+    sub.add_parser(
+        "worker",
+        help="start a worker: --gpus, --model, --model-name, and any `celery worker` option (`svdq worker --help`)",
+        add_help=False,
+    )
     sub.add_parser("bench", help="stock diffusers vs svdq on this GPU and model (`svdq bench --help`)", add_help=False)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weights SVD pipeline to DIR")
     tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--full-vae", action="store_true", help="SVD's full-size VAE, for memory benchmarks (default: "
-                      "a tiny one)")  # fmt: skip
+    tiny.add_argument(
+        "--full-vae", action="store_true", help="SVD's full-size VAE, for memory benchmarks (default: a tiny one)"
+    )
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     flower = sub.add_parser("flower", help="start Flower, Celery's dashboard, on the configured broker (basic auth)")
     flower.add_argument("--port", type=int, default=5555, help="default: 5555")
-    flower.add_argument("--address", default="127.0.0.1",
-                        help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")  # fmt: skip
-    flower.add_argument("--unsafe-no-auth", action="store_true", help="allow Flower without authentication "
-                        "(default: refused)")  # fmt: skip
+    flower.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    flower.add_argument(
+        "--unsafe-no-auth", action="store_true", help="allow Flower without authentication (default: refused)"
+    )
     flower.set_defaults(func=cmd_flower)
 
     gw = sub.add_parser("gateway", help="serve the HTTP API (POST /v1/jobs, SSE events...) for web backends")
     gw.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     gw.add_argument("--port", type=int, default=8000, help="default: 8000")
     gw.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
-    gw.add_argument("--unsafe-no-auth", action="store_true", help="serve without API keys (default: refused "
-                    "unless SVDQ_API_KEYS is set)")  # fmt: skip
+    gw.add_argument(
+        "--unsafe-no-auth",
+        action="store_true",
+        help="serve without API keys (default: refused unless SVDQ_API_KEYS is set)",
+    )
     gw.set_defaults(func=cmd_gateway)
 
     top = sub.add_parser("top", help="workers, what they render, and the queues, refreshed live")
@@ -380,8 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     ping.set_defaults(func=cmd_ping)
 
     demo = sub.add_parser("demo", help="start Redis (if needed) and a worker, render an example, stop them")
-    demo.add_argument("--workdir", type=Path, default=Path(".svdq-demo"),
-                      help="its Redis, store and model go here (default: .svdq-demo)")  # fmt: skip
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".svdq-demo"),
+        help="its Redis, store and model go here (default: .svdq-demo)",
+    )
     demo.add_argument("--output", type=Path, default=Path("svdq-demo.mp4"), help="the video (default: svdq-demo.mp4)")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -422,10 +471,13 @@ _EXPLAINED: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Ca
     (InvalidParameter, lambda e: f"invalid parameter {e.param}: {e.message}", EXIT_USAGE),
     ((JobNotFound, MalformedRecord), str, EXIT_NOT_FOUND),
     # kombu's: a Redis error met through Celery
-    ((redis.ConnectionError, kombu.exceptions.OperationalError),
-     lambda e: f"cannot reach Redis ({e}); check SVDQ_REDIS_URL", EXIT_UNAVAILABLE),
+    (
+        (redis.ConnectionError, kombu.exceptions.OperationalError),
+        lambda e: f"cannot reach Redis ({e}); check SVDQ_REDIS_URL",
+        EXIT_UNAVAILABLE,
+    ),
     (StorageUnavailable, lambda e: f"{e}; check SVDQ_STORAGE_URL and SVDQ_S3_ENDPOINT_URL", EXIT_UNAVAILABLE),
     (ConfigurationError, lambda e: f"configuration: {e}", EXIT_USAGE),
     (pydantic.ValidationError, lambda e: f"configuration: {settings_error(e)}", EXIT_USAGE),  # an SVDQ_* variable
     (KeyboardInterrupt, lambda e: "interrupted", EXIT_INTERRUPTED),
-]  # fmt: skip
+]

@@ -201,8 +201,9 @@ class Client:
         job that holds it is returned and nothing is enqueued.
         """
         # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
-        checked = self.intake.check(image, priority=priority, idempotency_key=idempotency_key, webhook=webhook,
-                                    params=params)  # fmt: skip
+        checked = self.intake.check(
+            image, priority=priority, idempotency_key=idempotency_key, webhook=webhook, params=params
+        )
 
         # 2. Store the image once per content; URLs the worker can read are passed through.
         image_ref = checked.image_ref or self.intake.store_image(checked)
@@ -212,8 +213,14 @@ class Client:
         job_id = uuid.uuid4().hex
         request = checked.request(image_ref)
         try:
-            self.records.create(job_id, request, idempotency_key=idempotency_key, priority=priority, webhook=webhook,
-                               queue=checked.queue)  # fmt: skip
+            self.records.create(
+                job_id,
+                request,
+                idempotency_key=idempotency_key,
+                priority=priority,
+                webhook=webhook,
+                queue=checked.queue,
+            )
         except DuplicateKey as dup:
             if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
                 return Job(dup.job_id, self)
@@ -247,8 +254,14 @@ class Client:
             for batch in _batches(submissions, batch_size):
                 yield from self._submit_batch(batch, pool, priority, webhook, defaults)
 
-    def _submit_batch(self, batch: list[Submission], pool: ThreadPoolExecutor, priority: str, webhook: str | None,
-                      defaults: dict[str, Any]) -> Iterator[Submitted]:  # fmt: skip
+    def _submit_batch(
+        self,
+        batch: list[Submission],
+        pool: ThreadPoolExecutor,
+        priority: str,
+        webhook: str | None,
+        defaults: dict[str, Any],
+    ) -> Iterator[Submitted]:
         # 1. Keys already held: those jobs exist (a re-run).
         pipe = self.redis.pipeline(transaction=False)
         for submission in batch:
@@ -261,22 +274,40 @@ class Client:
         # 2. Check the others here (CPU), and store their images on the pool, `concurrency` at a time (I/O).
         def check(submission: Submission) -> Checked | InvalidParameter:
             try:
-                return self.intake.check(submission.image, priority=priority, webhook=webhook,
-                                         idempotency_key=submission.idempotency_key,
-                                         params={**defaults, **submission.params})  # fmt: skip
+                return self.intake.check(
+                    submission.image,
+                    priority=priority,
+                    webhook=webhook,
+                    idempotency_key=submission.idempotency_key,
+                    params={**defaults, **submission.params},
+                )
             except InvalidParameter as exc:
                 return exc
 
         checked = {i: check(batch[i]) for i, job_id in enumerate(held) if job_id is None}
-        stored = {i: pool.submit(self.intake.store_image, c) for i, c in checked.items()
-                  if isinstance(c, Checked) and c.image_ref is None}  # fmt: skip
-        checks = {i: c if isinstance(c, InvalidParameter) else (c, c.image_ref or stored[i].result())
-                  for i, c in checked.items()}  # fmt: skip
+        stored = {
+            i: pool.submit(self.intake.store_image, c)
+            for i, c in checked.items()
+            if isinstance(c, Checked) and c.image_ref is None
+        }
+        checks = {
+            i: c if isinstance(c, InvalidParameter) else (c, c.image_ref or stored[i].result())
+            for i, c in checked.items()
+        }
 
         # 3. Records first (each claiming its key atomically), then the messages of those created.
-        creations = {i: {"job_id": uuid.uuid4().hex, "request": c[0].request(c[1]), "priority": priority,
-                         "webhook": webhook, "queue": c[0].queue, "idempotency_key": batch[i].idempotency_key}
-                     for i, c in checks.items() if not isinstance(c, InvalidParameter)}  # fmt: skip
+        creations = {
+            i: {
+                "job_id": uuid.uuid4().hex,
+                "request": c[0].request(c[1]),
+                "priority": priority,
+                "webhook": webhook,
+                "queue": c[0].queue,
+                "idempotency_key": batch[i].idempotency_key,
+            }
+            for i, c in checks.items()
+            if not isinstance(c, InvalidParameter)
+        }
         refused = self._create_and_send(creations)
         for i, submission in enumerate(batch):
             if held[i] is not None:
@@ -421,8 +452,11 @@ class Intake:
             if not isinstance(data, bytes):
                 raise InvalidParameter("image", "a file object must be opened in binary mode ('rb')")
         else:
-            raise InvalidParameter("image", f"must be a URL or store key (str), a pathlib.Path, bytes, a binary file "
-                                   f"or a PIL image, not {type(image).__name__}")  # fmt: skip
+            raise InvalidParameter(
+                "image",
+                f"must be a URL or store key (str), a pathlib.Path, bytes, a binary file "
+                f"or a PIL image, not {type(image).__name__}",
+            )
         return data, self._check_image(data)
 
     def _check_reference(self, ref: str) -> None:

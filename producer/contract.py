@@ -186,8 +186,11 @@ def check_caps(params: JobParams, *, max_frames: int, max_pixels: int, max_steps
     if params.num_frames > max_frames:
         raise InvalidParameter("num_frames", f"{params.num_frames} is over this service's SVDQ_MAX_FRAMES={max_frames}")
     if params.width * params.height > max_pixels:
-        raise InvalidParameter("width", f"{params.width}x{params.height} is {params.width * params.height:,} pixels, "
-                               f"over this service's SVDQ_MAX_PIXELS={max_pixels:,}")  # fmt: skip
+        raise InvalidParameter(
+            "width",
+            f"{params.width}x{params.height} is {params.width * params.height:,} pixels, "
+            f"over this service's SVDQ_MAX_PIXELS={max_pixels:,}",
+        )
     if params.num_inference_steps > max_steps:
         raise InvalidParameter(
             "num_inference_steps", f"{params.num_inference_steps} is over this service's SVDQ_MAX_STEPS={max_steps}"
@@ -206,8 +209,12 @@ class JobRequest(JobParams):
 def bounds(param: str) -> str | None:
     """A parameter's range in words ("1 to 128", "64 to 2048, a multiple of 8"), None when it has none."""
     field = JobParams.model_fields[param]
-    found = {kind: getattr(item, kind) for item in field.metadata for kind in ("ge", "le", "multiple_of")
-             if hasattr(item, kind)}  # fmt: skip
+    found = {
+        kind: getattr(item, kind)
+        for item in field.metadata
+        for kind in ("ge", "le", "multiple_of")
+        if hasattr(item, kind)
+    }
     if param == "decode_chunk_size":
         return "1 to 128, or auto"
     if "ge" not in found or "le" not in found:

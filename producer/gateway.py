@@ -102,8 +102,12 @@ class Auth:
             if hmac.compare_digest(given.strip().encode(), key.encode()) and scheme.lower() == "bearer":
                 name = key_name
         if name is None:
-            raise Refused(401, "unauthorized", "send `Authorization: Bearer KEY` with one of SVDQ_API_KEYS",
-                          **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise Refused(
+                401,
+                "unauthorized",
+                "send `Authorization: Bearer KEY` with one of SVDQ_API_KEYS",
+                **{"WWW-Authenticate": "Bearer"},
+            )
         return name
 
 
@@ -123,8 +127,12 @@ async def caller(request: Request) -> str:
     count, _ = await pipe.execute()
     if count > limit:
         wait = max(1, int((bucket + 1) * window - now + 0.999))
-        raise Refused(429, "rate_limited", f"more than {limit} requests in {window}s for this key; slow down",
-                      Retry_After=str(wait))  # fmt: skip
+        raise Refused(
+            429,
+            "rate_limited",
+            f"more than {limit} requests in {window}s for this key; slow down",
+            Retry_After=str(wait),
+        )
     return name
 
 
@@ -210,9 +218,14 @@ async def submit(request: Request) -> JSONResponse:
         raise Refused(422, "invalid_parameter", f"{reserved[0]}: is not a parameter svdq knows", reserved[0])
     try:
         # A key is the caller's own: another caller's same key names another job.
-        job = await client_of(request).submit(image, priority=priority, webhook=webhook,
-                                              owner=stored(owner),
-                                              idempotency_key=f"{owner}:{key}" if key else None, **fields)  # fmt: skip
+        job = await client_of(request).submit(
+            image,
+            priority=priority,
+            webhook=webhook,
+            owner=stored(owner),
+            idempotency_key=f"{owner}:{key}" if key else None,
+            **fields,
+        )
     except InvalidParameter as exc:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None
@@ -234,8 +247,9 @@ async def index_job(request: Request, owner: str, record: JobRecord) -> None:
 
 
 @router.get("/v1/jobs")
-async def list_jobs(request: Request, state: str | None = None, limit: int = 20, cursor: float | None = None
-                    ) -> dict[str, Any]:  # fmt: skip
+async def list_jobs(
+    request: Request, state: str | None = None, limit: int = 20, cursor: float | None = None
+) -> dict[str, Any]:
     """The caller's jobs, newest first, `limit` (1-100) a page; `next_cursor` fetches the page after."""
     owner = await caller(request)
     if state is not None and state not in {s.value for s in JobState}:
@@ -244,11 +258,15 @@ async def list_jobs(request: Request, state: str | None = None, limit: int = 20,
         raise Refused(422, "invalid_parameter", "limit: must be 1 to 100", "limit")
     redis_client = client_of(request).redis
     top = f"({cursor}" if cursor is not None else "+inf"
-    page = await redis_client.zrevrangebyscore(keys.owner_index(owner), top, "-inf", start=0, num=limit,
-                                               withscores=True)  # fmt: skip
+    page = await redis_client.zrevrangebyscore(
+        keys.owner_index(owner), top, "-inf", start=0, num=limit, withscores=True
+    )
     records = await client_of(request).records.get_many([as_text(member) for member, _ in page])
-    jobs = [job_json(r) for r in records.values()
-            if r is not None and r.owner == stored(owner) and state in (None, r.state.value)]  # fmt: skip
+    jobs = [
+        job_json(r)
+        for r in records.values()
+        if r is not None and r.owner == stored(owner) and state in (None, r.state.value)
+    ]
     return {"jobs": jobs, "next_cursor": page[-1][1] if len(page) == limit else None}
 
 
@@ -270,8 +288,11 @@ async def cancel(request: Request, job_id: str) -> dict[str, Any]:
 @router.get("/v1/jobs/{job_id}/events")
 async def events(request: Request, job_id: str) -> StreamingResponse:
     job, _ = await owned(request, job_id)
-    return StreamingResponse(sse(job, request.app.state.hub, request.is_disconnected), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    return StreamingResponse(
+        sse(job, request.app.state.hub, request.is_disconnected),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/v1/jobs/{job_id}/video", response_model=None)
@@ -431,8 +452,9 @@ def serve(host: str, port: int, workers: int, unsafe_no_auth: bool) -> None:
 
     if workers > 1:
         os.environ["SVDQ_GATEWAY_UNSAFE_NO_AUTH"] = "1" if unsafe_no_auth else ""
-        uvicorn.run("producer.gateway:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="info")  # fmt: skip
+        uvicorn.run(
+            "producer.gateway:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="info"
+        )
         return
     uvicorn.run(create_app(Settings(), unsafe_no_auth=unsafe_no_auth), host=host, port=port, log_level="info")
 

@@ -212,8 +212,16 @@ class Records:
         owner: str | None = None,
     ) -> dict[str, Any]:
         """A new record's fields."""
-        fields = {"id": job_id, "created_at": self.now(), "request": request, "progress": 0.0, "attempts": 0,
-                  "priority": priority, "webhook": webhook, "queue": queue}  # fmt: skip
+        fields = {
+            "id": job_id,
+            "created_at": self.now(),
+            "request": request,
+            "progress": 0.0,
+            "attempts": 0,
+            "priority": priority,
+            "webhook": webhook,
+            "queue": queue,
+        }
         if owner is not None:
             fields["owner"] = owner
         return fields
@@ -315,10 +323,16 @@ class StatusStore(Records):
         trip; for each, None when written, else why not (DuplicateKey naming the job holding its key)."""
         pipe = self.redis.pipeline(transaction=False)
         for c in creations:
-            fields = self.creation(c["job_id"], c["request"], priority=c.get("priority", "normal"),
-                                   webhook=c.get("webhook"), queue=c.get("queue"))  # fmt: skip
-            script_keys, args = self.plan_transition(c["job_id"], JobState.QUEUED, only_new=True,
-                                                     idempotency_key=c.get("idempotency_key"), **fields)  # fmt: skip
+            fields = self.creation(
+                c["job_id"],
+                c["request"],
+                priority=c.get("priority", "normal"),
+                webhook=c.get("webhook"),
+                queue=c.get("queue"),
+            )
+            script_keys, args = self.plan_transition(
+                c["job_id"], JobState.QUEUED, only_new=True, idempotency_key=c.get("idempotency_key"), **fields
+            )
             self._transition(keys=script_keys, args=args, client=pipe)
         outcomes: list[InvalidTransition | DuplicateKey | None] = []
         for c, answer in zip(creations, pipe.execute(), strict=True):
@@ -351,8 +365,14 @@ class StatusStore(Records):
         Raises Leased when a live worker runs it, AttemptsExhausted when a dead worker's job has used
         `max_attempts` (0: no cap), InvalidTransition when it was canceled, finished or never created.
         """
-        return self.transition(job_id, JobState.STARTED, count_attempt=True, lease=(holder, lease_seconds),
-                               max_attempts=max_attempts, **fields)  # fmt: skip
+        return self.transition(
+            job_id,
+            JobState.STARTED,
+            count_attempt=True,
+            lease=(holder, lease_seconds),
+            max_attempts=max_attempts,
+            **fields,
+        )
 
     def renew(self, job_id: str, holder: str, lease_seconds: float) -> bool:
         """Extend the job's lease if `holder` still holds it; False when it was lost or released."""

@@ -87,8 +87,10 @@ class FileStore:
         self.root = root.resolve()
         self.url = self.root.as_uri()
         # Besides the store itself, folders images may be read from (SVDQ_INPUT_ALLOW's file:// entries).
-        self.readable = [self.root, *(Path(unquote(urlsplit(a).path)).resolve() for a in allow or []
-                                      if a.startswith("file://"))]  # fmt: skip
+        self.readable = [
+            self.root,
+            *(Path(unquote(urlsplit(a).path)).resolve() for a in allow or [] if a.startswith("file://")),
+        ]
 
     def _path(self, name: str) -> Path:
         try:

@@ -30,18 +30,44 @@ def message(job_id: str, request: dict[str, Any], queue: str, reply_to: str = ""
     kwargs = {"job_id": job_id, "request": request}
     body = json.dumps([[], kwargs, _EMBED]).encode()
     headers = {
-        "lang": "py", "task": TASK_NAME, "id": job_id, "shadow": None, "eta": None, "expires": None,
-        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id,
-        "parent_id": None, "argsrepr": "()", "kwargsrepr": repr(kwargs), "origin": _ORIGIN,
-        "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
-    }  # fmt: skip
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": job_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": job_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": repr(kwargs),
+        "origin": _ORIGIN,
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
     properties = {
-        "correlation_id": job_id, "reply_to": reply_to, "delivery_mode": 2,
-        "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0, "body_encoding": "base64",
+        "correlation_id": job_id,
+        "reply_to": reply_to,
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "base64",
         "delivery_tag": str(uuid.uuid4()),
-    }  # fmt: skip
-    return json.dumps({"body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
-                       "content-type": "application/json", "headers": headers, "properties": properties})  # fmt: skip
+    }
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": properties,
+        }
+    )
 
 
 def push(client: redis.Redis, jobs: list[tuple[str, dict[str, Any], str]]) -> None:

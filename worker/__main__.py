@@ -24,12 +24,19 @@ def svdq_parser() -> argparse.ArgumentParser:
         description="Start a render worker: it loads the model once, keeps it warm and takes one job at a time. "
         "Settings come from SVDQ_* variables (README: Configuration).",
     )
-    parser.add_argument("--gpus", help="all, or GPU indices like 0,1,3: one supervised worker per GPU (default: one "
-                        "worker on the device SVDQ_DEVICE picks)")  # fmt: skip
-    parser.add_argument("--model", help="hub id or local folder; sets SVDQ_MODEL (default: "
-                        "stabilityai/stable-video-diffusion-img2vid-xt)")  # fmt: skip
-    parser.add_argument("--model-name", help="the name jobs use to ask for this model; sets SVDQ_MODEL_NAME (default: "
-                        "the last part of --model)")  # fmt: skip
+    parser.add_argument(
+        "--gpus",
+        help="all, or GPU indices like 0,1,3: one supervised worker per GPU (default: one "
+        "worker on the device SVDQ_DEVICE picks)",
+    )
+    parser.add_argument(
+        "--model",
+        help="hub id or local folder; sets SVDQ_MODEL (default: stabilityai/stable-video-diffusion-img2vid-xt)",
+    )
+    parser.add_argument(
+        "--model-name",
+        help="the name jobs use to ask for this model; sets SVDQ_MODEL_NAME (default: the last part of --model)",
+    )
     return parser
 
 
@@ -41,8 +48,11 @@ def svdq_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def print_help() -> None:
     """svdq's options first, then Celery's (all accepted), without loading the model or torch."""
     svdq_parser().print_help()
-    print("\nsvdq sets --pool=prefork --concurrency=1 --hostname=svdq@%h --queues=(SVDQ_QUEUE's, by priority) "
-          "--task-events; any option below overrides them.\n", flush=True)  # fmt: skip
+    print(
+        "\nsvdq sets --pool=prefork --concurrency=1 --hostname=svdq@%h --queues=(SVDQ_QUEUE's, by priority) "
+        "--task-events; any option below overrides them.\n",
+        flush=True,
+    )
     from celery.bin.celery import celery as celery_command
 
     celery_command.main(args=["worker", "--help"], prog_name="svdq", standalone_mode=False)
@@ -124,8 +134,12 @@ def _report_early(settings: WorkerSettings, argv: list[str], problem: str) -> No
     from producer.client import connect_redis
 
     names = [a.split("=", 1)[1] for a in argv if a.startswith("--hostname=")]
-    report_to_presence(connect_redis(settings, retry_for=1), host_format(names[-1] if names else "svdq@%h"),
-                       settings.served_model(), problem)  # fmt: skip
+    report_to_presence(
+        connect_redis(settings, retry_for=1),
+        host_format(names[-1] if names else "svdq@%h"),
+        settings.served_model(),
+        problem,
+    )
 
 
 if __name__ == "__main__":

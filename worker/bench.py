@@ -61,9 +61,12 @@ def build_full_svd_xt(device: torch.device, dtype: torch.dtype) -> Any:
             )
         )
     pipe = StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
         feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
-    )  # fmt: skip
+    )
     return pipe.to(device=device, dtype=dtype)
 
 
@@ -98,16 +101,29 @@ def run_stock(pipe: Any, image: Image.Image, params: JobParams, chunk: int, devi
     started = time.perf_counter()
     generator = torch.Generator("cpu").manual_seed(0)
     with torch.inference_mode():
-        frames = pipe(image, width=params.width, height=params.height, num_frames=params.num_frames,
-                      num_inference_steps=params.num_inference_steps, decode_chunk_size=chunk,
-                      generator=generator, callback_on_step_end=on_step).frames[0]  # fmt: skip
+        frames = pipe(
+            image,
+            width=params.width,
+            height=params.height,
+            num_frames=params.num_frames,
+            num_inference_steps=params.num_inference_steps,
+            decode_chunk_size=chunk,
+            generator=generator,
+            callback_on_step_end=on_step,
+        ).frames[0]
     decoded = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         size = Path(export_to_video(frames, str(Path(tmp) / "stock.mp4"), fps=params.fps)).stat().st_size
     done = time.perf_counter()
-    return {"total": done - started, "denoise": marks[-1] - started, "decode": decoded - marks[-1],
-            "encode": done - decoded, "bytes": size, "peak_vram_gib": _peak_gib(device),
-            "decode_chunk_size": chunk}  # fmt: skip
+    return {
+        "total": done - started,
+        "denoise": marks[-1] - started,
+        "decode": decoded - marks[-1],
+        "encode": done - decoded,
+        "bytes": size,
+        "peak_vram_gib": _peak_gib(device),
+        "decode_chunk_size": chunk,
+    }
 
 
 def run_svdq(renderer: Renderer, image: Image.Image, params: JobParams, settings: WorkerSettings) -> dict:
@@ -120,8 +136,13 @@ def run_svdq(renderer: Renderer, image: Image.Image, params: JobParams, settings
         video = pending.finish()
     finally:
         pending.close()
-    return {"total": time.perf_counter() - started, **timings, "bytes": len(video.data),
-            "peak_vram_gib": _peak_gib(renderer.device), "decode_chunk_size": memory["decode_chunk_size"]}  # fmt: skip
+    return {
+        "total": time.perf_counter() - started,
+        **timings,
+        "bytes": len(video.data),
+        "peak_vram_gib": _peak_gib(renderer.device),
+        "decode_chunk_size": memory["decode_chunk_size"],
+    }
 
 
 class Report:
@@ -134,8 +155,10 @@ class Report:
     def figure(self, path: str, figure: str, value: float, **extra: Any) -> None:
         self.rows.setdefault(path, {})[figure] = value
         if self.as_json:
-            print(json.dumps({**self.common, "path": path, "figure": figure, "value": round(value, 3), **extra}),
-                  flush=True)  # fmt: skip
+            print(
+                json.dumps({**self.common, "path": path, "figure": figure, "value": round(value, 3), **extra}),
+                flush=True,
+            )
 
     def runs(self, path: str, runs: list[dict]) -> dict[str, float]:
         for key in runs[0]:
@@ -144,13 +167,23 @@ class Report:
         return self.rows[path]
 
     def table(self) -> str:
-        cols = [("total", "total s"), ("denoise", "denoise"), ("compile", "compile"), ("decode", "decode"),
-                ("encode", "encode"), ("peak_vram_gib", "peak GiB"), ("decode_chunk_size", "chunk"),
-                ("speedup_vs_stock", "vs stock"), ("cold_start_seconds", "start s")]  # fmt: skip
-        lines = [f"{self.common['device']}, {self.common['model']} (loaded in {self.rows['load']['seconds']:.1f}s), "
-                 f"{self.common['size']}, "
-                 f"{self.common['frames']} frames, {self.common['steps']} steps, {self.common['dtype']}",
-                 f"{'path':<10}" + "".join(f"{title:>10}" for _, title in cols)]  # fmt: skip
+        cols = [
+            ("total", "total s"),
+            ("denoise", "denoise"),
+            ("compile", "compile"),
+            ("decode", "decode"),
+            ("encode", "encode"),
+            ("peak_vram_gib", "peak GiB"),
+            ("decode_chunk_size", "chunk"),
+            ("speedup_vs_stock", "vs stock"),
+            ("cold_start_seconds", "start s"),
+        ]
+        lines = [
+            f"{self.common['device']}, {self.common['model']} (loaded in {self.rows['load']['seconds']:.1f}s), "
+            f"{self.common['size']}, "
+            f"{self.common['frames']} frames, {self.common['steps']} steps, {self.common['dtype']}",
+            f"{'path':<10}" + "".join(f"{title:>10}" for _, title in cols),
+        ]
         for path, row in self.rows.items():
             if path == "load":
                 continue
@@ -175,8 +208,9 @@ def load_pipeline(args: argparse.Namespace, settings: WorkerSettings, device: to
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="svdq bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="svdq bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="hub id or local folder (default: SVDQ_MODEL)")
     parser.add_argument("--random-weights", action="store_true", help="SVD-XT's architecture, random weights")
     parser.add_argument("--small", action="store_true", help="the tiny model at 64x64, 4 frames, 2 steps (CPU)")
@@ -219,11 +253,16 @@ def bench_path(
 ) -> Renderer:
     """One of svdq's paths: tune the pipeline as a worker would, warm up (cold start), then the timed runs."""
     options = tune_options(settings, device)
-    options = replace(options, compile=options.compile and path == "svdq",
-                      compile_vae=options.compile_vae and path == "svdq", low_vram=path == "lowvram")  # fmt: skip
+    options = replace(
+        options,
+        compile=options.compile and path == "svdq",
+        compile_vae=options.compile_vae and path == "svdq",
+        low_vram=path == "lowvram",
+    )
     if options.compile:
-        compile_cache.load_artifacts(compile_cache.configure(Path(settings.compile_cache_dir or
-                                                                   compile_cache.default_cache_dir())))  # fmt: skip
+        compile_cache.load_artifacts(
+            compile_cache.configure(Path(settings.compile_cache_dir or compile_cache.default_cache_dir()))
+        )
     started, compiled = time.perf_counter(), compile_seconds()
     renderer = Renderer(pipe=pipe, device=device, dtype=dtype)
     shapes = attention_shapes(pipe.unet, params.width, params.height, params.num_frames, renderer.vae_scale_factor)
@@ -252,8 +291,15 @@ def bench_path(
     return renderer
 
 
-def bench_variant(report: Report, variant: str, renderer: Renderer, image: Image.Image, params: JobParams,
-                  settings: WorkerSettings, repeat: int) -> None:  # fmt: skip
+def bench_variant(
+    report: Report,
+    variant: str,
+    renderer: Renderer,
+    image: Image.Image,
+    params: JobParams,
+    settings: WorkerSettings,
+    repeat: int,
+) -> None:
     """A setting measured on the svdq path's warm renderer, then undone."""
     if variant == "vae_compile":
         bench_vae_compile(report, renderer, params, settings.compile_backend)
@@ -273,8 +319,15 @@ def _decode_seconds_per_frame(renderer: Renderer, params: JobParams, chunk: int)
     from worker.decode import ChunkedDecoder
 
     scale = renderer.vae_scale_factor
-    latent = torch.zeros(1, chunk, renderer.vae.config.latent_channels, params.height // scale,
-                         params.width // scale, device=renderer.device, dtype=renderer.dtype)  # fmt: skip
+    latent = torch.zeros(
+        1,
+        chunk,
+        renderer.vae.config.latent_channels,
+        params.height // scale,
+        params.width // scale,
+        device=renderer.device,
+        dtype=renderer.dtype,
+    )
     for _ in ChunkedDecoder(renderer.vae, latent, chunk):  # kernels chosen (or compiled) here
         pass
     renderer.synchronize()
@@ -335,16 +388,33 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     small = JobParams(width=64, height=64, num_frames=4, num_inference_steps=2)
     base = small if args.small else JobParams()
-    params = JobParams(width=args.width or base.width, height=args.height or base.height,
-                       num_frames=args.frames or base.num_frames,
-                       num_inference_steps=args.steps or base.num_inference_steps)  # fmt: skip
-    model = "tiny" if args.small else "SVD-XT architecture, random weights" if args.random_weights else (
-        args.model or settings.model)  # fmt: skip
-    report = Report({"bench": "gpu_svd", "machine": platform.node(), "model": model,
-                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "size": f"{params.width}x{params.height}", "frames": params.num_frames,
-                     "steps": params.num_inference_steps, "dtype": str(dtype).removeprefix("torch."),
-                     "torch": torch.__version__}, args.json)  # fmt: skip
+    params = JobParams(
+        width=args.width or base.width,
+        height=args.height or base.height,
+        num_frames=args.frames or base.num_frames,
+        num_inference_steps=args.steps or base.num_inference_steps,
+    )
+    model = (
+        "tiny"
+        if args.small
+        else "SVD-XT architecture, random weights"
+        if args.random_weights
+        else (args.model or settings.model)
+    )
+    report = Report(
+        {
+            "bench": "gpu_svd",
+            "machine": platform.node(),
+            "model": model,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "size": f"{params.width}x{params.height}",
+            "frames": params.num_frames,
+            "steps": params.num_inference_steps,
+            "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+        },
+        args.json,
+    )
     started = time.perf_counter()
     pipe = load_pipeline(args, settings, device, dtype)
     pipe.set_progress_bar_config(disable=True)

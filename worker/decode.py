@@ -150,8 +150,9 @@ def profile_decode(
     there and 24% slower here in the bench, on the same H100). Sizes whose estimated cost exceeds `budget_bytes`,
     once two sizes are known, are skipped. `stance` wraps each decode (the compiled decoder is profiled eagerly)."""
     frames = max(PROFILE_FRAMES, *chunks)
-    latent = torch.zeros(1, frames, vae.config.latent_channels, height // scale_factor, width // scale_factor,
-                         device=device)  # fmt: skip
+    latent = torch.zeros(
+        1, frames, vae.config.latent_channels, height // scale_factor, width // scale_factor, device=device
+    )
     speed: dict[int, float] = {}
     peaks: dict[int, int] = {}
     for n in sorted(chunks):

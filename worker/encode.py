@@ -41,19 +41,58 @@ class EncodeError(RuntimeError):
 
 # BT.601 limited range, the matrix both ffmpeg's conversion and worker.decode.to_yuv420p use. Tagged so
 # players do not guess BT.709 for HD sizes.
-_COLOR_TAGS = ["-colorspace", "smpte170m", "-color_primaries", "smpte170m", "-color_trc", "smpte170m",
-               "-color_range", "tv"]  # fmt: skip
+_COLOR_TAGS = [
+    "-colorspace",
+    "smpte170m",
+    "-color_primaries",
+    "smpte170m",
+    "-color_trc",
+    "smpte170m",
+    "-color_range",
+    "tv",
+]
 
 
 def codec_args(fmt: str, *, crf: int, preset: str, x264_params: str = "") -> list[str]:
     if fmt == "mp4":
         tuning = ["-x264-params", x264_params] if x264_params else []
-        return ["-c:v", "libx264", "-preset", preset, *tuning, "-crf", str(crf), "-pix_fmt", "yuv420p",
-                *_COLOR_TAGS, "-movflags", "+faststart", "-f", "mp4"]  # fmt: skip
+        return [
+            "-c:v",
+            "libx264",
+            "-preset",
+            preset,
+            *tuning,
+            "-crf",
+            str(crf),
+            "-pix_fmt",
+            "yuv420p",
+            *_COLOR_TAGS,
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+        ]
     if fmt == "webm":
         # Constant quality VP9; realtime/cpu-used 8 trades size for speed, like a fast x264 preset.
-        return ["-c:v", "libvpx-vp9", "-b:v", "0", "-crf", "33", "-deadline", "realtime", "-cpu-used", "8",
-                "-row-mt", "1", "-pix_fmt", "yuv420p", *_COLOR_TAGS, "-f", "webm"]  # fmt: skip
+        return [
+            "-c:v",
+            "libvpx-vp9",
+            "-b:v",
+            "0",
+            "-crf",
+            "33",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+            "-row-mt",
+            "1",
+            "-pix_fmt",
+            "yuv420p",
+            *_COLOR_TAGS,
+            "-f",
+            "webm",
+        ]
     if fmt == "gif":
         # One palette for the whole clip, computed from the frames themselves.
         return [
@@ -115,9 +154,25 @@ class VideoWriter:
         self.frames = 0
         self._out = _Output()
         self._log = _Output()
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", pix_fmt, "-s", f"{width}x{height}", "-framerate", str(fps),
-               "-i", "pipe:0", *args, self._out.path]  # fmt: skip
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            pix_fmt,
+            "-s",
+            f"{width}x{height}",
+            "-framerate",
+            str(fps),
+            "-i",
+            "pipe:0",
+            *args,
+            self._out.path,
+        ]
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,

@@ -75,13 +75,28 @@ def complete(rt: Runtime, work: Work, pending: PendingVideo) -> None:
 
     def succeed(stored: Stored) -> None:
         result = {
-            "key": stored.key, "format": request.format, "url": rt.store.public_url(stored.key),
-            "bytes": len(video.data), "frames": video.frames, "width": request.width, "height": request.height,
-            "fps": request.fps, "seed": work.seed,
-        }  # fmt: skip
+            "key": stored.key,
+            "format": request.format,
+            "url": rt.store.public_url(stored.key),
+            "bytes": len(video.data),
+            "frames": video.frames,
+            "width": request.width,
+            "height": request.height,
+            "fps": request.fps,
+            "seed": work.seed,
+        }
         log.info("job %s succeeded: %s (%d bytes)", job_id, stored.key, len(video.data))
-        end_job(rt, attempt, JobState.SUCCEEDED, result=result, timings=work.timings, memory=work.memory,
-                stage=Stage.DONE, progress=1.0, error=None)  # fmt: skip
+        end_job(
+            rt,
+            attempt,
+            JobState.SUCCEEDED,
+            result=result,
+            timings=work.timings,
+            memory=work.memory,
+            stage=Stage.DONE,
+            progress=1.0,
+            error=None,
+        )
 
     name, content_type = result_name(job_id, request.format), video.format.content_type
     started = time.perf_counter()

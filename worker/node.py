@@ -48,8 +48,9 @@ class Node:
         """The worker is ready: start the node's duties, on a thread that tries again while Redis is away.
         (Raised in Celery's worker_ready signal, an error would only be logged, and the node would run on
         without its recovery sweep, presence and revoke.)"""
-        self._starter = threading.Thread(target=self._start_until_done, args=(consumer,), name="svdq-node-start",
-                                         daemon=True)  # fmt: skip
+        self._starter = threading.Thread(
+            target=self._start_until_done, args=(consumer,), name="svdq-node-start", daemon=True
+        )
         self._starter.start()
 
     def _start_until_done(self, consumer: Any) -> None:

@@ -127,8 +127,15 @@ class Renderer:
     def compile_decode(self, width: int, height: int, chunk: int) -> None:
         """Build the compiled decoder's code for `chunk` frames at this size (at warm-up: jobs never wait for it)."""
         scale = self.vae_scale_factor
-        latent = torch.zeros(1, chunk, self.vae.config.latent_channels, height // scale, width // scale,
-                             device=self.device, dtype=self.dtype)  # fmt: skip
+        latent = torch.zeros(
+            1,
+            chunk,
+            self.vae.config.latent_channels,
+            height // scale,
+            width // scale,
+            device=self.device,
+            dtype=self.dtype,
+        )
         with compiler_stance("default"):
             for _ in ChunkedDecoder(self.vae, latent, chunk):
                 pass
@@ -256,9 +263,16 @@ def profile_decoding(renderer: Renderer, params: JobParams, max_vram_gib: float 
     # so the job's peak is its denoise's, below what stock diffusers takes for the same job.
     budget = explicit or renderer.denoise_peak_bytes
     chunks = LOW_VRAM_CHUNKS if renderer.tuned.low_vram else PROFILE_CHUNKS
-    renderer.decode_profile = profile_decode(renderer.vae, renderer.device, params.height, params.width,
-                                             renderer.vae_scale_factor, chunks, budget - resident,
-                                             stance=lambda: compiler_stance("force_eager"))  # fmt: skip
+    renderer.decode_profile = profile_decode(
+        renderer.vae,
+        renderer.device,
+        params.height,
+        params.width,
+        renderer.vae_scale_factor,
+        chunks,
+        budget - resident,
+        stance=lambda: compiler_stance("force_eager"),
+    )
     renderer.budget_bytes = max(budget, resident + renderer.decode_profile.cost(1))
     torch.cuda.empty_cache()
 
@@ -297,10 +311,21 @@ def load_renderer(settings: WorkerSettings) -> Renderer:
     if cache_dir is not None and settings.warmup:
         compile_cache.save_artifacts(cache_dir)
     renderer.load_seconds = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1fs (compile %.1fs): %s", settings.model, device, dtype,
-             renderer.load_seconds, compile_seconds() - compiled_before, renderer.tuned.describe())  # fmt: skip
+    log.info(
+        "loaded %s on %s (%s) in %.1fs (compile %.1fs): %s",
+        settings.model,
+        device,
+        dtype,
+        renderer.load_seconds,
+        compile_seconds() - compiled_before,
+        renderer.tuned.describe(),
+    )
     if renderer.decode_profile is not None:
-        log.info("decode chunk %d preferred (seconds per frame by chunk %s); budget %.1f GiB, denoise peak %.1f GiB",
-                 renderer.decode_profile.preferred(), renderer.decode_profile.seconds_per_frame,
-                 (renderer.budget_bytes or 0) / 2**30, renderer.denoise_peak_bytes / 2**30)  # fmt: skip
+        log.info(
+            "decode chunk %d preferred (seconds per frame by chunk %s); budget %.1f GiB, denoise peak %.1f GiB",
+            renderer.decode_profile.preferred(),
+            renderer.decode_profile.seconds_per_frame,
+            (renderer.budget_bytes or 0) / 2**30,
+            renderer.denoise_peak_bytes / 2**30,
+        )
     return renderer

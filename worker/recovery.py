@@ -73,8 +73,9 @@ class Recovery:
             if record.attempts >= self.max_attempts:
                 message = f"{lost}; its worker was lost on each of its {record.attempts} attempts"
                 error = {"code": ErrorCode.WORKER_LOST.value, "message": message}
-                self.status.transition(job_id, JobState.FAILED, fence=record.attempts, unleased=True, error=error,
-                                       stage=Stage.LOST)  # fmt: skip
+                self.status.transition(
+                    job_id, JobState.FAILED, fence=record.attempts, unleased=True, error=error, stage=Stage.LOST
+                )
                 log.error("job %s failed: %s", job_id, error["message"])
                 self.notify(job_id)
                 return "failed"
@@ -82,8 +83,15 @@ class Recovery:
             queue = record.queue or queue_for(self.default_queue, record.priority)
             self.send(job_id, record.request, queue)
             error = {"code": ErrorCode.WORKER_LOST.value, "message": f"{lost}; requeued"}
-            self.status.transition(job_id, JobState.QUEUED, fence=record.attempts, unleased=True, error=error,
-                                   stage=Stage.RECOVERED, progress=0.0)  # fmt: skip
+            self.status.transition(
+                job_id,
+                JobState.QUEUED,
+                fence=record.attempts,
+                unleased=True,
+                error=error,
+                stage=Stage.RECOVERED,
+                progress=0.0,
+            )
         except InvalidTransition as exc:  # claimed, canceled or renewed meanwhile
             log.info("job %s: recovery not needed (%s)", job_id, exc)
             return None

@@ -75,8 +75,9 @@ def _run(rt: Runtime, job_id: str, request: JobRequest, worker: str, task_id: st
 
     # 3-4. Fetch the image and render on the device.
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    work = Work(attempt, request, seed, timings={"load": round(rt.take_load_seconds(), 4)},
-                memory={"decode_chunk_size": 0})  # fmt: skip
+    work = Work(
+        attempt, request, seed, timings={"load": round(rt.take_load_seconds(), 4)}, memory={"decode_chunk_size": 0}
+    )
     pending = _render_or_end(rt, work)
     if isinstance(pending, Outcome):
         return pending
@@ -164,9 +165,16 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
     holder = f"{worker}/{os.getpid()}"
     try:
         number = rt.status.claim(
-            job_id, holder, rt.settings.lease_ttl, max_attempts=rt.settings.max_attempts,
-            worker=worker, started_at=rt.status.now(), stage=Stage.FETCH, progress=0.0, error=None,
-        )  # fmt: skip
+            job_id,
+            holder,
+            rt.settings.lease_ttl,
+            max_attempts=rt.settings.max_attempts,
+            worker=worker,
+            started_at=rt.status.now(),
+            stage=Stage.FETCH,
+            progress=0.0,
+            error=None,
+        )
     except Leased as exc:  # a redelivered message: the job runs on a live worker, it must not run twice
         log.info("job %s not run here: %s", job_id, exc)
         return Outcome(job_id, JobState.STARTED, detail=f"running on {exc.holder}")
@@ -228,8 +236,14 @@ def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> Out
     log.warning("job %s: %s; retrying in %.1fs", attempt.job_id, exc, delay)
     rt.heartbeat.release(attempt.job_id)
     try:
-        rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, error=exc.as_error(),
-                             stage=Stage.RETRYING, progress=0.0)  # fmt: skip
+        rt.status.transition(
+            attempt.job_id,
+            JobState.QUEUED,
+            fence=attempt.number,
+            error=exc.as_error(),
+            stage=Stage.RETRYING,
+            progress=0.0,
+        )
     except InvalidTransition:  # canceled meanwhile: no retry
         announce_end(rt, attempt.job_id)
         return Outcome(attempt.job_id, JobState.CANCELED)
@@ -242,8 +256,9 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> Outcome:
     log.warning("job %s handed back to its queue: the worker is stopping", attempt.job_id)
     rt.heartbeat.release(attempt.job_id)
     try:
-        rt.status.transition(attempt.job_id, JobState.QUEUED, fence=attempt.number, stage=Stage.HANDED_BACK,
-                             progress=0.0)  # fmt: skip
+        rt.status.transition(
+            attempt.job_id, JobState.QUEUED, fence=attempt.number, stage=Stage.HANDED_BACK, progress=0.0
+        )
     except InvalidTransition:
         announce_end(rt, attempt.job_id)
         return Outcome(attempt.job_id, None)

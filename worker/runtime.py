@@ -63,8 +63,10 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         try:
             metrics.serve(settings.metrics_port)  # before the load: a scrape shows the model is not warm yet
         except OSError as exc:
-            raise RuntimeError(f"SVDQ_METRICS_PORT={settings.metrics_port}: cannot listen there ({exc.strerror}); "
-                               "another process holds the port") from exc  # fmt: skip
+            raise RuntimeError(
+                f"SVDQ_METRICS_PORT={settings.metrics_port}: cannot listen there ({exc.strerror}); "
+                "another process holds the port"
+            ) from exc
     renderer = load_renderer(settings)
     metrics.model_loaded(settings.served_model(), str(renderer.device), renderer.load_seconds)
     return Runtime(

@@ -105,8 +105,14 @@ class Supervisor:
                 child.failures = 1 if now - child.started > self.stable_after else child.failures + 1
                 delay = min(self.backoff_max, 2.0 ** (child.failures - 1))
                 why = "its model failed to load (the reason ends its log)" if code == LOAD_FAILED else f"exit {code}"
-                log.error("gpu%d: worker stopped, %s; failure %d in a row, restarting in %.0fs (backing off up to "
-                          "%.0fs)", child.gpu, why, child.failures, delay, self.backoff_max)  # fmt: skip
+                log.error(
+                    "gpu%d: worker stopped, %s; failure %d in a row, restarting in %.0fs (backing off up to %.0fs)",
+                    child.gpu,
+                    why,
+                    child.failures,
+                    delay,
+                    self.backoff_max,
+                )
                 restart_at[child.gpu] = now + delay
             self.stopping.wait(poll)
         codes = [child.proc.wait() for child in self.children if child.proc is not None]

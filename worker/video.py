@@ -87,8 +87,12 @@ def start_video(
     #    `timings.compile`), else runs uncompiled.
     compiled_before = compile_seconds()
     if renderer.compiles and not renderer.runs_compiled(params):
-        log.warning("%dx%d, %d frames is not a compiled shape: the UNet runs uncompiled (SVDQ_COMPILE_SHAPES "
-                    "adds shapes)", params.width, params.height, params.num_frames)  # fmt: skip
+        log.warning(
+            "%dx%d, %d frames is not a compiled shape: the UNet runs uncompiled (SVDQ_COMPILE_SHAPES adds shapes)",
+            params.width,
+            params.height,
+            params.num_frames,
+        )
     progress(Stage.COMPILE if renderer.needs_compile(params) else Stage.DENOISE, 0.05, force=True)
     started = time.perf_counter()
     renderer.checkpoint = checkpoint
@@ -116,9 +120,15 @@ def start_video(
     decoder = ChunkedDecoder(renderer.vae, latents, chunk, stance=renderer.decode_stance)
     progress(Stage.DECODE, 0.85, force=True)
     writer = VideoWriter(
-        params.width, params.height, params.fps, fmt=params.format, pix_fmt="yuv420p",
-        crf=settings.x264_crf, preset=settings.x264_preset, x264_params=settings.x264_params,
-    )  # fmt: skip
+        params.width,
+        params.height,
+        params.fps,
+        fmt=params.format,
+        pix_fmt="yuv420p",
+        crf=settings.x264_crf,
+        preset=settings.x264_preset,
+        x264_params=settings.x264_params,
+    )
     try:
         started = time.perf_counter()
         for frames in decoder:

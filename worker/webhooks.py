@@ -68,8 +68,16 @@ def _worth_retrying(status: int) -> bool:
 
 
 class WebhookSender:
-    def __init__(self, secret: str | None, *, allow_private: bool, timeout: float = 10.0, max_attempts: int = 5,
-                 backoff_base: float = 1.0, capacity: int = 1000):  # fmt: skip
+    def __init__(
+        self,
+        secret: str | None,
+        *,
+        allow_private: bool,
+        timeout: float = 10.0,
+        max_attempts: int = 5,
+        backoff_base: float = 1.0,
+        capacity: int = 1000,
+    ):
         self.secret, self.allow_private, self.timeout = secret, allow_private, timeout
         self.max_attempts, self.backoff_base = max_attempts, backoff_base
         self._queue: queue.Queue[Delivery | None] = queue.Queue(maxsize=capacity)
@@ -81,8 +89,10 @@ class WebhookSender:
         if not self.secret:
             log.error("job webhook %s not sent: SVDQ_WEBHOOK_SECRET is not set on this worker", event_type)
             return
-        body = json.dumps({"type": event_type, "timestamp": data.get("finished_at") or data.get("started_at"),
-                           "data": data}, separators=(",", ":")).encode()  # fmt: skip
+        body = json.dumps(
+            {"type": event_type, "timestamp": data.get("finished_at") or data.get("started_at"), "data": data},
+            separators=(",", ":"),
+        ).encode()
         try:
             self._queue.put_nowait(Delivery(url, msg_id, body))
         except queue.Full:
@@ -123,8 +133,12 @@ class WebhookSender:
 
 def sender_for(settings: WorkerSettings) -> WebhookSender:
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    return WebhookSender(secret, allow_private=settings.webhook_allow_private, timeout=settings.webhook_timeout,
-                         max_attempts=settings.webhook_max_attempts)  # fmt: skip
+    return WebhookSender(
+        secret,
+        allow_private=settings.webhook_allow_private,
+        timeout=settings.webhook_timeout,
+        max_attempts=settings.webhook_max_attempts,
+    )
 
 
 def notify(status: StatusStore, sender: WebhookSender | None, job_id: str) -> None:

@@ -262,8 +262,9 @@ def probe(data: bytes, tmp_path: Path) -> tuple[int, dict[str, Any]]:
     path = tmp_path / f"{uuid.uuid4().hex}.mp4"
     path.write_bytes(data)
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path), "-map", "0:v:0"]
-    run = subprocess.run([*command, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True,
-                         timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [*command, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True, timeout=60
+    )
     stream = re.search(rb"Video: (\w+).*?, (yuv\w+).*?, (\d+)x(\d+).*?, ([\d.]+) fps", run.stderr)
     assert stream is not None, run.stderr.decode(errors="replace")
     codec, pix_fmt, width, height, fps = stream.groups()

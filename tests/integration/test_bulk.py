@@ -24,8 +24,16 @@ from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
 pytestmark = pytest.mark.integration
 
 PARAMS_SMALL = {k: SMALL[k] for k in ("width", "height", "num_frames", "num_inference_steps")}
-SIZE = ["--width", str(SMALL["width"]), "--height", str(SMALL["height"]), "--steps",
-        str(SMALL["num_inference_steps"]), "--frames", str(SMALL["num_frames"])]  # fmt: skip
+SIZE = [
+    "--width",
+    str(SMALL["width"]),
+    "--height",
+    str(SMALL["height"]),
+    "--steps",
+    str(SMALL["num_inference_steps"]),
+    "--frames",
+    str(SMALL["num_frames"]),
+]
 
 
 def picture(path: Path, shade: int, fmt: str | None = None) -> Path:
@@ -77,8 +85,15 @@ def test_a_folder_renders_to_a_mirrored_folder_and_a_rerun_resumes_without_new_j
     assert broken["state"] == "failed" and broken["error"]["code"] == "invalid_input" and broken["job_id"] is None
     assert "is not an image svdq can read" in broken["error"]["message"]
     videos = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4"))
-    assert videos == ["a/b/four.mp4", "a/b/three.mp4", "a/one.mp4", "a/two.mp4", "c/five.mp4", "c/same-as-one.mp4",
-                      "c/six.mp4"]  # fmt: skip
+    assert videos == [
+        "a/b/four.mp4",
+        "a/b/three.mp4",
+        "a/one.mp4",
+        "a/two.mp4",
+        "c/five.mp4",
+        "c/same-as-one.mp4",
+        "c/six.mp4",
+    ]
     assert all(line["state"] == "succeeded" for name, line in lines.items() if name != "c/d/broken.png")
     assert lines["a/one.png"]["job_id"] == lines["c/same-as-one.png"]["job_id"]
     assert (out / "a/one.mp4").read_bytes() == (out / "c/same-as-one.mp4").read_bytes()
@@ -115,8 +130,10 @@ def test_manifests_set_frames_and_outputs_per_row(
     csv.write_text("image,frames,output\nin/x.png,6,clips/first\nin/y.png,,clips/second.mp4\n")
     run = bulk(svdq_env, str(csv), "--out", str(tmp_path / "csv-out"), *SIZE)
     assert run.returncode == 0, run.stdout + run.stderr
-    frames = {name: imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "csv-out" / "clips" / name))[0]
-              for name in ("first.mp4", "second.mp4")}  # fmt: skip
+    frames = {
+        name: imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "csv-out" / "clips" / name))[0]
+        for name in ("first.mp4", "second.mp4")
+    }
     assert frames == {"first.mp4": 6, "second.mp4": SMALL["num_frames"]}  # the row's value beats the flag's
 
     jsonl = tmp_path / "jobs.jsonl"
@@ -148,8 +165,13 @@ def test_ctrl_c_leaves_the_jobs_running_and_a_rerun_completes_them(
     src, out = tmp_path / "src", tmp_path / "out"
     for n in range(3):
         picture(src / f"p{n}.png", 30 + 60 * n)
-    running = subprocess.Popen([SVDQ, "bulk", str(src), "--out", str(out), *SIZE], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    running = subprocess.Popen(
+        [SVDQ, "bulk", str(src), "--out", str(out), *SIZE],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
     deadline = time.monotonic() + 60
     while r.llen(f"{queue}.low") < 3:  # the three messages are in the (low priority) queue: it is following now
@@ -203,8 +225,11 @@ def test_a_creation_retried_after_a_lost_reply_still_enqueues_its_job(
     monkeypatch.setattr(client.records, "create", twice)
     monkeypatch.setattr(client.records, "create_many", twice_many)
     job = client.submit(image_file, idempotency_key=uuid.uuid4().hex, **PARAMS_SMALL)
-    submitted = list(client.submit_many([Submission(image_file, {"seed": 1}, uuid.uuid4().hex),
-                                         Submission(image_file, {"seed": 2})], **PARAMS_SMALL))  # fmt: skip
+    submitted = list(
+        client.submit_many(
+            [Submission(image_file, {"seed": 1}, uuid.uuid4().hex), Submission(image_file, {"seed": 2})], **PARAMS_SMALL
+        )
+    )
     assert all(s.job is not None and not s.existed for s in submitted)
     queued = [json.loads(m)["headers"]["id"] for m in client.redis.lrange(queue, 0, -1)]
     assert sorted(queued) == sorted([job.id, *(s.job.id for s in submitted if s.job)])

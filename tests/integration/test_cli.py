@@ -50,8 +50,9 @@ def test_an_image_that_makes_pillow_raise_an_unexpected_error_is_refused_in_one_
 
 def test_status_into_a_closed_pipe_ends_quietly(svdq_env: dict[str, str], image_file: Path) -> None:
     job_id = submit(unread_queue_env(svdq_env), image_file)
-    out = subprocess.run(f"{SVDQ} status {job_id} | head -1", shell=True, env=svdq_env, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        f"{SVDQ} status {job_id} | head -1", shell=True, env=svdq_env, capture_output=True, text=True, timeout=60
+    )
     assert out.stdout == f"job      {job_id}\n" and out.stderr == "", out.stderr
 
 
@@ -103,9 +104,15 @@ def test_cli_submit_wait_status_and_output(
 
 
 def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str, str], worker: WorkerProcess) -> None:
-    live = subprocess.run([SVDQ, "ping", "--hostname", worker.hostname], env=svdq_env, capture_output=True, text=True,
-                          timeout=30)  # fmt: skip
+    live = subprocess.run(
+        [SVDQ, "ping", "--hostname", worker.hostname], env=svdq_env, capture_output=True, text=True, timeout=30
+    )
     assert live.returncode == 0 and live.stdout.split() == [worker.hostname], live
-    gone = subprocess.run([SVDQ, "ping", "--hostname", "nobody@nowhere", "--timeout", "1"], env=svdq_env,
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    gone = subprocess.run(
+        [SVDQ, "ping", "--hostname", "nobody@nowhere", "--timeout", "1"],
+        env=svdq_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert gone.returncode == 5 and "no worker nobody@nowhere answered" in gone.stderr, gone

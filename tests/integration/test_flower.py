@@ -141,15 +141,25 @@ def a_message_celery_discards_as_revoked_cancels_its_job(worker: WorkerProcess, 
         request = {"image": client.store.put(content_name(data, ".png"), data, "image/png").ref, **SMALL}
         client.records.create(job_id, request, queue=worker.queue)
         expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
-        control.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id,
-                          queue=worker.queue, expires=expired)  # fmt: skip
+        control.send_task(
+            TASK_NAME,
+            kwargs={"job_id": job_id, "request": request},
+            task_id=job_id,
+            queue=worker.queue,
+            expires=expired,
+        )
         record = client.job(job_id).wait(timeout=60)
         assert record.state is JobState.CANCELED, record
         # A sender who sets a victim's id as the task id of an expired message for another job cancels nothing.
         victim = uuid.uuid4().hex
         client.records.create(victim, request, queue="nobody-reads-this")
-        control.send_task(TASK_NAME, kwargs={"job_id": uuid.uuid4().hex, "request": request}, task_id=victim,
-                          queue=worker.queue, expires=expired)  # fmt: skip
+        control.send_task(
+            TASK_NAME,
+            kwargs={"job_id": uuid.uuid4().hex, "request": request},
+            task_id=victim,
+            queue=worker.queue,
+            expires=expired,
+        )
         deadline = time.monotonic() + 30
         while f"{victim}" not in worker.log_text():  # Celery logs the discarded message's id
             assert time.monotonic() < deadline, "the worker never discarded the expired message"

@@ -30,8 +30,12 @@ pytestmark = pytest.mark.integration
 
 KEYS = "alice:key-alice-1234567890,bob:key-bob-0987654321"
 ALICE, BOB = "key-alice-1234567890", "key-bob-0987654321"
-PARAMS = {"width": SMALL["width"], "height": SMALL["height"], "num_frames": SMALL["num_frames"],
-          "num_inference_steps": SMALL["num_inference_steps"]}  # fmt: skip
+PARAMS = {
+    "width": SMALL["width"],
+    "height": SMALL["height"],
+    "num_frames": SMALL["num_frames"],
+    "num_inference_steps": SMALL["num_inference_steps"],
+}
 
 
 class Gateway:
@@ -40,8 +44,9 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with log.open("wb") as out:
-            self.proc = subprocess.Popen([SVDQ, "gateway", "--port", str(self.port), *extra], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [SVDQ, "gateway", "--port", str(self.port), *extra], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -77,8 +82,9 @@ class Gateway:
         return status, got, json.loads(content) if kind.startswith("application/json") else content
 
     def events(self, job_id: str, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        request = urllib.request.Request(f"{self.url}/v1/jobs/{job_id}/events",
-                                         headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        request = urllib.request.Request(
+            f"{self.url}/v1/jobs/{job_id}/events", headers={"Authorization": f"Bearer {key}"}
+        )
         with urllib.request.urlopen(request, timeout=120) as stream:
             event = ""
             for raw in stream:
@@ -108,10 +114,12 @@ def png(shade: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def test_post_then_events_until_it_succeeds_then_the_video(gateway: Gateway, worker: WorkerProcess,
-                                                           tmp_path: Path) -> None:  # fmt: skip
-    status, headers, job = gateway.call("POST", "/v1/jobs", ALICE, {"image": base64.b64encode(png()).decode(),
-                                                                    **PARAMS})  # fmt: skip
+def test_post_then_events_until_it_succeeds_then_the_video(
+    gateway: Gateway, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    status, headers, job = gateway.call(
+        "POST", "/v1/jobs", ALICE, {"image": base64.b64encode(png()).decode(), **PARAMS}
+    )
     assert status == 201, job
     assert headers["location"] == f"/v1/jobs/{job['id']}" and job["links"]["events"].endswith("/events")
     assert job["state"] == "queued" and job["owner"] == "alice"
@@ -148,8 +156,12 @@ def test_refusals_name_what_is_wrong_and_submit_nothing(gateway: Gateway, svdq_e
     status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": "http://localhost:9/x.png", **PARAMS})
     assert status == 422 and body["error"]["param"] == "image" and "not a public address" in body["error"]["message"]
     assert "127.0.0.1" not in body["error"]["message"]  # where a name resolves inside the network is not said
-    for reference in ("s3://someone-elses/x.png", "s3://svdq-test/renders/inputs/x.png", "inputs/x.png",
-                      "file:///etc/passwd"):  # fmt: skip
+    for reference in (
+        "s3://someone-elses/x.png",
+        "s3://svdq-test/renders/inputs/x.png",
+        "inputs/x.png",
+        "file:///etc/passwd",
+    ):
         status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": reference, **PARAMS})
         assert status == 422 and body["error"]["param"] == "image_url", reference  # the store is nobody's to name
     for field, value in (("owner", "bob"), ("idempotency_key", "x"), ("webhook", 5)):
@@ -160,13 +172,20 @@ def test_refusals_name_what_is_wrong_and_submit_nothing(gateway: Gateway, svdq_e
     huge = gateway.call("POST", "/v1/jobs", ALICE, raw=b"x" * 10, headers={"Content-Length": str(10**9)})
     assert huge[0] == 413
     connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
-    connection.request("POST", "/v1/jobs", body=iter([b'{"image_url": "s3://x/y.png"}']), encode_chunked=True,
-                       headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})  # fmt: skip
+    connection.request(
+        "POST",
+        "/v1/jobs",
+        body=iter([b'{"image_url": "s3://x/y.png"}']),
+        encode_chunked=True,
+        headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"},
+    )
     assert connection.getresponse().status == 411  # no declared length, no cap: refused before reading it
     connection.close()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as raw:  # a length *and* chunked
-        raw.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\nContent-Length: 5\r\n"
-                    "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode())  # fmt: skip
+        raw.sendall(
+            f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\nContent-Length: 5\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode()
+        )
         assert raw.recv(100).split(b" ")[1] in (b"400", b"411")
 
 
@@ -182,8 +201,10 @@ def test_an_idempotency_key_is_the_caller_s_own(gateway: Gateway) -> None:
 
 
 def test_a_key_lists_its_own_jobs_newest_first_a_page_at_a_time(gateway: Gateway) -> None:
-    mine = [gateway.call("POST", "/v1/jobs", ALICE, {"image": base64.b64encode(png(n)).decode(), **PARAMS})[2]["id"]
-            for n in (150, 151, 152)]  # fmt: skip
+    mine = [
+        gateway.call("POST", "/v1/jobs", ALICE, {"image": base64.b64encode(png(n)).decode(), **PARAMS})[2]["id"]
+        for n in (150, 151, 152)
+    ]
     theirs = gateway.call("POST", "/v1/jobs", BOB, {"image": base64.b64encode(png(153)).decode(), **PARAMS})[2]["id"]
     status, _, first = gateway.call("GET", "/v1/jobs?limit=2", ALICE)
     assert status == 200 and [j["id"] for j in first["jobs"]] == mine[::-1][:2]
@@ -201,8 +222,9 @@ def test_open_streams_share_one_redis_subscription(gateway: Gateway, svdq_env: d
     streams: list[tuple[socket.socket, bytes]] = []
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
-        sock.sendall(f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n\r\n"
-                     .encode())  # fmt: skip
+        sock.sendall(
+            f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n\r\n".encode()
+        )
         seen = b""
         while b"event: " not in seen:
             seen += sock.recv(65536)
@@ -223,26 +245,34 @@ def test_open_streams_share_one_redis_subscription(gateway: Gateway, svdq_env: d
 
 def test_a_multipart_upload(gateway: Gateway) -> None:
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in PARAMS.items()]  # fmt: skip
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-                 f"Content-Type: image/png\r\n\r\n".encode() + png(200) + b"\r\n")  # fmt: skip
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in PARAMS.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png(200)
+        + b"\r\n"
+    )
     raw = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    status, _, job = gateway.call("POST", "/v1/jobs", ALICE, raw=raw,
-                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    status, _, job = gateway.call(
+        "POST", "/v1/jobs", ALICE, raw=raw, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert status == 201 and job["request"]["num_frames"] == SMALL["num_frames"], job
 
 
 def test_ready_only_with_redis_rate_limited_per_key_and_no_start_without_keys(
     svdq_env: dict[str, str], tmp_path: Path
 ) -> None:
-    refused = subprocess.run([SVDQ, "gateway", "--port", str(free_port())], env=svdq_env, capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
+    refused = subprocess.run(
+        [SVDQ, "gateway", "--port", str(free_port())], env=svdq_env, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "SVDQ_API_KEYS" in refused.stderr
     own = LocalRedis(tmp_path / "redis")
     own.start()
-    gateway = Gateway({**svdq_env, "SVDQ_REDIS_URL": own.url, "SVDQ_API_KEYS": KEYS, "SVDQ_RATE_LIMIT": "5/h"},
-                      tmp_path / "g.log")  # fmt: skip
+    gateway = Gateway(
+        {**svdq_env, "SVDQ_REDIS_URL": own.url, "SVDQ_API_KEYS": KEYS, "SVDQ_RATE_LIMIT": "5/h"}, tmp_path / "g.log"
+    )
     try:
         assert gateway.call("GET", "/readyz")[0] == 200
         assert [gateway.call("GET", "/v1/jobs", ALICE)[0] for _ in range(6)] == [200] * 5 + [429]  # 5/h

@@ -24,8 +24,21 @@ from worker.recovery import Recovery
 
 pytestmark = pytest.mark.integration
 
-BAD_IDS: list[Any] = [12345, 1.5, None, True, [1], {"a": 1}, "", "a/../b", "../../x", "x\nFAKE LOG LINE", "a" * 65,
-                      "nul\x00byte", "space id"]  # fmt: skip
+BAD_IDS: list[Any] = [
+    12345,
+    1.5,
+    None,
+    True,
+    [1],
+    {"a": 1},
+    "",
+    "a/../b",
+    "../../x",
+    "x\nFAKE LOG LINE",
+    "a" * 65,
+    "nul\x00byte",
+    "space id",
+]
 
 
 def queued_job(image_file: Path) -> tuple[Client, Any]:
@@ -95,8 +108,13 @@ def test_a_malformed_record_never_stops_a_sweep_a_listing_or_a_status(svdq_env: 
         time.sleep(0.3)
 
         sent: list[tuple[str, str]] = []
-        recovery = Recovery(status, lambda job_id, request, queue: sent.append((job_id, queue)), lease_ttl=0.1,
-                            max_attempts=3, default_queue=settings.queue)  # fmt: skip
+        recovery = Recovery(
+            status,
+            lambda job_id, request, queue: sent.append((job_id, queue)),
+            lease_ttl=0.1,
+            max_attempts=3,
+            default_queue=settings.queue,
+        )
         done = recovery.sweep()
         assert (good, "requeued") in done and sent == [(good, f"gone-{good[:6]}")]
         assert status.get(good).state is JobState.QUEUED
@@ -137,9 +155,13 @@ def test_operator_caps_refuse_at_submit_and_in_the_worker(
     svdq_env: dict[str, str], start_worker: Callable[..., WorkerProcess], celery_control: Celery, image_file: Path
 ) -> None:
     queue = f"caps-{uuid.uuid4().hex[:8]}"
-    refused = subprocess.run([SVDQ, "submit", str(image_file), "--frames", "6", "--width", "64", "--height", "64"],
-                             env={**svdq_env, "SVDQ_QUEUE": queue, "SVDQ_MAX_FRAMES": "4"}, capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
+    refused = subprocess.run(
+        [SVDQ, "submit", str(image_file), "--frames", "6", "--width", "64", "--height", "64"],
+        env={**svdq_env, "SVDQ_QUEUE": queue, "SVDQ_MAX_FRAMES": "4"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and refused.stderr == "svdq: --frames: 6 is over this service's SVDQ_MAX_FRAMES=4\n"
     with Client.from_env(queue=queue) as client:
         assert client.redis.llen(queue) == 0  # nothing enqueued
@@ -154,9 +176,13 @@ def test_operator_caps_refuse_at_submit_and_in_the_worker(
 
 
 def test_images_are_read_only_from_the_store_or_allowed_places(
-    svdq_env: dict[str, str], s3: Any, start_worker: Callable[..., WorkerProcess], celery_control: Celery,
-    image_file: Path, tmp_path: Path,
-) -> None:  # fmt: skip
+    svdq_env: dict[str, str],
+    s3: Any,
+    start_worker: Callable[..., WorkerProcess],
+    celery_control: Celery,
+    image_file: Path,
+    tmp_path: Path,
+) -> None:
     other = f"private-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=other)
     s3.put_object(Bucket=other, Key="hr/scan.png", Body=image_file.read_bytes())
@@ -166,8 +192,13 @@ def test_images_are_read_only_from_the_store_or_allowed_places(
     worker = start_worker(env={"SVDQ_INPUT_ALLOW": f"s3://{other}/public"})
     with Client.from_env(queue=worker.queue) as client:
         answers = set()
-        for ref in (f"s3://{other}/hr/scan.png", f"s3://{other}/hr/missing.png", f"s3://{BUCKET}/elsewhere/x.png",
-                    f"s3://{BUCKET}/{PREFIX}/../elsewhere/x.png", secret.as_uri()):  # fmt: skip
+        for ref in (
+            f"s3://{other}/hr/scan.png",
+            f"s3://{other}/hr/missing.png",
+            f"s3://{BUCKET}/elsewhere/x.png",
+            f"s3://{BUCKET}/{PREFIX}/../elsewhere/x.png",
+            secret.as_uri(),
+        ):
             with pytest.raises(InvalidParameter) as refused:
                 client.submit(ref, **SMALL)
             assert refused.value.param == "image"

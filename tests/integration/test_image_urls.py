@@ -65,14 +65,16 @@ def private() -> Iterator[Site]:
 @pytest.fixture
 def public(private: Site) -> Iterator[Site]:
     site = Site("127.0.0.2", {})
-    site.routes.update({
-        "/img.png": (200, {"content-length": str(len(IMAGE))}, IMAGE),
-        "/to-private": (302, {"location": f"{private.base}/img.png"}, b""),
-        "/to-public": (301, {"location": "/img.png"}, b""),
-        "/loop": (302, {"location": "/loop"}, b""),
-        "/big": (200, {}, b"x" * 50_000),  # no length declared: the cap must hold while streaming
-        "/big-declared": (200, {"content-length": "50000"}, b"x" * 50_000),
-    })  # fmt: skip
+    site.routes.update(
+        {
+            "/img.png": (200, {"content-length": str(len(IMAGE))}, IMAGE),
+            "/to-private": (302, {"location": f"{private.base}/img.png"}, b""),
+            "/to-public": (301, {"location": "/img.png"}, b""),
+            "/loop": (302, {"location": "/loop"}, b""),
+            "/big": (200, {}, b"x" * 50_000),  # no length declared: the cap must hold while streaming
+            "/big-declared": (200, {"content-length": "50000"}, b"x" * 50_000),
+        }
+    )
     yield site
     site.close()
 

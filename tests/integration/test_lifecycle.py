@@ -162,13 +162,15 @@ def test_one_idempotency_key_gives_one_job_under_concurrent_submits(svdq_env: di
         assert client.redis.ttl(keys.idempotency(key)) > 0  # keys expire, with the record once it ends
 
 
-def test_list_by_state_from_the_indexes(svdq_env: dict[str, str], client: Client, worker: WorkerProcess,
-                                        image_file: Path) -> None:  # fmt: skip
+def test_list_by_state_from_the_indexes(
+    svdq_env: dict[str, str], client: Client, worker: WorkerProcess, image_file: Path
+) -> None:
     done = client.submit(image_file, **SMALL).wait(timeout=120)
     listed = client.list("succeeded", limit=5)
     assert listed and listed[0].id == done.id and all(r.state is JobState.SUCCEEDED for r in listed)
-    run = subprocess.run([SVDQ, "list", "--state", "succeeded", "--limit", "3", "--json"], env=svdq_env,
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [SVDQ, "list", "--state", "succeeded", "--limit", "3", "--json"], env=svdq_env, capture_output=True, text=True
+    )
     assert run.returncode == 0
     rows = json.loads(run.stdout)
     assert 1 <= len(rows) <= 3 and rows[0]["id"] == done.id

@@ -128,8 +128,9 @@ def test_jobs_reach_the_worker_serving_their_model_and_top_shows_the_rest(
         assert done["alpha"].worker == alpha.hostname and done["beta"].worker == beta.hostname
         assert done["alpha"].state is done["beta"].state is JobState.SUCCEEDED
         # Nobody serves gamma: its job waits, and shows where.
-        top = subprocess.run([SVDQ, "top", "--once", "--json"], env={**svdq_env, **env}, capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
+        top = subprocess.run(
+            [SVDQ, "top", "--once", "--json"], env={**svdq_env, **env}, capture_output=True, text=True, timeout=60
+        )
         assert top.returncode == 0, top.stderr
         snap = json.loads(top.stdout)
         waiting = {q["name"]: q for q in snap["queues"]}
@@ -143,7 +144,8 @@ def test_jobs_reach_the_worker_serving_their_model_and_top_shows_the_rest(
 
 
 def test_gpus_is_refused_clearly_without_a_gpu(svdq_env: dict[str, str]) -> None:
-    refused = subprocess.run([SVDQ, "worker", "--gpus", "all"], env=svdq_env, capture_output=True, text=True,
-                             timeout=120)  # fmt: skip
+    refused = subprocess.run(
+        [SVDQ, "worker", "--gpus", "all"], env=svdq_env, capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 2
     assert "--gpus needs CUDA GPUs" in refused.stderr and "without --gpus" in refused.stderr

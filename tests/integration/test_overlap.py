@@ -47,8 +47,14 @@ def test_next_job_renders_while_the_last_one_uploads(redis_url: str, tmp_path: P
     settings = WorkerSettings(redis_url=redis_url, storage_url=tmp_path.as_uri(), warmup=False)
     status = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
     renderer = Renderer(pipe=build_tiny_pipeline(), device=torch.device("cpu"), dtype=torch.float32)
-    rt = Runtime(settings=settings, status=status, store=store, renderer=renderer,
-                 heartbeat=Heartbeat(status, lease_ttl=30), spool=Spool(store, tmp_path / "spool", 10**8))  # fmt: skip
+    rt = Runtime(
+        settings=settings,
+        status=status,
+        store=store,
+        renderer=renderer,
+        heartbeat=Heartbeat(status, lease_ttl=30),
+        spool=Spool(store, tmp_path / "spool", 10**8),
+    )
     request = {"image": image, "width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2}
     first, second = uuid.uuid4().hex, uuid.uuid4().hex
 
@@ -97,8 +103,14 @@ def test_a_redis_error_after_the_claim_lets_the_lease_lapse_for_recovery(redis_u
     settings = WorkerSettings(redis_url=redis_url, storage_url=tmp_path.as_uri(), warmup=False, lease_ttl=1.5)
     status = RedisGoneAfterClaim(redis.Redis.from_url(redis_url), result_ttl=60)
     renderer = Renderer(pipe=build_tiny_pipeline(), device=torch.device("cpu"), dtype=torch.float32)
-    rt = Runtime(settings=settings, status=status, store=store, renderer=renderer,
-                 heartbeat=Heartbeat(status, lease_ttl=1.5), spool=Spool(store, tmp_path / "spool", 10**8))  # fmt: skip
+    rt = Runtime(
+        settings=settings,
+        status=status,
+        store=store,
+        renderer=renderer,
+        heartbeat=Heartbeat(status, lease_ttl=1.5),
+        spool=Spool(store, tmp_path / "spool", 10**8),
+    )
     job_id = uuid.uuid4().hex
     request = {"image": image, "width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2}
     with pytest.raises(redis.ConnectionError):

@@ -35,9 +35,13 @@ def uploaded_image(s3: Any, image_file: Path) -> str:
 
 
 def test_a_storage_outage_is_retried_and_then_succeeds(
-    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path,
+    svdq_env: dict[str, str],
+    start_worker: Any,
+    s3_proxy: CuttableProxy,
+    s3: Any,
+    image_file: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)  # the worker reaches S3 through the proxy
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "3")
     fresh = start_worker()
@@ -58,9 +62,13 @@ def test_a_storage_outage_is_retried_and_then_succeeds(
 
 
 def test_retries_stop_at_max_attempts_with_the_last_error(
-    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path,
+    svdq_env: dict[str, str],
+    start_worker: Any,
+    s3_proxy: CuttableProxy,
+    s3: Any,
+    image_file: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
     monkeypatch.setitem(svdq_env, "SVDQ_MAX_ATTEMPTS", "2")
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
@@ -75,11 +83,17 @@ def test_retries_stop_at_max_attempts_with_the_last_error(
 
 
 def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
-    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path,
-) -> None:  # fmt: skip
+    svdq_env: dict[str, str],
+    start_worker: Any,
+    s3_proxy: CuttableProxy,
+    s3: Any,
+    image_file: Path,
+    tmp_path: Path,
+) -> None:
     spool = tmp_path / "spool"
-    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_RETRY_BACKOFF": "1",
-                              "SVDQ_SPOOL_DIR": str(spool)})  # fmt: skip
+    fresh = start_worker(
+        env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_RETRY_BACKOFF": "1", "SVDQ_SPOOL_DIR": str(spool)}
+    )
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
         job = client.submit(image, **SLOW)
@@ -102,14 +116,25 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
 
 
 def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_end_announced(
-    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path,
-) -> None:  # fmt: skip
+    svdq_env: dict[str, str],
+    start_worker: Any,
+    s3_proxy: CuttableProxy,
+    s3: Any,
+    image_file: Path,
+    tmp_path: Path,
+) -> None:
     """Canceled after its last progress check: the worker drops the video and its lease, and says the job
     ended (webhook, Flower, metrics), as it does for a cancel while rendering."""
     spool, receiver = tmp_path / "spool", Receiver()
-    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_RETRY_BACKOFF": "1",
-                              "SVDQ_SPOOL_DIR": str(spool), "SVDQ_WEBHOOK_SECRET": SECRET,
-                              "SVDQ_WEBHOOK_ALLOW_PRIVATE": "1"})  # fmt: skip
+    fresh = start_worker(
+        env={
+            "SVDQ_S3_ENDPOINT_URL": s3_proxy.url,
+            "SVDQ_RETRY_BACKOFF": "1",
+            "SVDQ_SPOOL_DIR": str(spool),
+            "SVDQ_WEBHOOK_SECRET": SECRET,
+            "SVDQ_WEBHOOK_ALLOW_PRIVATE": "1",
+        }
+    )
     image = uploaded_image(s3, image_file)
     try:
         with Client.from_env(queue=fresh.queue, webhook_allow_private=True) as client:
@@ -120,7 +145,9 @@ def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_en
             assert job.cancel().state is JobState.CANCELED
             calls = receiver.events(2, timeout=60)
         assert [Webhook(SECRET).verify(body, headers)["type"] for headers, body in calls] == [
-            "job.started", "job.canceled"]  # fmt: skip
+            "job.started",
+            "job.canceled",
+        ]
         deadline = time.monotonic() + 30
         while [p for p in spool.rglob("*") if p.is_file()]:  # dropped at its next try
             assert time.monotonic() < deadline, "the canceled job's video is still spooled"
@@ -131,8 +158,12 @@ def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_en
 
 
 def test_a_full_spool_fails_the_job_clearly(
-    svdq_env: dict[str, str], start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path,
-) -> None:  # fmt: skip
+    svdq_env: dict[str, str],
+    start_worker: Any,
+    s3_proxy: CuttableProxy,
+    s3: Any,
+    image_file: Path,
+) -> None:
     fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_SPOOL_MAX_BYTES": "100"})
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:

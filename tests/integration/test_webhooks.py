@@ -78,8 +78,9 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-def test_started_and_succeeded_arrive_signed(hooks_env: dict[str, str], start_worker: Any, receiver: Receiver,
-                                             image_file: Path) -> None:  # fmt: skip
+def test_started_and_succeeded_arrive_signed(
+    hooks_env: dict[str, str], start_worker: Any, receiver: Receiver, image_file: Path
+) -> None:
     fresh = start_worker()
     with Client.from_env(queue=fresh.queue) as client:
         record = client.submit(image_file, **SMALL, webhook=receiver.url).wait(timeout=120)

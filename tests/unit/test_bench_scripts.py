@@ -12,8 +12,13 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def run(script: str, *args: str, env: dict[str, str] | None = None) -> list[dict]:
-    run = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=240,
-                         env={**os.environ, **(env or {})})  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines and all({"bench", "figure", "value"} <= set(line) for line in lines)
@@ -27,8 +32,17 @@ def test_encode_bench_reports_speed_and_size_ratios() -> None:
 
 
 def test_gpu_bench_runs_small_on_a_cpu() -> None:
-    lines = run("gpu_svd.py", "--small", "--repeat", "1", "--variants", "cudnn_benchmark,vae_compile", "--profile", "3",
-                env={"SVDQ_COMPILE_BACKEND": "aot_eager"})  # fmt: skip
+    lines = run(
+        "gpu_svd.py",
+        "--small",
+        "--repeat",
+        "1",
+        "--variants",
+        "cudnn_benchmark,vae_compile",
+        "--profile",
+        "3",
+        env={"SVDQ_COMPILE_BACKEND": "aot_eager"},
+    )
     figures = {(line["path"], line["figure"]): line["value"] for line in lines}
     paths = {"load", "stock", "lowvram", "svdq", "svdq_cudnn_benchmark", "vae_compile", "profile"}
     assert {line["path"] for line in lines} == paths
@@ -41,8 +55,9 @@ def test_gpu_bench_runs_small_on_a_cpu() -> None:
 
 def test_svdq_bench_prints_a_table_or_json_lines() -> None:
     svdq = str(Path(sys.executable).with_name("svdq"))
-    table = subprocess.run([svdq, "bench", "--small", "--paths", "stock,svdq"], capture_output=True, text=True,
-                           timeout=240)  # fmt: skip
+    table = subprocess.run(
+        [svdq, "bench", "--small", "--paths", "stock,svdq"], capture_output=True, text=True, timeout=240
+    )
     assert table.returncode == 0, table.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[2:]}
     assert set(rows) == {"stock", "svdq"} and float(rows["svdq"][1]) > 0  # total seconds

@@ -25,8 +25,10 @@ def test_a_folder_mirrors_its_layout_and_same_stem_images_keep_their_suffix(tmp_
     (tmp_path / "a" / "readme.md").write_text("skipped")
     items = read_inputs(tmp_path)
     assert [(i.source, str(i.output)) for i in items] == [
-        ("a/b/dog.PNG", "a/b/dog"), ("a/cat.jpg", "a/cat.jpg"), ("a/cat.png", "a/cat.png")
-    ]  # fmt: skip
+        ("a/b/dog.PNG", "a/b/dog"),
+        ("a/cat.jpg", "a/cat.jpg"),
+        ("a/cat.png", "a/cat.png"),
+    ]
     assert plan(items, {}, Settings()) == []
     assert [str(i.output) for i in items] == ["a/b/dog.mp4", "a/cat.jpg.mp4", "a/cat.png.mp4"]
 
@@ -59,9 +61,14 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path) -> Non
     with pytest.raises(ManifestError, match="line 1: unknown column 'frame_count'"):
         read_inputs(bad_header)
     manifest = tmp_path / "m.jsonl"
-    rows = [{"image": "ok.png", "output": "a"}, {"image": "ok.png", "steps": "many"}, {"image": "ok.png", "color": 1},
-            {"image": "/etc/passwd.png"}, {"image": "ok.png", "output": "/abs"}, {"image": "ok.png", "output": "a",
-            "seed": 9}]  # fmt: skip
+    rows = [
+        {"image": "ok.png", "output": "a"},
+        {"image": "ok.png", "steps": "many"},
+        {"image": "ok.png", "color": 1},
+        {"image": "/etc/passwd.png"},
+        {"image": "ok.png", "output": "/abs"},
+        {"image": "ok.png", "output": "a", "seed": 9},
+    ]
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     items = read_inputs(manifest)
     problems = plan(items, {}, Settings())

@@ -54,8 +54,9 @@ def test_version_and_worker_help_without_a_model() -> None:
 
 def test_a_configuration_mistake_is_one_line_not_a_traceback() -> None:
     for env in ({"SVDQ_STORAGE_URL": "/var/renders"}, {"SVDQ_MAX_FRAMES": "lots"}):
-        out = subprocess.run([SVDQ, "list"], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
-                             timeout=30)  # fmt: skip
+        out = subprocess.run(
+            [SVDQ, "list"], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert out.stderr.startswith("svdq: configuration: SVDQ_"), out.stderr
 
@@ -63,8 +64,13 @@ def test_a_configuration_mistake_is_one_line_not_a_traceback() -> None:
 def test_a_worker_refuses_a_decode_chunk_size_no_request_could_ask_for() -> None:
     # 0 and -3 used to start a worker whose every job then failed `internal`.
     for value in ("0", "-3", "129"):
-        out = subprocess.run([SVDQ, "worker"], env={"PATH": "/usr/bin:/bin", "SVDQ_DECODE_CHUNK_SIZE": value},
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [SVDQ, "worker"],
+            env={"PATH": "/usr/bin:/bin", "SVDQ_DECODE_CHUNK_SIZE": value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith("svdq worker: configuration: SVDQ_DECODE_CHUNK_SIZE: "), out.stderr
         assert "Traceback" not in out.stderr

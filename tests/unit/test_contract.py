@@ -102,8 +102,13 @@ def test_retry_backoff_doubles_with_jitter_and_a_cap() -> None:
 
 def test_a_worker_reads_its_model_and_any_model_at_each_priority_level() -> None:
     assert worker_queues("celery", "svd-xt") == [
-        "celery@svd-xt.high", "celery.high", "celery@svd-xt", "celery", "celery@svd-xt.low", "celery.low",
-    ]  # fmt: skip
+        "celery@svd-xt.high",
+        "celery.high",
+        "celery@svd-xt",
+        "celery",
+        "celery@svd-xt.low",
+        "celery.low",
+    ]
     assert check_inputs({"model": "svd-xt"}).model == "svd-xt"
 
 
@@ -115,8 +120,10 @@ def test_a_sentinel_url_gives_its_nodes_password_and_db_and_is_redacted_in_logs(
     assert sentinel_options(Settings(redis_url="redis://localhost:6379/0")) == {}
 
 
-@pytest.mark.parametrize("bad", [12345, 1.5, None, True, [1], {"a": 1}, "", "a/../b", "../../x", "x\nFAKE", "a" * 65,
-                                 "nul\x00", "sp ace", "é"])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [12345, 1.5, None, True, [1], {"a": 1}, "", "a/../b", "../../x", "x\nFAKE", "a" * 65, "nul\x00", "sp ace", "é"],
+)
 def test_job_ids_have_one_grammar_checked_where_a_path_is_built(bad: object) -> None:
     with pytest.raises(InvalidParameter) as refused:
         check_job_id(bad)

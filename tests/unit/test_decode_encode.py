@@ -37,9 +37,20 @@ def ffmpeg_decode(data: bytes, suffix: str) -> tuple[int, bytes]:
         fh.write(data)
         fh.flush()
         run = subprocess.run(
-            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", fh.name, "-f", "rawvideo", "-pix_fmt", "rgb24",
-             "-"], capture_output=True, check=True,
-        )  # fmt: skip
+            [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                "-hide_banner",
+                "-i",
+                fh.name,
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-",
+            ],
+            capture_output=True,
+            check=True,
+        )
     return len(run.stdout), run.stderr
 
 
@@ -78,8 +89,16 @@ def test_streamed_frames_equal_the_stock_pipeline_all_at_once(pipe: Any) -> None
     streamed, _ = decode_all(pipe.vae, latents, 3)
 
     with torch.no_grad():
-        stock = pipe(image, width=64, height=64, num_frames=6, num_inference_steps=2, decode_chunk_size=3,
-                     generator=torch.Generator("cpu").manual_seed(5), output_type="np").frames[0]  # fmt: skip
+        stock = pipe(
+            image,
+            width=64,
+            height=64,
+            num_frames=6,
+            num_inference_steps=2,
+            decode_chunk_size=3,
+            generator=torch.Generator("cpu").manual_seed(5),
+            output_type="np",
+        ).frames[0]
     stock_u8 = (stock * 255).round().astype(np.uint8)
     assert streamed.shape == stock_u8.shape
     assert np.abs(streamed.astype(int) - stock_u8.astype(int)).max() <= 1
@@ -154,10 +173,29 @@ def test_yuv_conversion_round_trips_through_ffmpeg() -> None:
     yuv = to_yuv420p(as_vae_output)
     assert yuv.shape == (4, 48 * 64 * 3 // 2) and yuv.dtype == np.uint8
     run = subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt",
-         "yuv420p", "-s", "64x48", "-i", "-", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        input=yuv.tobytes(), capture_output=True, check=True,
-    )  # fmt: skip
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "yuv420p",
+            "-s",
+            "64x48",
+            "-i",
+            "-",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ],
+        input=yuv.tobytes(),
+        capture_output=True,
+        check=True,
+    )
     back = np.frombuffer(run.stdout, dtype=np.uint8).reshape(frames.shape)
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3.0
 
@@ -199,8 +237,11 @@ def test_the_encoder_leaves_no_files_behind(tmp_path: Path, monkeypatch: pytest.
     finally:
         tempfile.tempdir = None
     assert list(tmp_path.iterdir()) == []
-    assert not any("svdq-video" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-                   if os.path.exists(f"/proc/self/fd/{fd}"))  # fmt: skip
+    assert not any(
+        "svdq-video" in os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
 
 
 def test_the_encoder_refuses_frames_of_the_wrong_shape_and_reports_ffmpeg_errors() -> None:

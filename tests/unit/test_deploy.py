@@ -18,8 +18,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parents[2]
-ENV = {"MINIO_ROOT_PASSWORD": "pw-for-config", "FLOWER_BASIC_AUTH": "ops:pw-for-config", "HF_TOKEN": "hf_test",
-       "SVDQ_API_KEYS": "app:key-for-config"}  # fmt: skip
+ENV = {
+    "MINIO_ROOT_PASSWORD": "pw-for-config",
+    "FLOWER_BASIC_AUTH": "ops:pw-for-config",
+    "HF_TOKEN": "hf_test",
+    "SVDQ_API_KEYS": "app:key-for-config",
+}
 
 
 def need(tool: str) -> str:
@@ -140,10 +144,26 @@ def test_the_images_pins_resolve_together() -> None:
     """pip resolves the image's install (torch, then svdq with its worker, flower and gateway extras) against
     the lock."""
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
-         "-c", "constraints.txt", "torch", ".[worker,flower,gateway]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            "-",
+            "-c",
+            "constraints.txt",
+            "torch",
+            ".[worker,flower,gateway]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)["install"]
     chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report}

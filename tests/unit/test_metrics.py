@@ -19,13 +19,16 @@ def record(**fields: object) -> JobRecord:
 def test_a_job_s_record_becomes_counters_and_histograms() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.job_started(record(state="started", created_at="2026-01-01T00:00:00.000Z",
-                               started_at="2026-01-01T00:00:02.500Z"))  # fmt: skip
-    metrics.job_ended(record(
-        timings={"load": 9.0, "denoise": 3.0, "decode": 0.5},
-        result={"key": "k", "url": None, "bytes": 1, "frames": 25, "width": 64, "height": 64, "fps": 7, "seed": 1},
-        memory={"decode_chunk_size": 8, "peak_bytes": 3 * 1024**3},
-    ))  # fmt: skip
+    metrics.job_started(
+        record(state="started", created_at="2026-01-01T00:00:00.000Z", started_at="2026-01-01T00:00:02.500Z")
+    )
+    metrics.job_ended(
+        record(
+            timings={"load": 9.0, "denoise": 3.0, "decode": 0.5},
+            result={"key": "k", "url": None, "bytes": 1, "frames": 25, "width": 64, "height": 64, "fps": 7, "seed": 1},
+            memory={"decode_chunk_size": 8, "peak_bytes": 3 * 1024**3},
+        )
+    )
     metrics.job_ended(record(state="failed", error={"code": "out_of_memory", "message": "m"}))
     value = registry.get_sample_value
     assert value("svdq_queue_wait_seconds_sum") == 2.5

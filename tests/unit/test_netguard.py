@@ -11,22 +11,45 @@ from producer.netguard import UnsafeURL, check_url, is_public
 
 def resolver(*addresses: str):  # type: ignore[no-untyped-def]
     def resolve(host: str, port: int, **_: object) -> list[tuple]:
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-                for a in addresses]  # fmt: skip
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses
+        ]
 
     return resolve
 
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1", "fc00::1",
-     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1",
-     # IPv6 forms that embed an IPv4 address and route to it: NAT64, 6to4, IPv4-compatible, Teredo
-     "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:7f00:1::1", "2002:a9fe:a9fe::1",
-     "::127.0.0.1", "::10.0.0.1", "2001:0:4136:e378:8000:63bf:80ff:fffe",
-     # RFC 6052's other layouts under the local-use prefix, and SIIT's form
-     "64:ff9b:1:0:7f:0:100:0", "64:ff9b:1:0:a:0:5ff:0", "64:ff9b:1:a9fe:a9:fe00:808:808", "::ffff:0:7f00:1"],
-)  # fmt: skip
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "0.0.0.0",
+        "100.64.0.1",
+        "224.0.0.1",
+        # IPv6 forms that embed an IPv4 address and route to it: NAT64, 6to4, IPv4-compatible, Teredo
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::a00:1",
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::1",
+        "::127.0.0.1",
+        "::10.0.0.1",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",
+        # RFC 6052's other layouts under the local-use prefix, and SIIT's form
+        "64:ff9b:1:0:7f:0:100:0",
+        "64:ff9b:1:0:a:0:5ff:0",
+        "64:ff9b:1:a9fe:a9:fe00:808:808",
+        "::ffff:0:7f00:1",
+    ],
+)
 def test_non_public_addresses_are_refused(address: str) -> None:
     assert not is_public(address)
     with pytest.raises(UnsafeURL, match="non-public"):
@@ -41,7 +64,11 @@ def test_one_private_address_among_public_ones_is_enough_to_refuse() -> None:
 def test_public_addresses_pass_and_the_checked_one_is_kept() -> None:
     checked = check_url("https://hooks.example.com:8443/in?a=1", resolve=resolver("93.184.216.34"))
     assert (checked.host, checked.port, checked.address, checked.path) == (
-        "hooks.example.com", 8443, "93.184.216.34", "/in?a=1")  # fmt: skip
+        "hooks.example.com",
+        8443,
+        "93.184.216.34",
+        "/in?a=1",
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,8 +88,10 @@ def test_embedded_public_ipv4_stays_allowed(address: str) -> None:
     assert is_public(address)
 
 
-@pytest.mark.parametrize("url", ["http://[::1", "http://example.com:99999/x", "http://example.com:port/x",
-                                 f"http://{'a' * 64}.example.com/x"])  # fmt: skip
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1", "http://example.com:99999/x", "http://example.com:port/x", f"http://{'a' * 64}.example.com/x"],
+)
 def test_malformed_urls_are_unsafe_not_crashes(url: str) -> None:
     with pytest.raises(UnsafeURL, match="malformed"):
         check_url(url)

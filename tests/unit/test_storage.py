@@ -67,8 +67,12 @@ def test_unreadable_names_are_permanent_input_errors_not_outages(tmp_path: Path)
 
     store = FileStore(tmp_path)
     (tmp_path / "inputs").mkdir()
-    cases = {"inputs/a\x00b.png": ObjectNotFound, "inputs": ObjectNotFound, "x" * 300 + ".png": ObjectNotFound,
-             (tmp_path / "inputs").as_uri(): ObjectNotFound}  # fmt: skip
+    cases = {
+        "inputs/a\x00b.png": ObjectNotFound,
+        "inputs": ObjectNotFound,
+        "x" * 300 + ".png": ObjectNotFound,
+        (tmp_path / "inputs").as_uri(): ObjectNotFound,
+    }
     for ref, kind in cases.items():
         with pytest.raises(kind):
             store.read(ref)
@@ -81,8 +85,14 @@ def test_s3_allow_list_prefixes_end_at_a_slash_and_refuse_dot_dot() -> None:
     store = S3Store(object(), "svdq", "renders", allow=["s3://other/public", "s3://whole"])
     assert store.may_read("s3://svdq/renders/inputs/a.png") and store.may_read("inputs/a.png")
     assert store.may_read("s3://other/public/a.png") and store.may_read("s3://whole/any/key.png")
-    for ref in ("s3://other/publicity/a.png", "s3://svdq/elsewhere/a.png", "s3://svdq/renders/../x.png",
-                "../x.png", "s3://private/hr/scan.png", "/etc/passwd"):  # fmt: skip
+    for ref in (
+        "s3://other/publicity/a.png",
+        "s3://svdq/elsewhere/a.png",
+        "s3://svdq/renders/../x.png",
+        "../x.png",
+        "s3://private/hr/scan.png",
+        "/etc/passwd",
+    ):
         assert not store.may_read(ref), ref
         with pytest.raises(ObjectNotFound, match="that this service may read"):
             store.read(ref)  # refused before any request (the client here is not even an S3 client)

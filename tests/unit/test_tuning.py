@@ -124,8 +124,16 @@ def test_every_transform_together_in_fp16_through_the_render_path() -> None:
     timings: dict[str, float] = {}
     memory: dict[str, Any] = {}
     stages: list[str] = []
-    pending = start_video(renderer, Image.new("RGB", (64, 64)), PARAMS, 0, WorkerSettings(), timings=timings,
-                          memory=memory, progress=lambda stage, *a, **k: stages.append(stage))  # fmt: skip
+    pending = start_video(
+        renderer,
+        Image.new("RGB", (64, 64)),
+        PARAMS,
+        0,
+        WorkerSettings(),
+        timings=timings,
+        memory=memory,
+        progress=lambda stage, *a, **k: stages.append(stage),
+    )
     video = pending.finish()
     assert video.frames == 4 and video.data[4:8] == b"ftyp"
     assert stages[0] == "compile" and "denoise" in stages  # a first shape compiles first, and says so
@@ -183,8 +191,13 @@ def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # set by the load; restored after the test
         monkeypatch.setenv(name, str(tmp_path / "unused"))
     model = make_tiny_model(tmp_path / "tiny")
-    settings = WorkerSettings(model=str(model), compile=True, compile_backend="aot_eager",
-                              compile_cache_dir=str(tmp_path / "cache"), compile_shapes="64x64x3")  # fmt: skip
+    settings = WorkerSettings(
+        model=str(model),
+        compile=True,
+        compile_backend="aot_eager",
+        compile_cache_dir=str(tmp_path / "cache"),
+        compile_shapes="64x64x3",
+    )
     renderer = load_renderer(settings)
     assert renderer.tuned.compiled_regions == 18 and renderer.load_seconds > 0
     assert (tmp_path / "cache" / "inductor").is_dir()
@@ -234,8 +247,14 @@ def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) ->
     """)
     runs = []
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=240, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=True,
+        )
         loaded, seconds, size = out.stdout.split()
         runs.append((loaded == "True", float(seconds), int(size)))
     (cold_loaded, cold, cold_size), (warm_loaded, warm, _) = runs
@@ -247,8 +266,13 @@ def test_out_of_memory_retries_once_with_the_feed_forward_split_then_restores_it
     """The OOM path toggles modules inside compiled regions: it must render the same and leave no split behind."""
     pipe = tiny()
     renderer = Renderer(pipe=pipe, device=CPU, dtype=torch.float32)
-    renderer.tuned = tune(pipe, CPU, torch.float32, TuneOptions(compile=True, compile_backend="aot_eager"),
-                          attention_shapes(pipe.unet, 64, 64, 4, 4))  # fmt: skip
+    renderer.tuned = tune(
+        pipe,
+        CPU,
+        torch.float32,
+        TuneOptions(compile=True, compile_backend="aot_eager"),
+        attention_shapes(pipe.unet, 64, 64, 4, 4),
+    )
     image = Image.new("RGB", (64, 64), (90, 160, 30))
     expected = renderer.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)
     renderer.compile_new_shapes = False  # as after a warm-up
@@ -286,9 +310,17 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
     steps: list[int] = []
     pending = None
     with pytest.raises(Stop):
-        pending = start_video(renderer, Image.new("RGB", (64, 64)), PARAMS, 0, WorkerSettings(), timings={},
-                              memory={}, progress=lambda stage, *a, **k: steps.append(k.get("step", 0)),
-                              checkpoint=checkpoint)  # fmt: skip
+        pending = start_video(
+            renderer,
+            Image.new("RGB", (64, 64)),
+            PARAMS,
+            0,
+            WorkerSettings(),
+            timings={},
+            memory={},
+            progress=lambda stage, *a, **k: steps.append(k.get("step", 0)),
+            checkpoint=checkpoint,
+        )
     assert pending is None and len(calls) == 3 and max(steps) == 0  # stopped before any step ended
     assert renderer.checkpoint is None  # the next job starts clean
     latents(pipe)  # and renders
