@@ -131,7 +131,11 @@ def supervise(spec: str, argv: list[str]) -> int:
     import torch
 
     gpus = parse_gpus(spec, torch.cuda.device_count())
-    supervisor = Supervisor(gpus, lambda gpu: worker_command(gpu, argv, dict(os.environ)))
+    return run_until_signalled(Supervisor(gpus, lambda gpu: worker_command(gpu, argv, dict(os.environ))))
+
+
+def run_until_signalled(supervisor: Supervisor) -> int:
+    """Run it in this process until SIGTERM or SIGINT, which stop every child with SIGTERM."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: supervisor.stop(signal.SIGTERM))
     return supervisor.run()

@@ -89,6 +89,9 @@ def svdq_env(redis_url: str, s3_endpoint: str, tiny_model: Path) -> Iterator[dic
         "AWS_ACCESS_KEY_ID": "svdq-test-key",
         "AWS_SECRET_ACCESS_KEY": "svdq-test-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
+        # On a GPU host every test worker would compile the UNet at start (auto = on CUDA): minutes each.
+        # The compiled path has its own tests (tests/unit/test_tuning.py); set SVDQ_COMPILE to run these with it.
+        "SVDQ_COMPILE": os.environ.get("SVDQ_COMPILE", "0"),
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

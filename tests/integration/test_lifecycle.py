@@ -159,7 +159,7 @@ def test_one_idempotency_key_gives_one_job_under_concurrent_submits(svdq_env: di
         assert client.redis.llen(queue) == 1
         record = client.job(ids[0]).status()
         assert record.idempotency_key == key
-        assert client.redis.ttl(keys.idempotency(key)) > 0  # keys expire, with the record once it ends
+        assert client.redis.ttl(keys.idempotency(key)) > 0  # never kept forever (its end: test_records.py)
 
 
 def test_list_by_state_from_the_indexes(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
@@ -109,8 +110,10 @@ def test_metrics_after_two_jobs(start_worker: Any, image_file: Path, s3: Any) ->
     assert m[("svdq_stage_seconds_count", (("stage", "load"),))] == 1
     assert m[("svdq_queue_wait_seconds_count", ())] == 2
     assert m[("svdq_model_warm", ())] == 1
-    assert m[("svdq_worker_info", (("device", "cpu"), ("model", "tiny")))] == 1
-    assert m[("svdq_gpu_peak_bytes_count", ())] == 0  # no GPU here: no peak to report
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the worker's SVDQ_DEVICE=auto picks here
+    assert m[("svdq_worker_info", (("device", device), ("model", "tiny")))] == 1
+    # A peak for each job that reached the GPU (the rendered one); a CPU has no peak to report.
+    assert m[("svdq_gpu_peak_bytes_count", ())] == (1 if device == "cuda" else 0)
 
 
 def test_jobs_reach_the_worker_serving_their_model_and_top_shows_the_rest(

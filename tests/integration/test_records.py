@@ -3,7 +3,9 @@ ends."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,27 @@ def test_terminal_records_expire(client: Client, worker: WorkerProcess, image_fi
     job.wait(timeout=120)
     ttl = client.redis.ttl(keys.job(job.id))
     assert 0 < ttl <= client.settings.result_ttl
+
+
+def test_an_ended_jobs_idempotency_key_expires_with_its_record(redis_url: str) -> None:
+    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
+    job_id, key = uuid.uuid4().hex, f"order-{uuid.uuid4().hex}"
+    assert store.create(job_id, {"image": "x"}, idempotency_key=key) is True
+    time.sleep(1.5)  # the key was set for 60 s at creation; the job's end must give it 60 s from then on
+    store.transition(job_id, JobState.CANCELED)
+    record_ms, key_ms = store.redis.pttl(keys.job(job_id)), store.redis.pttl(keys.idempotency(key))
+    assert record_ms > 59_000 and abs(record_ms - key_ms) < 500, (record_ms, key_ms)
+
+
+def test_the_state_index_forgets_jobs_that_ended_longer_than_the_ttl_ago(redis_url: str) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60, clock=lambda: now[0])
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    canceled = keys.state_index(JobState.CANCELED.value)
+    for job_id in (old, new):
+        store.create(job_id, {"image": "x"})
+    store.transition(old, JobState.CANCELED)
+    assert store.redis.zscore(canceled, old) is not None
+    now[0] += timedelta(seconds=61)  # past the old job's TTL: its record is gone, so is its entry
+    store.transition(new, JobState.CANCELED)
+    assert store.redis.zscore(canceled, old) is None and store.redis.zscore(canceled, new) is not None

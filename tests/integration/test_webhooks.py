@@ -26,20 +26,26 @@ pytestmark = pytest.mark.integration
 
 
 class Receiver:
-    """Records every POST; answers 503 to the first `fail_first` of them."""
+    """Records every POST; answers 503 to the first `fail_first` of them; with `hold`, answers only once
+    `release` is set."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, hold: bool = False):
         self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.fail_first = fail_first
+        self.fail_first, self.answered = fail_first, 0
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 receiver.requests.append((dict(self.headers), body))
+                receiver.release.wait(300)
                 status = 503 if len(receiver.requests) <= receiver.fail_first else 204
                 self.send_response(status)
                 self.end_headers()
+                receiver.answered += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -98,7 +104,7 @@ def test_started_and_succeeded_arrive_signed(
     assert all(SECRET not in json.dumps(headers) + body.decode() for headers, body in calls)
 
 
-def test_a_failing_endpoint_is_retried_and_never_delays_the_next_render(
+def test_a_failing_endpoint_is_retried_with_the_same_message_id(
     hooks_env: dict[str, str], start_worker: Any, image_file: Path
 ) -> None:
     flaky = Receiver(fail_first=2)
@@ -106,13 +112,34 @@ def test_a_failing_endpoint_is_retried_and_never_delays_the_next_render(
         fresh = start_worker()
         with Client.from_env(queue=fresh.queue) as client:
             first = client.submit(image_file, **SMALL, webhook=flaky.url).wait(timeout=120)
-            second = client.submit(image_file, **SMALL).wait(timeout=120)
-        assert first.state is second.state is JobState.SUCCEEDED
+        assert first.state is JobState.SUCCEEDED
         calls = flaky.events(4)  # 503, 503, then delivered; then the succeeded event
         ids = [headers["webhook-id"] for headers, _ in calls]
         assert ids[0] == ids[1] == ids[2] != ids[3]  # the same message, retried
     finally:
         flaky.close()
+
+
+def test_an_endpoint_that_never_answers_delays_no_render(
+    hooks_env: dict[str, str], start_worker: Any, image_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The endpoint holds every call until both jobs have succeeded, and the worker waits up to 120 s for an
+    # answer: a sender on the render path would hold the first job (and the second behind it) past the waits.
+    for name, value in {"SVDQ_WEBHOOK_TIMEOUT": "120", "SVDQ_WEBHOOK_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setitem(hooks_env, name, value)
+        monkeypatch.setenv(name, value)
+    held = Receiver(hold=True)
+    try:
+        fresh = start_worker()
+        with Client.from_env(queue=fresh.queue) as client:
+            first = client.submit(image_file, **SMALL, webhook=held.url)
+            second = client.submit(image_file, **SMALL)
+            records = first.wait(timeout=60), second.wait(timeout=60)
+        assert [r.state for r in records] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
+        assert held.requests and held.answered == 0  # called, and still not answered
+    finally:
+        held.release.set()
+        held.close()
 
 
 def test_a_job_revoked_while_queued_is_announced_once(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +43,7 @@ def wait_for(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped
         time.sleep(0.05)
 
 
-def test_a_crashed_child_is_restarted_and_sigterm_stops_them_all() -> None:
+def test_a_crashed_child_is_restarted_and_stop_ends_them_all() -> None:
     supervisor = Supervisor([0, 1], sleeper, backoff_max=1)
     result: list[int] = []
     runner = threading.Thread(target=lambda: result.append(supervisor.run(poll=0.05)))
@@ -76,3 +78,38 @@ def test_a_child_whose_model_cannot_load_is_retried_with_growing_waits_and_named
     assert all("its model failed to load" in m for m in messages)
     assert "restarting in 1s" in messages[0] and "restarting in 2s" in messages[1]  # backs off, capped at 2
     assert "failure 2 in a row" in messages[1]
+
+
+def test_sigterm_to_the_supervisors_process_stops_every_child(tmp_path: Path) -> None:
+    code = (
+        "import sys; from worker.supervisor import Supervisor, run_until_signalled; "
+        "from tests.unit.test_supervisor import pid_writer; "
+        "sys.exit(run_until_signalled(Supervisor([0, 1], pid_writer(sys.argv[1]))))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root)
+    try:
+        wait_for(lambda: len(list(tmp_path.iterdir())) == 2)
+        children = [int(p.name) for p in tmp_path.iterdir()]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        for pid in children:  # each child was stopped and reaped, not left running in its own session
+            wait_for(lambda pid=pid: not alive(pid))
+    finally:
+        proc.kill()
+
+
+def pid_writer(folder: str):  # type: ignore[no-untyped-def]
+    def command(gpu: int) -> tuple[list[str], dict[str, str]]:
+        child = f"import os, time; open(os.path.join({folder!r}, str(os.getpid())), 'w').close(); time.sleep(120)"
+        return [sys.executable, "-c", child], {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+
+    return command
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
