@@ -191,6 +191,55 @@ def test_ctrl_c_leaves_the_jobs_running_and_a_rerun_completes_them(
     assert sorted(p.name for p in out.glob("*.mp4")) == ["p0.mp4", "p1.mp4", "p2.mp4"]
 
 
+def test_skip_invalid_and_no_wait_submit_the_good_rows_and_report_the_bad_ones(
+    svdq_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**svdq_env, "SVDQ_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}"}  # no worker: --no-wait must not wait
+    picture(tmp_path / "ok.png", 20)
+    picture(tmp_path / "also-ok.png", 90)
+    csv = tmp_path / "rows.csv"
+    csv.write_text("image,frames\nok.png,4\nmissing.png,4\nalso-ok.png,999\nalso-ok.png,4\n")
+    out = tmp_path / "out"
+    jobs_before = job_count(env)
+    run = bulk(env, str(csv), "--out", str(out), *SIZE, "--skip-invalid", "--no-wait", "--json", timeout=60)
+    summary = json.loads(run.stdout)
+    assert summary["jobs_submitted"] == 2 and job_count(env) - jobs_before == 2, run.stderr
+    lines = [json.loads(line) for line in (out / "svdq-bulk.jsonl").read_text().splitlines()]
+    assert sorted(line["state"] for line in lines) == ["failed", "failed", "queued", "queued"]
+    bad = {line["error"]["message"] for line in lines if line["state"] == "failed"}
+    assert bad == {"image: no such file: missing.png", "num_frames: must be 1 to 128 (got 999)"}
+    assert run.returncode == 1  # the summary names the two bad rows; the good ones wait for a worker
+    assert not list(out.glob("*.mp4"))
+
+
+def test_cancel_on_interrupt_cancels_what_is_unfinished(svdq_env: dict[str, str], tmp_path: Path) -> None:
+    queue = f"bulk-{uuid.uuid4().hex[:8]}"
+    env = {**svdq_env, "SVDQ_QUEUE": queue}
+    src, out = tmp_path / "src", tmp_path / "out"
+    for n in range(2):
+        picture(src / f"p{n}.png", 11 + 50 * n)
+    running = subprocess.Popen(
+        [SVDQ, "bulk", str(src), "--out", str(out), *SIZE, "--cancel-on-interrupt"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
+    deadline = time.monotonic() + 60
+    while r.llen(f"{queue}.low") < 2:
+        assert time.monotonic() < deadline and running.poll() is None, running.communicate()
+        time.sleep(0.2)
+    r.close()
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=30)
+    assert running.returncode == 130 and "canceled 2 unfinished jobs" in stderr, stderr
+    lines = report(out).values()
+    assert {line["state"] for line in lines} == {"canceled"}
+    with Client.from_env(queue=queue) as client:
+        assert {client.job(line["job_id"]).status().state.value for line in lines} == {"canceled"}
+
+
 def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
     """submit_many pushes messages it builds itself (producer.wire): they must stay what Celery would send."""
     queue = f"wire-{uuid.uuid4().hex[:8]}"

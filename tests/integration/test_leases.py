@@ -13,7 +13,7 @@ import redis
 from producer import keys
 from producer.contract import JobState
 from producer.status import AttemptsExhausted, Leased, StatusStore, Superseded
-from worker.recovery import Recovery
+from worker.recovery import Recovery, Sweeper
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +91,75 @@ def test_a_second_create_never_touches_an_existing_record(store: StatusStore) ->
     assert store.create(job_id, {"image": "y"}) is False
     record = store.get(job_id)
     assert (record.state, record.attempts, record.request) == (JobState.STARTED, 1, {"image": "x"})
+
+
+def abandoned_job(store: StatusStore) -> str:
+    job_id = new_job(store)
+    store.claim(job_id, "a/1", lease_seconds=0.1, worker="a")
+    time.sleep(0.25)
+    return job_id
+
+
+def recovery_sending_to(store: StatusStore, sent: list[Any], **options: Any) -> Recovery:
+    return Recovery(store, lambda *m: sent.append(m), lease_ttl=0.1, max_attempts=3, default_queue="unused", **options)
+
+
+def test_a_job_another_sweeper_is_recovering_is_left_to_it(store: StatusStore) -> None:
+    job_id = abandoned_job(store)
+    other: list[Any] = []
+    mine: list[Any] = []
+    assert recovery_sending_to(store, other).fleet.lock_recovery(job_id, 30)  # another host's sweep holds it
+    assert recovery_sending_to(store, mine).recover(job_id) is None
+    assert mine == [] and store.get(job_id).state is JobState.STARTED
+
+
+def test_a_job_claimed_during_its_recovery_stays_with_the_worker_that_claimed_it(store: StatusStore) -> None:
+    """The job's redelivered message reaches a live worker between the sweeper's read and its write: the
+    sweeper's write is fenced out, and its own message will be dropped by the claim (the lease is held)."""
+    job_id = abandoned_job(store)
+    sent: list[Any] = []
+
+    def send(*message: Any) -> None:
+        sent.append(message)
+        store.claim(job_id, "b/2", lease_seconds=30, worker="b")
+
+    recovery = Recovery(store, send, lease_ttl=0.1, max_attempts=3, default_queue="unused")
+    assert recovery.recover(job_id) is None
+    record = store.get(job_id)
+    assert (record.state, record.attempts, record.worker, record.error) == (JobState.STARTED, 2, "b", None)
+    assert len(sent) == 1 and store.holder(job_id) == "b/2"
+    with pytest.raises(Leased):  # what the claim does with the sweeper's message when it comes up
+        store.claim(job_id, "c/3", lease_seconds=30)
+
+
+def test_a_lease_whose_record_is_gone_is_skipped_and_the_sweep_goes_on(store: StatusStore) -> None:
+    gone, next_one = abandoned_job(store), abandoned_job(store)
+    store.redis.delete(keys.job(gone))  # expired, or deleted by an operator
+    sent: list[Any] = []
+    done = recovery_sending_to(store, sent).sweep()
+    assert (next_one, "requeued") in done and all(job_id != gone for job_id, _ in done)
+    sent_ids = [m[0] for m in sent]  # (other tests' abandoned jobs on this Redis may be swept too)
+    assert next_one in sent_ids and gone not in sent_ids
+
+
+def test_a_sweeper_that_hits_an_error_logs_it_and_sweeps_again(
+    store: StatusStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = abandoned_job(store)
+    sent: list[Any] = []
+    calls: list[int] = []
+
+    def presence() -> None:  # the sweeper's other duty fails once (a bug, a bad record)
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("presence failed once")
+
+    sweeper = Sweeper(recovery_sending_to(store, sent), interval=0.1, also=presence).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not sent:
+            assert time.monotonic() < deadline, "the sweeper stopped after its error"
+            time.sleep(0.05)
+    finally:
+        sweeper.stop()
+    assert sent[0][0] == job_id and "presence failed once" in caplog.text

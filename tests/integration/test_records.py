@@ -16,6 +16,9 @@ from producer.client import Client
 from producer.contract import JobState
 from producer.status import StatusStore
 from tests.integration.conftest import SMALL, WorkerProcess
+from worker.errors import JobCanceled
+from worker.outcome import Attempt
+from worker.progress import Progress
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +75,24 @@ def test_the_state_index_forgets_jobs_that_ended_longer_than_the_ttl_ago(redis_u
     now[0] += timedelta(seconds=61)  # past the old job's TTL: its record is gone, so is its entry
     store.transition(new, JobState.CANCELED)
     assert store.redis.zscore(canceled, old) is None and store.redis.zscore(canceled, new) is not None
+
+
+def test_progress_is_written_at_most_every_interval_and_a_cancel_is_seen_at_the_next_call(redis_url: str) -> None:
+    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
+    job_id = uuid.uuid4().hex
+    store.create(job_id, {"image": "x"})
+    now = [0.0]
+    progress = Progress(store, Attempt(job_id, store.claim(job_id, "w/1", 30), "w/1"), clock=lambda: now[0])
+    written = []
+    for at, fraction in ((0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4)):  # the default interval is 0.25 s
+        now[0] = at
+        progress("denoise", fraction)
+        written.append(store.get(job_id).progress)
+    assert written == [0.1, 0.1, 0.1, 0.4]
+    now[0] = 0.31
+    progress("upload", 0.95, force=True)  # a stage's start is always written
+    assert (store.get(job_id).stage, store.get(job_id).progress) == ("upload", 0.95)
+    store.transition(job_id, JobState.CANCELED)
+    now[0] = 0.32  # within the interval: nothing to write, but the record is read
+    with pytest.raises(JobCanceled):
+        progress("upload", 0.96)

@@ -132,3 +132,50 @@ def test_sigterm_past_the_grace_period_hands_the_job_back(start_worker: Any, ima
         final = job.wait(timeout=120)
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.attempts == 2 and final.worker == taker.hostname
+
+
+def test_sigquit_is_a_cold_shutdown_that_leaves_the_running_job_to_its_lease(
+    start_worker: Any, image_file: Path
+) -> None:
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    cold = start_worker(queue=queue, env={**FAST_RECOVERY, "SVDQ_STOP_GRACE": "120"})
+    with Client.from_env(queue=queue) as client:
+        job = client.submit(image_file, **SLOW)
+        wait_until(job, rendering(1))
+        stopped_at = time.monotonic()
+        cold.proc.send_signal(signal.SIGQUIT)
+        cold.proc.wait(timeout=60)
+        assert time.monotonic() - stopped_at < 30  # not the 120 s a warm shutdown would grant
+        left = job.status()
+        assert (left.state, left.attempts) == (JobState.STARTED, 1), left  # not handed back: left to its lease
+        taker = start_worker(queue=queue, env=FAST_RECOVERY)
+        final = job.wait(timeout=120)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert final.attempts == 2 and final.worker == taker.hostname
+
+
+def test_a_frozen_worker_s_writes_are_fenced_out_after_its_job_is_taken_over(
+    start_worker: Any, image_file: Path, s3: Any
+) -> None:
+    """SIGSTOP (a VM paused, a process stalled in swap): its lease lapses, another worker takes the job and
+    finishes it; thawed, the old attempt stops and changes nothing."""
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    frozen = start_worker(queue=queue, env=FAST_RECOVERY)
+    with Client.from_env(queue=queue) as client:
+        job = client.submit(image_file, **SLOW)
+        wait_until(job, rendering(1))
+        os.killpg(frozen.proc.pid, signal.SIGSTOP)  # main process, heartbeat and pool alike
+        try:
+            rescuer = start_worker(queue=queue, env=FAST_RECOVERY)
+            final = job.wait(timeout=120)
+        finally:
+            os.killpg(frozen.proc.pid, signal.SIGCONT)
+        assert final.state is JobState.SUCCEEDED and final.attempts == 2 and final.worker == rescuer.hostname
+        deadline = time.monotonic() + 30
+        while "taken over) while rendering" not in frozen.log_text():
+            assert time.monotonic() < deadline, frozen.log_text()[-3000:]
+            time.sleep(0.2)
+        after = job.status()
+    assert after.model_dump() == final.model_dump()
+    assert result_objects(s3, job.id) == [final.result.key if final.result else ""]
+    assert frozen.proc.poll() is None  # and it lives on, for the next job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from producer.client import Client, producer_celery
 from producer.contract import JobState
 from producer.fleet import FleetStore
 from producer.local_redis import LocalRedis, free_port
-from tests.integration.conftest import SLOW, SMALL
+from tests.integration.conftest import SLOW, SMALL, SVDQ
 from worker.node import Node
 from worker.settings import WorkerSettings
 
@@ -52,6 +53,26 @@ def test_jobs_and_records_survive_a_redis_restart(
     assert [f.state for f in finals] == [JobState.SUCCEEDED] * 4, [f.error for f in finals]
     assert [f.attempts for f in finals] == [1, 1, 1, 1]
     assert worker.proc.poll() is None
+
+
+def test_producers_raise_once_their_retries_run_out(
+    durable_redis: LocalRedis, svdq_env: dict[str, str], image_file: Path, tmp_path: Path
+) -> None:
+    """Redis stays away: the client retries for a few seconds, then raises redis.ConnectionError with nothing
+    half-made; the CLI says so in one line and exits 5 (unavailable)."""
+    store = (tmp_path / "store").as_uri()
+    with Client.from_env(redis_url=durable_redis.url, storage_url=store, queue="nobody") as client:
+        client.redis.ping()
+        durable_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            client.submit(image_file, **SMALL)
+        waited = time.monotonic() - started
+    assert 2.0 < waited < 30.0, waited  # it retried, and it did not hang
+    env = {**svdq_env, "SVDQ_REDIS_URL": durable_redis.url, "SVDQ_STORAGE_URL": store}
+    cli = subprocess.run([SVDQ, "submit", str(image_file)], env=env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 5, cli.stderr
+    assert cli.stderr.startswith("svdq: ") and cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr
 
 
 def test_a_node_ready_while_redis_is_away_starts_its_duties_when_redis_returns(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from producer import keys
 from producer.client import Client
-from producer.contract import DEFAULT_QUEUE, InvalidParameter, JobState
+from producer.contract import DEFAULT_QUEUE, InvalidParameter, JobState, model_queue
 from tests.integration.conftest import BUCKET, PREFIX, SMALL, SVDQ, WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -89,3 +89,16 @@ def test_submit_wait_says_why_a_job_failed(svdq_env: dict[str, str], worker: Wor
     job_id = out.stdout.strip()
     assert out.returncode == 1 and re.fullmatch(r"[0-9a-f]{32}", job_id)
     assert out.stderr.startswith(f"svdq: job {job_id} failed: invalid_input: the image is not an image svdq can read")
+
+
+def test_a_job_for_another_model_that_reaches_this_worker_fails_naming_both(
+    start_worker: Any, image_file: Path
+) -> None:
+    base = f"test-{uuid.uuid4().hex[:8]}"
+    misrouted = start_worker(queue=model_queue(base, "svd-xt"))  # reads svd-xt's queues, serves the tiny model
+    with Client.from_env(queue=base) as client:
+        final = client.submit(image_file, **SMALL, model="svd-xt").wait(timeout=120)
+    assert final.state is JobState.FAILED and final.attempts == 1
+    assert final.error is not None and final.error.code == "invalid_input"
+    assert "serves model 'tiny', the job asks for 'svd-xt'" in final.error.message
+    assert misrouted.proc.poll() is None

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from producer import keys
 from producer.client import Client
 from producer.contract import JobState
 from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, wait_until
@@ -113,6 +114,58 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
     assert s3.head_object(Bucket=BUCKET, Key=final.result.key)["ContentLength"] == final.result.bytes
     assert not [p for p in spool.rglob("*") if p.is_file()]
     assert f"job {job.id} succeeded" in fresh.log_text()
+
+
+def stopping_with_a_spooled_video(
+    start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path, grace: int
+) -> tuple[Any, Any, Client]:
+    """A worker whose only job's video waits in its spool (storage cut), sent SIGTERM."""
+    fresh = start_worker(
+        env={
+            "SVDQ_S3_ENDPOINT_URL": s3_proxy.url,
+            "SVDQ_RETRY_BACKOFF": "1",
+            "SVDQ_SPOOL_DIR": str(tmp_path / "spool"),
+            "SVDQ_STOP_GRACE": str(grace),
+            "SVDQ_LEASE_TTL": "2",
+        }
+    )
+    client = Client.from_env(queue=fresh.queue)
+    job = client.submit(uploaded_image(s3, image_file), **SMALL)
+    wait_until(job, lambda r: r.stage == "denoise")
+    s3_proxy.down()
+    wait_until(job, lambda r: r.stage == "upload_pending")
+    fresh.proc.terminate()
+    return fresh, job, client
+
+
+def test_a_stopping_worker_gives_its_spooled_video_time_to_upload(
+    start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path
+) -> None:
+    fresh, job, client = stopping_with_a_spooled_video(start_worker, s3_proxy, s3, image_file, tmp_path, grace=60)
+    with client:
+        time.sleep(3)
+        assert fresh.proc.poll() is None  # still waiting on the spool
+        s3_proxy.up()
+        final = job.wait(timeout=60)
+    assert fresh.proc.wait(timeout=60) == 0
+    assert final.state is JobState.SUCCEEDED and final.attempts == 1  # rendered once, uploaded while stopping
+
+
+def test_a_stopping_worker_leaves_a_video_storage_never_took_to_its_lease(
+    start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path, tmp_path: Path
+) -> None:
+    fresh, job, client = stopping_with_a_spooled_video(start_worker, s3_proxy, s3, image_file, tmp_path, grace=3)
+    stopped_at = time.monotonic()
+    with client:
+        assert fresh.proc.wait(timeout=60) == 0
+        assert 2.5 < time.monotonic() - stopped_at < 30  # it waited for the grace (3 s), then went
+        assert "spooled uploads dropped at shutdown" in fresh.log_text()
+        left = job.status()
+        assert (left.state, left.attempts) == (JobState.STARTED, 1)
+        deadline = time.monotonic() + 10
+        while client.redis.exists(keys.lease(job.id)):  # lapsed: the next sweep sends it back to its queue
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
 
 
 def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_end_announced(

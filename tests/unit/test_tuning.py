@@ -143,6 +143,8 @@ def test_every_transform_together_in_fp16_through_the_render_path() -> None:
 
 
 def test_compile_defaults_to_cuda_only_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SVDQ_COMPILE", "SVDQ_COMPILE_VAE"):  # the defaults, whatever the environment says
+        monkeypatch.delenv(name, raising=False)
     assert tune_options(WorkerSettings(), torch.device("cuda")).compile is True
     assert tune_options(WorkerSettings(), torch.device("cuda")).compile_vae is True  # follows the UNet's
     assert tune_options(WorkerSettings(), CPU).compile is False
