@@ -48,6 +48,21 @@ def bulk(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.Co
     return subprocess.run([SVDQ, "bulk", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def following(env: dict[str, str], queue: str, jobs: int, *args: str) -> subprocess.Popen[str]:
+    """`svdq bulk ARGS` in the background, once its `jobs` messages wait in the (low priority) queue that no
+    worker reads: it has submitted them all and is following them now."""
+    running = subprocess.Popen(
+        [SVDQ, "bulk", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
+    deadline = time.monotonic() + 60
+    while r.llen(f"{queue}.low") < jobs:
+        assert time.monotonic() < deadline and running.poll() is None, running.communicate()
+        time.sleep(0.2)
+    r.close()
+    return running
+
+
 def report(out: Path) -> dict[str, dict[str, Any]]:
     lines = [json.loads(line) for line in (out / "svdq-bulk.jsonl").read_text().splitlines()]
     return {line["input"]: line for line in lines}
@@ -165,19 +180,7 @@ def test_ctrl_c_leaves_the_jobs_running_and_a_rerun_completes_them(
     src, out = tmp_path / "src", tmp_path / "out"
     for n in range(3):
         picture(src / f"p{n}.png", 30 + 60 * n)
-    running = subprocess.Popen(
-        [SVDQ, "bulk", str(src), "--out", str(out), *SIZE],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
-    deadline = time.monotonic() + 60
-    while r.llen(f"{queue}.low") < 3:  # the three messages are in the (low priority) queue: it is following now
-        assert time.monotonic() < deadline and running.poll() is None, running.communicate()
-        time.sleep(0.2)
-    r.close()
+    running = following(env, queue, 3, str(src), "--out", str(out), *SIZE)
     running.send_signal(signal.SIGINT)
     _, stderr = running.communicate(timeout=30)
     assert running.returncode == 130, stderr
@@ -218,19 +221,7 @@ def test_cancel_on_interrupt_cancels_what_is_unfinished(svdq_env: dict[str, str]
     src, out = tmp_path / "src", tmp_path / "out"
     for n in range(2):
         picture(src / f"p{n}.png", 11 + 50 * n)
-    running = subprocess.Popen(
-        [SVDQ, "bulk", str(src), "--out", str(out), *SIZE, "--cancel-on-interrupt"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
-    deadline = time.monotonic() + 60
-    while r.llen(f"{queue}.low") < 2:
-        assert time.monotonic() < deadline and running.poll() is None, running.communicate()
-        time.sleep(0.2)
-    r.close()
+    running = following(env, queue, 2, str(src), "--out", str(out), *SIZE, "--cancel-on-interrupt")
     running.send_signal(signal.SIGINT)
     _, stderr = running.communicate(timeout=30)
     assert running.returncode == 130 and "canceled 2 unfinished jobs" in stderr, stderr
