@@ -198,8 +198,8 @@ def test_skip_invalid_and_no_wait_submit_the_good_rows_and_report_the_bad_ones(
     svdq_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**svdq_env, "SVDQ_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}"}  # no worker: --no-wait must not wait
-    picture(tmp_path / "ok.png", 20)
-    picture(tmp_path / "also-ok.png", 90)
+    picture(tmp_path / "ok.png", 197)  # shades no other test uses: inputs are keyed by their content
+    picture(tmp_path / "also-ok.png", 241)
     csv = tmp_path / "rows.csv"
     csv.write_text("image,frames\nok.png,4\nmissing.png,4\nalso-ok.png,999\nalso-ok.png,4\n")
     out = tmp_path / "out"
