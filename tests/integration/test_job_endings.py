@@ -92,11 +92,11 @@ def rt(redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
     runtime.spool.close()
 
 
-def render(rt: Runtime, job_id: str | None = None) -> str:
+def render(rt: Runtime) -> str:
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 90)).save(png, format="PNG")
     image = rt.store.put(f"inputs/{uuid.uuid4().hex}.png", png.getvalue(), "image/png").ref
-    job_id = job_id or uuid.uuid4().hex
+    job_id = uuid.uuid4().hex
     run_job(rt, job_id, {"image": image, **REQUEST}, "w@test")
     rt.finisher.drain()
     return job_id
@@ -105,10 +105,8 @@ def render(rt: Runtime, job_id: str | None = None) -> str:
 def unet_raising(rt: Runtime, exc: Exception) -> Callable[[], None]:
     """The UNet's forward raises `exc` (what the device would raise); returns the undo."""
     unet = rt.renderer.pipe.unet
-    calls: list[bool] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        calls.append(True)
         raise exc
 
     unet.forward = forward
