@@ -19,7 +19,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -203,15 +203,13 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
 def _render(rt: Runtime, work: Work) -> PendingVideo:
     # 3. Fetch and decode the input image.
     request = work.request
+    progress = Progress(rt.status, work.attempt, hand_back=rt.heartbeat.should_hand_back, events=rt.events)
     started = time.perf_counter()
-    data = fetch_image(
-        rt.store, request.image, rt.settings.max_image_bytes, allow_private_urls=rt.settings.allow_private_urls
-    )
+    data = _fetch(rt, work.attempt, request.image, progress.check)
     image = fit(open_image(data, rt.settings.max_image_pixels), request.width, request.height)
     Stopwatch(work.timings).add("fetch", started)
 
     # 4. Denoise, then decode streamed into the encoder (worker.video).
-    progress = Progress(rt.status, work.attempt, hand_back=rt.heartbeat.should_hand_back, events=rt.events)
     return start_video(
         rt.renderer,
         image,
@@ -223,6 +221,30 @@ def _render(rt: Runtime, work: Work) -> PendingVideo:
         progress=progress,
         checkpoint=progress.check,
     )
+
+
+def _fetch(
+    rt: Runtime, attempt: Attempt, ref: str, checkpoint: Callable[[], None], clock: Callable[[], float] = time.monotonic
+) -> bytes:
+    """The input's bytes. An unreachable store is waited for, up to SVDQ_FETCH_WAIT seconds with backoff, before
+    the attempt fails transient (and the retry path takes over): retries cost attempts, and a 30 s outage
+    used them all in seconds. The wait stays cancelable and ends at a stopping worker's hand-back."""
+    settings = rt.settings
+    deadline = clock() + settings.fetch_wait
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return fetch_image(rt.store, ref, settings.max_image_bytes, allow_private_urls=settings.allow_private_urls)
+        except JobFailed as exc:
+            if not exc.transient or clock() >= deadline:
+                raise
+            pause = min(deadline - clock(), backoff(tries, 0.5, 10.0, random.random()))
+            log.warning("job %s: %s; waiting %.1fs for it (SVDQ_FETCH_WAIT)", attempt.job_id, exc, pause)
+        resume = clock() + pause
+        while (left := resume - clock()) > 0:
+            checkpoint()  # JobCanceled or HandBack end the wait
+            time.sleep(min(left, 0.25))
 
 
 def _retry_delay(rt: Runtime, attempts: int) -> float | None:

@@ -45,6 +45,7 @@ def test_a_storage_outage_is_retried_and_then_succeeds(
 ) -> None:
     monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)  # the worker reaches S3 through the proxy
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "3")
+    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")  # the retry path at once, not the wait below
     fresh = start_worker()
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
@@ -73,6 +74,7 @@ def test_retries_stop_at_max_attempts_with_the_last_error(
     monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
     monkeypatch.setitem(svdq_env, "SVDQ_MAX_ATTEMPTS", "2")
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
+    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")
     fresh = start_worker()
     image = uploaded_image(s3, image_file)
     s3_proxy.down()
@@ -81,6 +83,33 @@ def test_retries_stop_at_max_attempts_with_the_last_error(
     assert final.state is JobState.FAILED
     assert final.attempts == 2
     assert final.error is not None and final.error.code == "storage_unavailable"
+
+
+def test_an_input_outage_is_waited_out_within_the_attempt_and_the_wait_can_be_canceled(
+    start_worker: Any, s3_proxy: CuttableProxy, s3: Any, image_file: Path
+) -> None:
+    # One attempt allowed: without the wait the first unreachable read would fail the job.
+    env = {"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_MAX_ATTEMPTS": "1", "SVDQ_FETCH_WAIT": "60"}
+    fresh = start_worker(env=env)
+    image = uploaded_image(s3, image_file)
+    s3_proxy.down()
+    with Client.from_env(queue=fresh.queue) as client:
+        doomed = client.submit(image, **{**SMALL, "seed": 1})
+        waiting = client.submit(image, **{**SMALL, "seed": 2})
+        deadline = time.monotonic() + 60
+        while fresh.log_text().count("(SVDQ_FETCH_WAIT)") < 2:  # the first job has waited twice
+            assert time.monotonic() < deadline, fresh.log_text()[-3000:]
+            time.sleep(0.1)
+        record = doomed.status()
+        assert (record.state, record.stage, record.attempts) == (JobState.STARTED, "fetch", 1)
+        doomed.cancel()
+        assert doomed.wait(timeout=10).state is JobState.CANCELED
+        wait_until(waiting, lambda r: r.state is JobState.STARTED, timeout=30)
+        time.sleep(2)
+        s3_proxy.up()
+        final = waiting.wait(timeout=60)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert final.attempts == 1
 
 
 def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
