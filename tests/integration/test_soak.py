@@ -1,0 +1,37 @@
+"""The chaos soak's short form (bench/soak.py): every fault at least once, overlapping, with every check held.
+
+It starts its own redis-server, S3 server, proxy and workers, so it shares nothing with the other tests.
+The long run and its figures are in docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+
+
+def test_a_short_soak_loses_nothing(tmp_path: Path, tiny_model: Path) -> None:
+    command = [sys.executable, str(SOAK), "--jobs", "30", "--workers", "2", "--minutes", "2", "--seed", "3"]
+    run = subprocess.run(
+        [*command, "--model", str(tiny_model), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=290,
+    )
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    checks = {line["check"]: line for line in lines if "check" in line}
+    failed = {name: line for name, line in checks.items() if not line["ok"]}
+    assert not failed, (failed, run.stderr[-3000:])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(checks) == 11
+    struck = {line["fault"] for line in lines if "fault" in line}
+    assert struck == {"kill_worker", "kill_pool", "term_worker", "restart_redis", "cut_storage"}
+    states = next(line for line in lines if line.get("figure") == "final_states")["value"]
+    assert sum(states.values()) == 30
