@@ -10,8 +10,10 @@ streams, cancels and downloads only the jobs it submitted: another key's job is 
     GET    /v1/jobs/{id}            the job's record
     DELETE /v1/jobs/{id}            cancel (409 when it already ended)
     GET    /v1/jobs/{id}/events     Server-Sent Events, one per change, closing after the final state
-    GET    /v1/jobs/{id}/video      302 to a presigned URL (S3), or the file (a file:// store)
+    GET    /v1/jobs/{id}/video      302 to a presigned URL (S3; ?redirect=0: the URL as JSON), or the file (a
+                                    file:// store, with Range requests)
     GET    /healthz, /readyz        alive; Redis and the store reachable (else 503)
+    GET    /                        a page to try it (producer/page.html), using only the API above
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
 import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any
 
 import redis
 import redis.asyncio
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from producer import keys
 from producer.aio import AsyncClient, AsyncJob
@@ -39,7 +43,7 @@ from producer.client import NotCancelable
 from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState, value_from_text
 from producer.settings import Settings
 from producer.status import JobNotFound, as_text
-from producer.storage import StorageUnavailable
+from producer.storage import FileStore, StorageUnavailable
 
 KEEP_ALIVE_SECONDS = 15.0
 RETRY_AFTER = "5"
@@ -288,24 +292,52 @@ async def cancel(request: Request, job_id: str) -> dict[str, Any]:
 @router.get("/v1/jobs/{job_id}/events")
 async def events(request: Request, job_id: str) -> StreamingResponse:
     job, _ = await owned(request, job_id)
+    seen = request.headers.get("last-event-id")
     return StreamingResponse(
-        sse(job, request.app.state.hub, request.is_disconnected),
+        sse(job, request.app.state.hub, request.is_disconnected, seen),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 @router.get("/v1/jobs/{job_id}/video", response_model=None)
-async def video(request: Request, job_id: str) -> Response:
+async def video(request: Request, job_id: str, redirect: bool = True) -> Response:
+    """`?redirect=0`: the presigned URL as JSON (`{"url"}`) instead of a 302, for a page to hand to <video>."""
     job, record = await owned(request, job_id)
     if record.result is None:
         raise Refused(409, "no_video", f"job {job_id} is {record.state.value}: no video (yet)")
     # Presigned now, not when the job ended (that URL expires long before the record); a file store's URL is a
-    # path on this server: its bytes are served instead.
-    url = await asyncio.to_thread(client_of(request).store.public_url, record.result.key)
+    # path on this server: the file is served instead, with Range requests (a <video> element seeks with them).
+    store = client_of(request).store
+    if isinstance(store, FileStore):
+        if not (path := store.local_path(record.result.key)).is_file():
+            raise Refused(404, "no_video", f"job {job_id}'s video is no longer in the store")
+        return FileResponse(path, media_type=f"video/{record.result.format}")
+    url = await asyncio.to_thread(store.public_url, record.result.key)
     if url and url.startswith(("http://", "https://")):
-        return RedirectResponse(url, status_code=302)
+        return RedirectResponse(url, status_code=302) if redirect else JSONResponse({"url": url})
     return Response(await job.video_bytes(), media_type=f"video/{record.result.format}")
+
+
+def page() -> tuple[str, str]:
+    """The page at `/` and its Content-Security-Policy: its one inline script allowed by hash, nothing else
+    inline or from elsewhere; media from anywhere (a presigned URL is on the store's host) and blob: URLs."""
+    html = resources.files("producer").joinpath("page.html").read_text()
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "media-src 'self' blob: http: https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, policy
+
+
+PAGE, PAGE_POLICY = page()
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse(PAGE, headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"})
 
 
 @router.get("/healthz")
@@ -416,18 +448,32 @@ class EventHub:
                 self.waiting.pop(job_id, None)
 
 
-async def sse(job: AsyncJob, hub: EventHub, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+def event_id(record: JobRecord) -> str:
+    """The id of the event carrying `record`: a digest of what it says, so that any gateway process, given it
+    back as Last-Event-ID, knows whether the client has seen the record as it is now."""
+    return hashlib.blake2b(json.dumps(job_json(record), sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+async def sse(
+    job: AsyncJob, hub: EventHub, disconnected: Callable[[], Awaitable[bool]], seen: str | None = None
+) -> AsyncIterator[str]:
     """One event per change of the record, named by its state; a comment every KEEP_ALIVE_SECONDS while
     nothing changes; the stream ends after the final state (at once, for a job that has ended). The record is
-    re-read at each of its job's events and at least every second, so a missed event only delays."""
-    n, last_sent, last = 0, time.monotonic(), None
+    re-read at each of its job's events and at least every second, so a missed event only delays.
+
+    Events are snapshots, each superseding the last: a client resuming with Last-Event-ID `seen` gets the
+    record at once if it changed since (what it missed is in it), else the next change; a client that has
+    seen the final state gets an empty stream."""
+    last_sent, last = time.monotonic(), None
     async with hub.watch(job.id) as changed:
         while not await disconnected():
             changed.clear()  # before the read: an event after it wakes the wait below
             record = await job.status()
             if record != last:
-                n, last_sent, last = n + 1, time.monotonic(), record
-                yield f"id: {n}\nevent: {record.state.value}\ndata: {json.dumps(job_json(record))}\n\n"
+                last, eid = record, event_id(record)
+                if eid != seen:
+                    last_sent = time.monotonic()
+                    yield f"id: {eid}\nevent: {record.state.value}\ndata: {json.dumps(job_json(record))}\n\n"
                 if record.state.is_terminal():
                     return
             elif time.monotonic() - last_sent >= KEEP_ALIVE_SECONDS:

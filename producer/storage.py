@@ -161,6 +161,10 @@ class FileStore:
     def public_url(self, key: str) -> str | None:
         return (self.root / key).as_uri()
 
+    def local_path(self, key: str) -> Path:
+        """Where this store keeps `key` (inside it, or InvalidReference): for a server to send the file itself."""
+        return self._path(key)
+
 
 class S3Store:
     """Any S3-compatible store through boto3: AWS, MinIO, R2, moto."""

@@ -81,18 +81,24 @@ class Gateway:
         kind = got.get("content-type", "")
         return status, got, json.loads(content) if kind.startswith("application/json") else content
 
-    def events(self, job_id: str, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        request = urllib.request.Request(
-            f"{self.url}/v1/jobs/{job_id}/events", headers={"Authorization": f"Bearer {key}"}
-        )
+    def events(self, job_id: str, key: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(event, data) for _, event, data in self.stream(job_id, key)]
+
+    def stream(self, job_id: str, key: str, last_id: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """(id, event, data) of every event until the server ends the stream."""
+        headers = {"Authorization": f"Bearer {key}", **({"Last-Event-ID": last_id} if last_id else {})}
+        request = urllib.request.Request(f"{self.url}/v1/jobs/{job_id}/events", headers=headers)
+        got, event_id, event = [], "", ""
         with urllib.request.urlopen(request, timeout=120) as stream:
-            event = ""
             for raw in stream:
                 line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("event: "):
                     event = line[7:]
                 elif line.startswith("data: "):
-                    yield event, json.loads(line[6:])
+                    got.append((event_id, event, json.loads(line[6:])))
+        return got
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -123,7 +129,8 @@ def test_post_then_events_until_it_succeeds_then_the_video(
     assert status == 201, job
     assert headers["location"] == f"/v1/jobs/{job['id']}" and job["links"]["events"].endswith("/events")
     assert job["state"] == "queued" and job["owner"] == "alice"
-    states = [event for event, _ in gateway.events(job["id"], ALICE)]
+    seen = gateway.stream(job["id"], ALICE)
+    states = [event for _, event, _ in seen]
     assert states[-1] == "succeeded" and "started" in states  # and the stream closed after it
     status, _, video = gateway.call("GET", f"/v1/jobs/{job['id']}/video", ALICE)  # 302 to S3, followed
     assert status == 200
@@ -131,6 +138,9 @@ def test_post_then_events_until_it_succeeds_then_the_video(
     assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "v.mp4"))[0] == SMALL["num_frames"]
     # A finished job's stream: its final state, then the end.
     assert [event for event, _ in gateway.events(job["id"], ALICE)] == ["succeeded"]
+    # Last-Event-ID: a client that saw the final event gets nothing more; one cut off earlier gets the final state.
+    assert gateway.stream(job["id"], ALICE, last_id=seen[-1][0]) == []
+    assert [event for _, event, _ in gateway.stream(job["id"], ALICE, last_id=seen[0][0])] == ["succeeded"]
 
 
 def test_a_key_sees_only_its_own_jobs(gateway: Gateway) -> None:
