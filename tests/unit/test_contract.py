@@ -173,3 +173,18 @@ def test_the_readme_lists_every_stage_and_no_other() -> None:
     row = next(line for line in readme.splitlines() if line.startswith("| `stage`, `progress` |"))
     named = set(re.findall(r"`([a-z_]+)`", row)) - {"stage", "progress", "SVDQ_WARMUP"}
     assert named == {stage.value for stage in Stage}
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from producer.settings import Settings
+    from worker.settings import WorkerSettings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = {
+        name
+        for line in readme.splitlines()
+        if line.startswith("| `SVDQ_")
+        for name in re.findall(r"`(SVDQ_\w+)`", line)
+    }
+    fields = {f"SVDQ_{name.upper()}" for cls in (Settings, WorkerSettings) for name in cls.model_fields}
+    assert fields - table == set()
