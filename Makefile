@@ -29,8 +29,12 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two test processes: most integration tests wait (leases, timeouts, outages) rather than compute. Each has its
+# own redis-server, S3 server and worker; a file's tests stay in one process. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+
 test: install lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # The suite with branch coverage of producer/ and worker/, the worker, CLI and gateway processes it starts
 # included; fails below `fail_under` (pyproject.toml), a floor that is only ever raised. About 1.7x the
