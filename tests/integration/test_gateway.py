@@ -128,7 +128,7 @@ def test_post_then_events_until_it_succeeds_then_the_video(
     )
     assert status == 201, job
     assert headers["location"] == f"/v1/jobs/{job['id']}" and job["links"]["events"].endswith("/events")
-    assert job["state"] == "queued" and job["owner"] == "alice"
+    assert job["state"] in ("queued", "started") and job["owner"] == "alice"  # a warm worker may be that quick
     seen = gateway.stream(job["id"], ALICE)
     states = [event for _, event, _ in seen]
     assert states[-1] == "succeeded" and "started" in states  # and the stream closed after it
