@@ -573,6 +573,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--drain-minutes", type=float, default=10.0, help="how long jobs may take to end after")
     parser.add_argument("--max-attempts", type=int, default=3, help="SVDQ_MAX_ATTEMPTS for the workers")
     parser.add_argument("--model", type=Path, help="an SVD model directory (default: the tiny one, built here)")
     parser.add_argument("--workdir", type=Path, help="keep services' data and worker logs here")
@@ -594,7 +595,7 @@ def main() -> int:
         chaos.start()
         soak.producer(planned)
         chaos.join()
-        records = soak.wait_for_the_end(timeout=300)
+        records = soak.wait_for_the_end(timeout=args.drain_minutes * 60)
         elapsed = time.time() - soak.t0
         quiet = soak.wait_for_quiet(timeout=VISIBILITY_TIMEOUT * 3 + 20)
         fleet.stop()  # warm shutdowns: nothing running, so nothing is handed back and spools are empty
