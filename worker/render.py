@@ -230,7 +230,10 @@ def _fetch(
     the attempt fails transient (and the retry path takes over): retries cost attempts, and a 30 s outage
     used them all in seconds. The wait stays cancelable and ends at a stopping worker's hand-back."""
     settings = rt.settings
-    deadline = clock() + settings.fetch_wait
+    # Only the store is waited for: a URL's host is anyone's, and one answering 503 must not hold a GPU for
+    # minutes (its failures take the retry path at once, as before).
+    waits = not ref.startswith(("http://", "https://"))
+    deadline = clock() + (settings.fetch_wait if waits else 0.0)
     tries = 0
     while True:
         tries += 1

@@ -58,7 +58,7 @@ class WorkerSettings(Settings):
     max_attempts: int = 3
     retry_backoff: float = 2.0
     retry_backoff_max: float = 120.0
-    # Before that, an attempt whose input store (or URL host) is unreachable waits this many seconds for it,
+    # Before that, an attempt whose input store is unreachable waits this many seconds for it (not a URL's host),
     # as the spool waits on the way out: a short storage outage delays jobs instead of failing them.
     fetch_wait: Annotated[float, Field(ge=0)] = 60.0
     # Standard Webhooks secret, `whsec_` and base64; jobs with a webhook get no calls without it.

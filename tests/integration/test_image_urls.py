@@ -57,7 +57,7 @@ class Site:
 
 @pytest.fixture
 def private() -> Iterator[Site]:
-    site = Site("127.0.0.1", {"/img.png": (200, {"content-length": str(len(IMAGE))}, IMAGE)})
+    site = Site("127.0.0.1", {"/img.png": (200, {"content-length": str(len(IMAGE))}, IMAGE), "/busy": (503, {}, b"")})
     yield site
     site.close()
 
@@ -118,13 +118,17 @@ def test_a_worker_renders_from_a_url_when_private_urls_are_allowed(
 
     monkeypatch.setitem(svdq_env, "SVDQ_ALLOW_PRIVATE_URLS", "1")
     monkeypatch.setenv("SVDQ_ALLOW_PRIVATE_URLS", "1")
-    fresh = start_worker()
+    fresh = start_worker(env={"SVDQ_RETRY_BACKOFF": "0.2"})
     with Client.from_env(queue=fresh.queue) as client:
         record = client.submit(url, **SMALL).wait(timeout=120)
         missing = client.submit(f"{private.base}/nothing.png", **SMALL).wait(timeout=120)
+        # A host answering 503 is retried, never waited for (SVDQ_FETCH_WAIT is for the store): 3 quick attempts.
+        busy = client.submit(f"{private.base}/busy", **SMALL).wait(timeout=30)
     assert record.state is JobState.SUCCEEDED, record.error
     assert missing.state is JobState.FAILED and missing.error is not None
     assert missing.error.code == "invalid_input" and "HTTP 404" in missing.error.message
+    assert busy.state is JobState.FAILED and busy.error is not None and busy.attempts == 3
+    assert busy.error.code == "storage_unavailable" and "503" in busy.error.message
 
 
 def test_the_worker_refuses_private_urls_it_was_not_allowed(
