@@ -48,12 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import boto3
 import imageio_ffmpeg
 import redis
+from kombu.exceptions import OperationalError
 from PIL import Image
 
 from producer import keys
 from producer.client import Client, NotCancelable
 from producer.contract import JobState, priority_queues
 from producer.local_redis import LocalRedis, free_port
+from producer.storage import StorageUnavailable
 from tests.integration.faults import CuttableProxy
 from tests.odd_images import corpus
 
@@ -69,6 +71,7 @@ SIZES = [  # 64x64 renders from under a second to several on a CPU: some are str
 FAULTS = ("kill_worker", "kill_pool", "term_worker", "restart_redis", "cut_storage")
 WORKER_FAULTS = {"kill_worker", "kill_pool", "term_worker"}
 LEASE_TTL, VISIBILITY_TIMEOUT, STOP_GRACE = 2, 8, 3
+FINAL = ("succeeded", "failed", "canceled")
 
 
 def emit(kind: str, name: str, value: Any, **extra: Any) -> None:
@@ -286,7 +289,7 @@ class Soak:
         while True:
             try:
                 return self.client.submit(job.image, priority=job.priority, idempotency_key=job.key, **job.params).id
-            except Exception:
+            except (redis.RedisError, StorageUnavailable, OperationalError, OSError):
                 self.submit_retries += 1
                 time.sleep(1.0)
 
@@ -355,20 +358,10 @@ class Soak:
 
     def _strike(self, fault: Fault) -> None:
         fleet = self.fleet
-        running = self._running()
         if fault.kind in WORKER_FAULTS:
-            busy = [n for n in fleet.names if n in running.values() and not self.fault_locks[n].locked()]
-            free = [n for n in fleet.names if not self.fault_locks[n].locked()]
-            if not free:
-                return
-            fault.target = self.random.choice(busy or free)
-            with self.fault_locks[fault.target]:
-                fault.victims = [i for i, w in running.items() if w == fault.target]
-                fault.started = time.time()
-                self._worker_fault(fault)
-                fault.ended = time.time()
+            self._strike_worker(fault)
         else:
-            fault.victims = list(running)
+            fault.victims = list(self._running())
             fault.started = time.time()
             if fault.kind == "restart_redis":
                 fleet.redis.stop()  # SIGTERM: Redis writes its append-only file and exits
@@ -379,7 +372,33 @@ class Soak:
                 time.sleep(self.random.uniform(10, 30))
                 fleet.proxy.up()
             fault.ended = time.time()
-        self.faults.append(fault)
+        if fault.started:
+            self.faults.append(fault)
+
+    def _strike_worker(self, fault: Fault) -> None:
+        """On a worker that is rendering if one is, else any; one fault at a time per worker (waiting up to a
+        minute for one to be free: a fault that never struck fails `each_fault_struck`)."""
+        deadline = time.monotonic() + 60
+        aim_until = time.monotonic() + 20  # for up to 20 s, only a worker with a job: a fault on an idle one
+        while True:  # measures no recovery
+            names = [n for n in self.fleet.names if not self.fault_locks[n].locked()]
+            busy = [n for n in names if n in self._running().values()]
+            pool = busy or (names if time.monotonic() > aim_until else [])
+            if pool and self.fault_locks[target := self.random.choice(pool)].acquire(blocking=False):
+                break
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+        try:
+            fault.target = target
+            while fault.kind == "kill_pool" and not self.fleet.pool_processes(target) and time.monotonic() < deadline:
+                time.sleep(0.5)  # restarted moments ago: its pool process is on its way
+            fault.victims = [i for i, w in self._running().items() if w == target]  # as it strikes
+            fault.started = time.time()
+            self._worker_fault(fault)
+            fault.ended = time.time()
+        finally:
+            self.fault_locks[target].release()
 
     def _worker_fault(self, fault: Fault) -> None:
         fleet, name = self.fleet, fault.target or ""
@@ -490,7 +509,7 @@ def bad_images(soak: Soak, records: dict[str, Any]) -> list[str]:
 def renders(soak: Soak, records: dict[str, Any]) -> tuple[list[str], float, float]:
     """Jobs whose render completed twice with no worker fault to force it, and the wasted and total render
     seconds (an attempt's render: from its start to its video complete, or to its end if it never was)."""
-    worker_faults = [f for f in soak.faults if f.kind in WORKER_FAULTS]
+    worker_faults = [f for f in soak.faults if f.kind in WORKER_FAULTS]  # each with the jobs it struck
     twice, waste, total = [], 0.0, 0.0
     for job_id, record in records.items():
         attempts = attempts_of(soak.events.by_job[job_id])
@@ -502,12 +521,13 @@ def renders(soak: Soak, records: dict[str, Any]) -> tuple[list[str], float, floa
                 waste += seconds
         rendered = [a for a in attempts if a["rendered"]]
         for first in rendered[:-1]:
-            if not any(first["rendered"] <= f.started <= (first["end"] or f.started) for f in worker_faults):
+            struck = [f for f in worker_faults if job_id in f.victims]
+            if not any(first["rendered"] <= f.started <= (first["end"] or f.started) for f in struck):
                 twice.append(f"{job_id}: rendered at {first['rendered']:.1f}, that attempt ended {first['how']}")
     return twice, waste, total
 
 
-def judge(soak: Soak, records: dict[str, Any], quiet: tuple[int, int], elapsed: float) -> bool:
+def judge(soak: Soak, records: dict[str, Any], quiet: tuple[int, int], leases: list[str], elapsed: float) -> bool:
     """The checks (each a JSON line, all must hold) and the figures."""
     fleet, args, events = soak.fleet, soak.args, soak.events.by_job
     ok = check("every_job_ends", [i for i, r in records.items() if r is None or not r.state.is_terminal()])
@@ -524,7 +544,6 @@ def judge(soak: Soak, records: dict[str, Any], quiet: tuple[int, int], elapsed: 
     ok &= check("same_key_same_job", soak.resubmit_mismatches, resubmitted=resubmitted)
     twice, waste, total = renders(soak, records)
     ok &= check("no_render_completed_twice_unforced", twice)
-    leases = [k.decode() for k in soak.client.redis.scan_iter(keys.lease("*"))]
     ok &= check("no_lease_left", leases)
     ok &= check("no_spool_file_left", [str(p) for p in (fleet.workdir / "spool").rglob("*") if p.is_file()])
     ok &= check("no_queue_message_left", [f"queued {quiet[0]}, unacknowledged {quiet[1]}"] if any(quiet) else [])
@@ -542,29 +561,30 @@ def judge(soak: Soak, records: dict[str, Any], quiet: tuple[int, int], elapsed: 
     emit("figure", "submit_retries", soak.submit_retries)
     for kind in FAULTS:
         struck = [f for f in soak.faults if f.kind == kind]
-        times = [t for f in struck if (t := recovery(f, events)) is not None]
-        p50, p95 = percentile(times, 0.5), percentile(times, 0.95)
-        emit("figure", f"recovery_{kind}_p50_s", p50, p95=p95, faults=len(struck), with_victims=len(times))
+        answers = [recovery(f, events) for f in struck]
+        times = [t for t, _ in answers if t is not None]
+        p50, p95, never = percentile(times, 0.5), percentile(times, 0.95), sum(n for _, n in answers)
+        emit("figure", f"recovery_{kind}_p50_s", p50, p95=p95, faults=len(struck), with_victims=len(times), never=never)
     return ok
 
 
-def recovery(fault: Fault, events: dict[str, list[dict[str, Any]]]) -> float | None:
-    """Seconds from the fault until every job running where it struck has ended or started again."""
-    if not fault.victims:
-        return None
-    latest = fault.started
+def recovery(fault: Fault, events: dict[str, list[dict[str, Any]]]) -> tuple[float | None, int]:
+    """Seconds from the fault until every job running where it struck has ended or started again (None: it
+    struck none), and how many of them never did."""
+    latest, never = None, 0
     for job_id in fault.victims:
-        later = [e for e in events[job_id] if e["t"] >= fault.started]
-        back = [
-            e["t"]
-            for e in later
-            if e["state"] in ("succeeded", "failed", "canceled")
-            or (e["state"] == "started" and e.get("stage") == "fetch")
-        ]
-        if not back:
-            return None
-        latest = max(latest, back[0])
-    return round(latest - fault.started, 2)
+        if any(e["t"] < fault.started and e["state"] in FINAL for e in events[job_id]):
+            continue  # it ended as the fault was being aimed: not struck
+        back = [e["t"] for e in events[job_id] if e["t"] >= fault.started and is_back(e)]
+        if back:
+            latest = max(latest or fault.started, back[0])
+        else:
+            never += 1
+    return (None if latest is None else round(latest - fault.started, 2)), never
+
+
+def is_back(event: dict[str, Any]) -> bool:
+    return event["state"] in FINAL or (event["state"] == "started" and event.get("stage") == "fetch")
 
 
 def main() -> int:
@@ -578,6 +598,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="an SVD model directory (default: the tiny one, built here)")
     parser.add_argument("--workdir", type=Path, help="keep services' data and worker logs here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still stops what it started
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="svdq-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -598,6 +619,7 @@ def main() -> int:
         records = soak.wait_for_the_end(timeout=args.drain_minutes * 60)
         elapsed = time.time() - soak.t0
         quiet = soak.wait_for_quiet(timeout=VISIBILITY_TIMEOUT * 3 + 20)
+        leases = [k.decode() for k in soak.client.redis.scan_iter(keys.lease("*"))]  # while workers would renew them
         fleet.stop()  # warm shutdowns: nothing running, so nothing is handed back and spools are empty
         soak.events.close()
         for fault in soak.faults:
@@ -609,7 +631,7 @@ def main() -> int:
                 target=fault.target,
                 victims=len(fault.victims),
             )
-        ok = judge(soak, records, quiet, elapsed)
+        ok = judge(soak, records, quiet, leases, elapsed)
         soak.client.close()
     finally:
         fleet.close()
