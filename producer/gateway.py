@@ -307,7 +307,7 @@ async def video(request: Request, job_id: str, redirect: bool = True) -> Respons
     if record.result is None:
         raise Refused(409, "no_video", f"job {job_id} is {record.state.value}: no video (yet)")
     # Presigned now, not when the job ended (that URL expires long before the record); a file store's URL is a
-    # path on this server: the file is served instead, with Range requests (a <video> element seeks with them).
+    # path on this server: the file is served instead, with Range requests (for players that resume or seek).
     store = client_of(request).store
     if isinstance(store, FileStore):
         if not (path := store.local_path(record.result.key)).is_file():
@@ -320,13 +320,17 @@ async def video(request: Request, job_id: str, redirect: bool = True) -> Respons
 
 
 def page() -> tuple[str, str]:
-    """The page at `/` and its Content-Security-Policy: its one inline script allowed by hash, nothing else
-    inline or from elsewhere; media from anywhere (a presigned URL is on the store's host) and blob: URLs."""
+    """The page at `/` and its Content-Security-Policy: its one inline script and one style block allowed by
+    hash, nothing else inline or from elsewhere; media from anywhere (a presigned URL is on the store's host)
+    and blob: URLs."""
     html = resources.files("producer").joinpath("page.html").read_text()
-    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+
+    def digest(tag: str) -> str:
+        block = html.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() + "'"
+
     policy = (
-        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
+        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
         "media-src 'self' blob: http: https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
     return html, policy
