@@ -7,11 +7,14 @@ The long run and its figures are in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import not_measured
 
 pytestmark = pytest.mark.integration
 SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
@@ -24,6 +27,7 @@ def test_a_short_soak_loses_nothing(tmp_path: Path, tiny_model: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=not_measured(os.environ),  # its workers restart dozens of times: tracing them only costs time
     )
     try:
         stdout, stderr = soak.communicate(timeout=280)
