@@ -16,7 +16,8 @@
 Recovery time, per fault: from the fault until every job that was running where it struck (on that worker;
 anywhere, for Redis and storage) has ended or started a new attempt. A wasted render is GPU time spent on an
 attempt that did not give its job's result (a kill, a hand-back, a retry): a figure, not a failure. A job
-whose render completed twice is a failure unless a worker fault struck between the render and its end.
+whose render completed twice is a failure unless a worker fault struck that job during the attempt that
+rendered first.
 
     .venv/bin/python bench/soak.py [--jobs 300] [--workers 3] [--minutes 20] [--seed 1]
 """
@@ -522,7 +523,9 @@ def renders(soak: Soak, records: dict[str, Any]) -> tuple[list[str], float, floa
         rendered = [a for a in attempts if a["rendered"]]
         for first in rendered[:-1]:
             struck = [f for f in worker_faults if job_id in f.victims]
-            if not any(first["rendered"] <= f.started <= (first["end"] or f.started) for f in struck):
+            # Excused when a worker fault struck this job during that attempt (a SIGTERM mid-render can end it
+            # after the render: its video spooled in a storage cut and dropped when the grace ran out).
+            if not any(first["start"] <= f.started <= (first["end"] or f.started) for f in struck):
                 twice.append(f"{job_id}: rendered at {first['rendered']:.1f}, that attempt ended {first['how']}")
     return twice, waste, total
 
