@@ -187,9 +187,6 @@ class Fleet:
             return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         return []
 
-    def logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("soak*.log")))
-
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:

@@ -223,9 +223,7 @@ def _render(rt: Runtime, work: Work) -> PendingVideo:
     )
 
 
-def _fetch(
-    rt: Runtime, attempt: Attempt, ref: str, checkpoint: Callable[[], None], clock: Callable[[], float] = time.monotonic
-) -> bytes:
+def _fetch(rt: Runtime, attempt: Attempt, ref: str, checkpoint: Callable[[], None]) -> bytes:
     """The input's bytes. An unreachable store is waited for, up to SVDQ_FETCH_WAIT seconds with backoff, before
     the attempt fails transient (and the retry path takes over): retries cost attempts, and a 30 s outage
     used them all in seconds. The wait stays cancelable and ends at a stopping worker's hand-back."""
@@ -233,19 +231,19 @@ def _fetch(
     # Only the store is waited for: a URL's host is anyone's, and one answering 503 must not hold a GPU for
     # minutes (its failures take the retry path at once, as before).
     waits = not ref.startswith(("http://", "https://"))
-    deadline = clock() + (settings.fetch_wait if waits else 0.0)
+    deadline = time.monotonic() + (settings.fetch_wait if waits else 0.0)
     tries = 0
     while True:
         tries += 1
         try:
             return fetch_image(rt.store, ref, settings.max_image_bytes, allow_private_urls=settings.allow_private_urls)
         except JobFailed as exc:
-            if not exc.transient or clock() >= deadline:
+            if not exc.transient or time.monotonic() >= deadline:
                 raise
-            pause = min(deadline - clock(), backoff(tries, 0.5, 10.0, random.random()))
+            pause = min(deadline - time.monotonic(), backoff(tries, 0.5, 10.0, random.random()))
             log.warning("job %s: %s; waiting %.1fs for it (SVDQ_FETCH_WAIT)", attempt.job_id, exc, pause)
-        resume = clock() + pause
-        while (left := resume - clock()) > 0:
+        resume = time.monotonic() + pause
+        while (left := resume - time.monotonic()) > 0:
             checkpoint()  # JobCanceled or HandBack end the wait
             time.sleep(min(left, 0.25))
 
