@@ -24,7 +24,7 @@ import redis.asyncio
 from celery import Celery
 
 from producer import keys, wire
-from producer.client import ImageInput, Intake, NotCancelable, enqueue_failed, producer_celery
+from producer.client import ImageInput, Intake, NotCancelable, producer_celery
 from producer.contract import JobRecord, JobState, check_job_id
 from producer.settings import Settings, is_sentinel
 from producer.status import (
@@ -50,11 +50,20 @@ class AsyncStatusStore(Records):
         self._transition = client.register_script(_TRANSITION_LUA)
 
     async def create(
-        self, job_id: str, request: dict[str, Any], *, idempotency_key: str | None = None, **fields: Any
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        push: tuple[str, str] | None = None,
+        **fields: Any,
     ) -> bool:
+        """As StatusStore.create; `push`: (queue, message) enqueued in the same script as the record."""
         record = self.creation(job_id, request, **fields)
         try:
-            await self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, **record)
+            await self.transition(
+                job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, push=push, **record
+            )
         except InvalidTransition:
             return False
         return True
@@ -219,7 +228,7 @@ class AsyncClient:
         # 2. Store the image once per content (boto3 blocks: in a thread).
         image_ref = checked.image_ref or await asyncio.to_thread(self.intake.store_image, checked)
 
-        # 3. Record first, then enqueue (see Client.submit).
+        # 3. The record and its Celery message in one script: one round trip, and never one without the other.
         job_id = uuid.uuid4().hex
         request = checked.request(image_ref)
         try:
@@ -231,14 +240,9 @@ class AsyncClient:
                 webhook=webhook,
                 queue=checked.queue,
                 owner=owner,
+                push=(checked.queue, wire.message(job_id, request, checked.queue)),
             )
         except DuplicateKey as dup:
             if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
                 return AsyncJob(dup.job_id, self)
-        try:
-            await self.redis.lpush(checked.queue, wire.message(job_id, request, checked.queue))
-        except Exception as exc:
-            with contextlib.suppress(InvalidTransition, redis.RedisError):
-                await self.records.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
-            raise
         return AsyncJob(job_id, self)

@@ -248,8 +248,8 @@ class Client:
         A submission's own `params` override `defaults`. One whose idempotency key already names a job is not
         submitted again, nor its image read or stored: its job is yielded with `existed=True`, so a re-run of a
         big batch costs one Redis read per item. Pipelined: `batch_size` submissions at a time, their images
-        checked and stored `concurrency` at a time, their keys, records and messages written in one round trip
-        each (producer.wire)."""
+        checked and stored `concurrency` at a time, their keys read in one round trip, their records and messages
+        (producer.wire) written in another, each job's two in one script."""
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="svdq-submit") as pool:
             for batch in _batches(submissions, batch_size):
                 yield from self._submit_batch(batch, pool, priority, webhook, defaults)
@@ -295,20 +295,14 @@ class Client:
             for i, c in checked.items()
         }
 
-        # 3. Records first (each claiming its key atomically), then the messages of those created.
+        # 3. Each record and its message in one script (each claiming its key atomically): a job is created
+        # enqueued or not at all, however the batch fails.
         creations = {
-            i: {
-                "job_id": uuid.uuid4().hex,
-                "request": c[0].request(c[1]),
-                "priority": priority,
-                "webhook": webhook,
-                "queue": c[0].queue,
-                "idempotency_key": batch[i].idempotency_key,
-            }
+            i: _creation(c[0], c[1], priority, webhook, batch[i].idempotency_key)
             for i, c in checks.items()
             if not isinstance(c, InvalidParameter)
         }
-        refused = self._create_and_send(creations)
+        refused = dict(zip(creations, self.records.create_many(list(creations.values())), strict=True))
         for i, submission in enumerate(batch):
             if held[i] is not None:
                 yield Submitted(submission, Job(held[i], self), existed=True)
@@ -321,19 +315,21 @@ class Client:
             else:  # a fresh random id that already had a record
                 raise why
 
-    def _create_and_send(self, creations: dict[int, dict[str, Any]]) -> dict[int, Exception | None]:
-        """Records first (each claiming its key atomically), then the messages of those created; for each
-        creation, None when sent, else why its record was not written."""
-        refused = dict(zip(creations, self.records.create_many(list(creations.values())), strict=True))
-        sent = [creations[i] for i, why in refused.items() if why is None]
-        try:
-            wire.push(self.redis, [(c["job_id"], c["request"], c["queue"]) for c in sent])
-        except Exception as exc:
-            with contextlib.suppress(InvalidTransition, redis.RedisError):  # best effort, as in `submit`
-                for c in sent:
-                    self.records.transition(c["job_id"], JobState.FAILED, error=enqueue_failed(exc))
-            raise
-        return refused  # type: ignore[return-value]
+
+def _creation(
+    checked: Checked, image_ref: str, priority: str, webhook: str | None, idempotency_key: str | None
+) -> dict[str, Any]:
+    """`StatusStore.create_many`'s arguments for one job, its Celery message (producer.wire) included."""
+    job_id, request = uuid.uuid4().hex, checked.request(image_ref)
+    return {
+        "job_id": job_id,
+        "request": request,
+        "priority": priority,
+        "webhook": webhook,
+        "queue": checked.queue,
+        "idempotency_key": idempotency_key,
+        "push": (checked.queue, wire.message(job_id, request, checked.queue)),
+    }
 
 
 def _batches(items: Iterable[Submission], size: int) -> Iterator[list[Submission]]:

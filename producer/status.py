@@ -26,7 +26,9 @@ Clock = Callable[[], datetime]
 
 # KEYS: the job hash, its event channel, the event stream, its lease.
 # ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, now, id, event, maxlen, index_prefix,
-#          idem_key, idem_ttl, fence, unleased, holder, lease_ms, max_attempts}; ARGV[2..]: field, value pairs.
+#          idem_key, idem_ttl, fence, unleased, holder, lease_ms, max_attempts, push}; ARGV[2]: a message
+#          LPUSHed onto the list `push` when the transition applies (a creation and its Celery message
+#          land together or not at all); ARGV[3..]: field, value pairs.
 # Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
 # creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker;
 # {4, attempts} for a claim of an abandoned job that has used all its attempts; {5, attempts} when the
@@ -54,8 +56,10 @@ if cur == 'started' then
     end
   end
 end
+-- First of the writes: a script that fails midway keeps what it wrote, and this one can fail (a wrong type).
+if ctl.push ~= '' then redis.call('LPUSH', ctl.push, ARGV[2]) end
 redis.call('HSET', KEYS[1], 'state', ctl.new)
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 if ctl.incr ~= '' then attempts = redis.call('HINCRBY', KEYS[1], ctl.incr, 1) end
@@ -238,6 +242,7 @@ class Records:
         lease: tuple[str, float] | None = None,
         max_attempts: int = 0,
         only_new: bool = False,
+        push: tuple[str, str] | None = None,
         **fields: Any,
     ) -> tuple[list[str], list[str]]:
         """The transition script's keys and arguments (see StatusStore.transition)."""
@@ -263,12 +268,13 @@ class Records:
             "holder": lease[0] if lease else "",
             "lease_ms": int(lease[1] * 1000) if lease else 0,
             "max_attempts": max_attempts,
+            "push": push[0] if push else "",
         }
         if new is JobState.STARTED and lease is None:
             raise ValueError("entering started needs a lease")
         return (
             [keys.job(job_id), keys.events(job_id), keys.EVENTS_STREAM, keys.lease(job_id)],
-            [json.dumps(control), *_encode(fields)],
+            [json.dumps(control), push[1] if push else "", *_encode(fields)],
         )
 
     @staticmethod
@@ -318,9 +324,12 @@ class StatusStore(Records):
             return False
         return True
 
-    def create_many(self, creations: list[dict[str, Any]]) -> list[InvalidTransition | DuplicateKey | None]:
-        """`create` for each of `creations` (its keyword arguments, with `job_id` and `request`), in one round
-        trip; for each, None when written, else why not (DuplicateKey naming the job holding its key)."""
+    def create_many(
+        self, creations: list[dict[str, Any]]
+    ) -> list[InvalidTransition | DuplicateKey | redis.ResponseError | None]:
+        """`create` for each of `creations` (its keyword arguments, with `job_id` and `request`, and `push`: the
+        (queue, message) enqueued in the same script), in one round trip; for each, None when written, else why
+        not (DuplicateKey naming the job holding its key, or Redis's error)."""
         pipe = self.redis.pipeline(transaction=False)
         for c in creations:
             fields = self.creation(
@@ -331,11 +340,19 @@ class StatusStore(Records):
                 queue=c.get("queue"),
             )
             script_keys, args = self.plan_transition(
-                c["job_id"], JobState.QUEUED, only_new=True, idempotency_key=c.get("idempotency_key"), **fields
+                c["job_id"],
+                JobState.QUEUED,
+                only_new=True,
+                idempotency_key=c.get("idempotency_key"),
+                push=c.get("push"),
+                **fields,
             )
             self._transition(keys=script_keys, args=args, client=pipe)
-        outcomes: list[InvalidTransition | DuplicateKey | None] = []
-        for c, answer in zip(creations, pipe.execute(), strict=True):
+        outcomes: list[InvalidTransition | DuplicateKey | redis.ResponseError | None] = []
+        for c, answer in zip(creations, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(answer, redis.ResponseError):  # that job wrote nothing (see the script); the rest stand
+                outcomes.append(answer)
+                continue
             try:
                 self.transition_outcome(c["job_id"], JobState.QUEUED, answer)
                 outcomes.append(None)
@@ -353,7 +370,8 @@ class StatusStore(Records):
         must still be this number, so a worker that lost its lease cannot finish over the attempt that took
         the job over. `unleased`: nobody may hold the job's lease (for recovering a dead worker's job).
         Entering `started` sets the lease to `lease` (holder, seconds); leaving it deletes the lease.
-        `only_new`: applies only if the job has no record yet (creation). `count_attempt`, `max_attempts` and
+        `only_new`: applies only if the job has no record yet (creation). `push`: (list, message) to LPUSH
+        when the transition applies, in the same script. `count_attempt`, `max_attempts` and
         `idempotency_key`: see `claim` and `create`.
         """
         script_keys, args = self.plan_transition(job_id, new, **options)

@@ -1,11 +1,12 @@
-"""A job's Celery message exactly as Celery's Redis transport stores it, for sending jobs in batches.
+"""A job's Celery message exactly as Celery's Redis transport stores it, for sending jobs without Celery.
 
 `Client.submit` sends through Celery (`send_task`), about 1.3 ms a message on a 2-core machine: the argument
-reprs, a pooled connection and a round trip per message. `Client.submit_many` writes hundreds of messages in
-one Redis pipeline instead, each built here: Celery's task message protocol 2 (headers, and a JSON body of
-args, kwargs and embed) inside kombu's Redis envelope (base64 body, delivery info, a delivery tag), pushed
-onto the queue's list as kombu's `_put` does. tests/integration/test_bulk.py checks these against what Celery
-itself writes, and renders jobs sent this way on a real worker.
+reprs, a pooled connection and a round trip per message. `Client.submit_many` and the gateway push each job's
+message in the script that creates its record instead (producer.status), built here: Celery's task message
+protocol 2 (headers, and a JSON body of args, kwargs and embed) inside kombu's Redis envelope (base64 body,
+delivery info, a delivery tag), pushed onto the queue's list as kombu's `_put` does.
+tests/integration/test_bulk.py checks these against what Celery itself writes, and renders jobs sent this way
+on a real worker.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import os
 import socket
 import uuid
 from typing import Any
-
-import redis
 
 from producer.contract import TASK_NAME
 
@@ -68,12 +67,3 @@ def message(job_id: str, request: dict[str, Any], queue: str, reply_to: str = ""
             "properties": properties,
         }
     )
-
-
-def push(client: redis.Redis, jobs: list[tuple[str, dict[str, Any], str]]) -> None:
-    """Enqueue (job_id, request, queue) messages in one round trip, in order."""
-    reply_to = str(uuid.uuid4())
-    pipe = client.pipeline(transaction=False)
-    for job_id, request, queue in jobs:
-        pipe.lpush(queue, message(job_id, request, queue, reply_to))
-    pipe.execute()

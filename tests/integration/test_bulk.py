@@ -236,7 +236,7 @@ def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
     queue = f"wire-{uuid.uuid4().hex[:8]}"
     request = {"image": "inputs/x.png", "num_frames": 4, "seed": None}
     send_job(client.celery, "wire-job-1", request, queue)
-    wire.push(client.redis, [("wire-job-1", request, queue)])
+    client.redis.lpush(queue, wire.message("wire-job-1", request, queue))
     ours = json.loads(client.redis.lpop(queue))  # LPUSH: the newest is first
     celerys = json.loads(client.redis.lpop(queue))
     for message in (ours, celerys):
@@ -273,6 +273,31 @@ def test_a_creation_retried_after_a_lost_reply_still_enqueues_its_job(
     assert all(s.job is not None and not s.existed for s in submitted)
     queued = [json.loads(m)["headers"]["id"] for m in client.redis.lrange(queue, 0, -1)]
     assert sorted(queued) == sorted([job.id, *(s.job.id for s in submitted if s.job)])
+
+
+def test_a_batch_that_fails_halfway_leaves_no_record_without_its_message(client: Client, image_file: Path) -> None:
+    """One job of a batch cannot be enqueued (its model's queue key holds a string): that job writes nothing,
+    the others are queued with their messages, and the error reaches the caller at that job."""
+    queue = f"halfway-{uuid.uuid4().hex[:8]}"
+    client.settings.queue = queue
+    client.redis.set(f"{queue}@broken", "not a list")
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    submissions = [
+        Submission(image_file, {"seed": 1}, ids[0]),
+        Submission(image_file, {"seed": 2, "model": "broken"}, ids[1]),
+        Submission(image_file, {"seed": 3}, ids[2]),
+    ]
+    submitted = []
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        for s in client.submit_many(submissions, **PARAMS_SMALL):
+            submitted.append(s)
+    assert [s.submission.idempotency_key for s in submitted] == [ids[0]]
+    held = {key: client.redis.get(keys.idempotency(key)) for key in ids}
+    assert held[ids[1]] is None  # the broken one: no key, no record
+    jobs = [client.job(held[key].decode()) for key in (ids[0], ids[2])]  # type: ignore[union-attr]
+    assert [job.status().state.value for job in jobs] == ["queued", "queued"]
+    queued = [json.loads(m)["headers"]["id"] for m in client.redis.lrange(queue, 0, -1)]
+    assert sorted(queued) == sorted(job.id for job in jobs)
 
 
 def test_retry_failed_submits_a_failed_input_once_a_run(
