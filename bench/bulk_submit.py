@@ -81,10 +81,11 @@ def manifest_rss(workdir: Path, env: dict[str, str], rows: int) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert summary["jobs_submitted"] == rows, summary
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
     figure("manifest_rows", rows)
     figure("manifest_seconds", seconds)
-    figure("manifest_peak_rss_mib", peak_mib, goal="<= 300")
+    figure("manifest_peak_rss_mb", peak_bytes / 1e6, goal="<= 300")
+    figure("manifest_peak_rss_mib", peak_bytes / 2**20)
 
 
 def main() -> None:

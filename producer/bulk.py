@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -49,23 +49,54 @@ class ManifestError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in the inputs:\n  " + "\n  ".join(problems))
 
 
-@dataclass
 class Item:
-    """One input: where its image is, where its video goes (relative to --out), its own parameters."""
+    """One input: where its image is, where its video goes (relative to --out), its own parameters.
 
-    source: str  # as the user knows it: a path relative to SRC, or a URL
-    image: Path | str  # a local file, or a URL the worker reads
-    output: PurePosixPath
-    params: dict[str, Any] = field(default_factory=dict)
-    line: int | None = None
-    # Filled in by `plan`:
-    effective: JobParams | None = None
-    key: str = ""
-    problem: str | None = None  # a bad row skipped under --skip-invalid, or an unreadable image
+    Kept small (slots, strings rather than paths and models): a run holds one per input, 100,000 of them for a
+    big manifest, for as long as it follows their jobs."""
+
+    __slots__ = ("_image", "_local", "_output", "key", "line", "params", "problem", "seed", "source", "spec")
+
+    def __init__(
+        self,
+        source: str,
+        image: Path | str,
+        output: PurePosixPath,
+        params: dict[str, Any] | None = None,
+        line: int | None = None,
+        problem: str | None = None,
+    ):
+        self.source = source  # as the user knows it: a path relative to SRC, or a URL
+        self._image, self._local = str(image), isinstance(image, Path)  # a local file, or a URL the worker reads
+        self._output = str(output)
+        self.params = params or {}
+        self.line = line
+        # Filled in by `plan`: the effective parameters (as JSON), the seed, the job's idempotency key.
+        self.spec: str | None = None
+        self.seed: int | None = None
+        self.key = ""
+        self.problem = problem  # a bad row skipped under --skip-invalid, or an unreadable image
+
+    @property
+    def image(self) -> Path | str:
+        return Path(self._image) if self._local else self._image
+
+    @property
+    def output(self) -> PurePosixPath:
+        return PurePosixPath(self._output)
+
+    @output.setter
+    def output(self, value: PurePosixPath) -> None:
+        self._output = str(value)
+
+    @property
+    def effective(self) -> JobParams | None:
+        return None if self.spec is None else JobParams.model_validate({**json.loads(self.spec), "seed": self.seed})
 
     def submission(self, key: str | None = None) -> Submission:
-        assert self.effective is not None, "plan() first"
-        return Submission(self.image, self.effective.model_dump(exclude_none=True), key or self.key)
+        assert self.spec is not None, "plan() first"
+        params = {k: v for k, v in json.loads(self.spec).items() if v is not None}
+        return Submission(self.image, {**params, "seed": self.seed}, key or self.key)
 
 
 # 1. Reading the inputs.
@@ -126,7 +157,7 @@ def _rows(src: Path, rows: Iterator[tuple[int, dict[str, Any]]], header: list[st
             items.append(_row(src, n, row, text))
         except ValueError as exc:
             name = str(row.get("image") or f"line {n}")
-            items.append(Item(source=name, image=name, output=PurePosixPath(f"line-{n}"), line=n, problem=str(exc)))
+            items.append(Item(name, name, PurePosixPath(f"line-{n}"), line=n, problem=str(exc)))
     return items
 
 
@@ -166,8 +197,10 @@ def content_hash(item: Item) -> str:
 
 
 def plan(items: list[Item], defaults: dict[str, Any], settings: Settings) -> list[str]:
-    """Effective parameters, seed, output suffix and key for each input; returns every problem found, by line."""
+    """Effective parameters, seed, output suffix and key for each input (its row's own parameters are merged in
+    and dropped); returns every problem found, by line."""
     writers: dict[PurePosixPath, Item] = {}
+    specs: dict[str, str] = {}
     for item in items:
         if item.problem is not None:
             continue
@@ -175,14 +208,17 @@ def plan(items: list[Item], defaults: dict[str, Any], settings: Settings) -> lis
         merged = {**defaults, **item.params}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
         try:
-            item.effective = check_inputs(merged)
-            settings.check_caps(item.effective)
+            effective = check_inputs(merged)
+            settings.check_caps(effective)
         except InvalidParameter as exc:
             item.problem = f"{exc.param}: {exc.message}"
             continue
-        if item.output.suffix != f".{item.effective.format}":
-            item.output = item.output.with_name(f"{item.output.name}.{item.effective.format}")
-        canonical = json.dumps({"image": digest, "params": item.effective.model_dump()}, sort_keys=True)
+        if item.output.suffix != f".{effective.format}":
+            item.output = item.output.with_name(f"{item.output.name}.{effective.format}")
+        # Rows mostly differ by their seed alone: one shared string for the rest (a run holds one per input).
+        spec = json.dumps(effective.model_dump(exclude={"seed"}), sort_keys=True)
+        item.spec, item.seed, item.params = specs.setdefault(spec, spec), effective.seed, {}
+        canonical = json.dumps({"image": digest, "params": effective.model_dump()}, sort_keys=True)
         item.key = "bulk-" + hashlib.sha256(canonical.encode()).hexdigest()
         other = writers.setdefault(item.output, item)
         if other.key != item.key:  # two different videos for one file
@@ -198,25 +234,29 @@ def retry_key(key: str, failed_job: str) -> str:
 # 3. Submitting, following, downloading.
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     item: Item
     job: Job | None = None
-    record: JobRecord | None = None
+    record: JobRecord | None = None  # the latest seen, until the input ends
     error: dict[str, str] | None = None
     new: bool = False
     downloaded: bool = False
+    final: str | None = None  # the state it ended in (its record is dropped then: a run holds many)
+    frames: int = 0
 
     @property
     def state(self) -> str:
+        if self.final is not None:
+            return self.final
         if self.error is not None:  # refused before a job, or its video could not be written where asked
             return JobState.FAILED.value
         return self.record.state.value if self.record else JobState.QUEUED.value
 
     def line(self, out: Path) -> dict[str, Any]:
-        record, effective = self.record, self.item.effective
+        record = self.record
         error = self.error or (record.error.model_dump() if record and record.error else None)
-        seed = record.result.seed if record and record.result else effective.seed if effective else None
+        seed = record.result.seed if record and record.result else self.item.seed
         return {
             "input": self.item.source,
             "job_id": self.job.id if self.job else None,
@@ -254,13 +294,15 @@ class Run:
         priority: str,
         retry_failed: bool,
         on_end: Callable[[Outcome, dict[str, Any]], None] = lambda outcome, line: None,
+        on_poll: Callable[[Counter[str]], None] = lambda waiting: None,
     ):
         self.client, self.items, self.out = client, items, out
-        self.priority, self.retry_failed, self.on_end = priority, retry_failed, on_end
+        self.priority, self.retry_failed, self.on_end, self.on_poll = priority, retry_failed, on_end, on_poll
         self.outcomes = [Outcome(item) for item in items]
         self.report = out / REPORT
         self.ended: set[int] = set()
         self.retried: set[int] = set()  # one new try per input per run: a job that always fails ends the run
+        self.failed: list[dict[str, Any]] = []  # the report lines of the inputs that failed or were canceled
 
     def submit(self) -> None:
         out_root = self.out.resolve()
@@ -302,6 +344,7 @@ class Run:
             records = self.client.records.get_many(sorted(set(waiting.values())))
             for i, job_id in waiting.items():
                 self._update(i, records.get(job_id))
+            self.on_poll(Counter(self.outcomes[i].state for i in waiting if i not in self.ended))
             if len(self.ended) < len(self.outcomes):
                 time.sleep(poll)
 
@@ -346,6 +389,11 @@ class Run:
         with self.report.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
         self.on_end(outcome, line)
+        if line["state"] in ("failed", "canceled"):
+            self.failed.append(line)
+        if outcome.record is not None and outcome.record.result is not None:
+            outcome.frames = outcome.record.result.frames
+        outcome.final, outcome.record = line["state"], None
 
     def execute(self, *, wait: bool, cancel_on_interrupt: bool) -> tuple[bool, int]:
         """Submit, then follow unless not `wait`; on Ctrl-C stop following (and cancel, if asked). The report
@@ -385,8 +433,8 @@ class Run:
             "jobs_submitted": sum(o.new for o in self.outcomes),
             "jobs_found": len({o.job.id for o in self.outcomes if o.job is not None and not o.new}),
             "downloaded": sum(o.downloaded for o in self.outcomes),
-            "frames": sum(o.record.result.frames for o in self.outcomes if o.record and o.record.result),
-            "failed": [o.line(self.out) for o in self.outcomes if o.state in ("failed", "canceled")],
+            "frames": sum(o.frames for o in self.outcomes),
+            "failed": self.failed,
             "report": str(self.report),
         }
 
@@ -405,10 +453,13 @@ def summary_text(summary: dict[str, Any], out: Path) -> str:
 
 
 class Display:
-    """A bar with counts by state on a terminal; a plain line per ended input otherwise; nothing with --json."""
+    """On a terminal, one bar: inputs ended of all, counts by state (the unfinished as of the latest poll),
+    frames rendered, rate and ETA. Otherwise a plain line per ended input; nothing with --json."""
+
+    ORDER = ("queued", "started", "succeeded", "failed", "canceled")
 
     def __init__(self, total: int, mode: str):
-        self.mode, self.states, self.frames = mode, Counter[str](), 0
+        self.mode, self.states, self.waiting, self.frames = mode, Counter[str](), Counter[str](), 0
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
@@ -420,12 +471,21 @@ class Display:
         if outcome.record is not None and outcome.record.result is not None:
             self.frames += outcome.record.result.frames
         if self.bar is not None:
-            counts = " ".join(f"{k} {v}" for k, v in sorted(self.states.items()))
-            self.bar.set_postfix_str(f"{counts}, {self.frames} frames", refresh=False)
+            self.bar.set_postfix_str(self._counts(), refresh=False)
             self.bar.update(1)
         elif self.mode == "lines":
             what = line["output"] or (f"{line['error']['code']}: {line['error']['message']}" if line["error"] else "")
             print(f"{outcome.state:<9} {outcome.item.source}  {what}", flush=True)
+
+    def polled(self, waiting: Counter[str]) -> None:
+        self.waiting = waiting
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._counts())
+
+    def _counts(self) -> str:
+        counts = self.waiting + self.states
+        shown = [f"{state} {counts[state]}" for state in self.ORDER if counts[state]]
+        return ", ".join([*shown, f"{self.frames} frames"])
 
     def close(self) -> None:
         if self.bar is not None:

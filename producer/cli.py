@@ -120,9 +120,16 @@ def cmd_bulk(args: argparse.Namespace) -> int:
             raise CliError(
                 f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
             )
-        display = bulk.Display(len(items), "json" if args.json else "bar" if sys.stderr.isatty() else "lines")
+        terminal = sys.stdout.isatty() and sys.stderr.isatty()
+        display = bulk.Display(len(items), "json" if args.json else "bar" if terminal else "lines")
         run = bulk.Run(
-            client, items, args.out, priority=args.priority, retry_failed=args.retry_failed, on_end=display.ended
+            client,
+            items,
+            args.out,
+            priority=args.priority,
+            retry_failed=args.retry_failed,
+            on_end=display.ended,
+            on_poll=display.polled,
         )
         interrupted, canceled = run.execute(wait=not args.no_wait, cancel_on_interrupt=args.cancel_on_interrupt)
         display.close()

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +26,9 @@ from PIL import Image
 
 from producer import keys, wire
 from producer.client import Client, Submission, send_job
+from producer.local_redis import free_port
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
+from tests.integration.test_image_urls import IMAGE, Site
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +167,65 @@ def test_manifests_set_frames_and_outputs_per_row(
     [line] = report(tmp_path / "jsonl-out").values()
     assert line["seed"] == 7 and line["output"].endswith("jsonl-out/y5.mp4")
     assert imageio_ffmpeg.count_frames_and_secs(line["output"])[0] == 5
+
+
+def on_a_terminal(env: dict[str, str], *args: str, timeout: float = 180) -> tuple[int, str]:
+    """`svdq bulk ARGS` with a pseudo-terminal (120 columns) for its stdout and stderr: its exit code and all it
+    drew."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([SVDQ, "bulk", *args], env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    drawn, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+        return proc.wait(timeout=10), drawn.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_url_rows_on_a_terminal_render_and_an_unreachable_url_fails_its_own_line(
+    svdq_env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """A manifest of http(s) URLs, run on a terminal: the good row renders; a missing and an unreachable URL fail
+    their own lines; the bar shows the inputs ended, the counts by state, the frames, the rate and the ETA."""
+    site = Site("127.0.0.1", {"/cat.png": (200, {"content-length": str(len(IMAGE))}, IMAGE)})
+    queue = f"bulk-{uuid.uuid4().hex[:8]}"
+    allow = {"SVDQ_ALLOW_PRIVATE_URLS": "1"}  # the site is on loopback
+    start_worker(queue=queue, env={**allow, "SVDQ_MAX_ATTEMPTS": "1"})
+    manifest = tmp_path / "urls.jsonl"
+    rows = [f"{site.base}/cat.png", f"{site.base}/gone.png", f"http://127.0.0.1:{free_port()}/dog.png"]
+    manifest.write_text("".join(json.dumps({"image": url}) + "\n" for url in rows))
+    try:
+        code, drawn = on_a_terminal(
+            {**svdq_env, **allow, "SVDQ_QUEUE": queue}, str(manifest), "--out", str(tmp_path / "out"), *SIZE
+        )
+    finally:
+        site.close()
+    assert code == 1, drawn
+    lines = report(tmp_path / "out")
+    assert lines[rows[0]]["state"] == "succeeded" and (tmp_path / "out" / "cat.mp4").is_file()
+    gone, unreachable = lines[rows[1]], lines[rows[2]]
+    assert (gone["state"], gone["error"]["code"]) == ("failed", "invalid_input")
+    assert "HTTP 404" in gone["error"]["message"]
+    assert (unreachable["state"], unreachable["error"]["code"]) == ("failed", "storage_unavailable")  # transient
+    assert "Connection refused" in unreachable["error"]["message"]
+    bar = drawn.replace("\r", "\n").splitlines()
+    final = [b for b in bar if "3/3" in b][-1]
+    assert "succeeded 1, failed 2, 4 frames" in final, final
+    assert any(re.search(r"(queued|started) \d", b) for b in bar), bar  # the unfinished, counted while they run
+    assert re.search(r"3/3 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+video/s", final), final  # elapsed < ETA, rate
+    assert not [b for b in bar if b.startswith("succeeded ")]  # no plain lines: they are for pipes
 
 
 def test_a_bad_manifest_is_reported_whole_and_submits_nothing(svdq_env: dict[str, str], tmp_path: Path) -> None:
