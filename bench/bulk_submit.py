@@ -1,16 +1,19 @@
 """Submitting many jobs: `Client.submit_many` (pipelined) against a loop of `Client.submit`, same run.
 
-A real redis-server (started here on a free port) and a file:// store holding the input image already, so the
-figure is the submission path itself: checks, records, messages. No worker: the jobs stay queued.
+A real redis-server (started here on a free port) and a store holding the input image already, so the figure is
+the submission path itself: checks, records, messages. No worker: the jobs stay queued. `--store s3` (the
+default: what a fleet uses) is an S3 server (moto, over HTTP); `--store file` the one-machine file:// store,
+whose reference check also resolves the path on disk (symlinks).
 `--manifest-rows N` also runs `svdq bulk` on an N-row JSONL manifest (`--no-wait`) in a child process and
 reports its peak RSS.
 
-    .venv/bin/python bench/bulk_submit.py [--jobs 10000] [--manifest-rows 100000]
+    .venv/bin/python bench/bulk_submit.py [--jobs 10000] [--store s3|file] [--manifest-rows 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -23,8 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import boto3
 from PIL import Image
 
+from bench.s3server import S3Server
 from producer.client import Client, Submission
 from producer.local_redis import LocalRedis
 
@@ -92,29 +97,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--manifest-rows", type=int, default=0)
+    parser.add_argument("--store", choices=("s3", "file"), default="s3")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         server = LocalRedis(workdir / "redis")
         server.start()
+        s3 = S3Server(workdir) if args.store == "s3" else None
         try:
-            store = workdir / "store"
-            store.mkdir()
-            Image.new("RGB", (64, 64), (10, 20, 30)).save(store / "in.png")
-            image = f"file://{store}/in.png"  # already in the store: no upload
-            env = {**os.environ, "SVDQ_REDIS_URL": server.url, "SVDQ_STORAGE_URL": f"file://{store}"}
-            with Client.from_env(redis_url=server.url, storage_url=f"file://{store}") as client:
+            env = {**os.environ, "SVDQ_REDIS_URL": server.url, **store_env(workdir, s3)}
+            image = stored_image(workdir, env, s3)
+            with Client.from_env(redis_url=server.url, storage_url=env["SVDQ_STORAGE_URL"]) as client:
                 client.submit(image, idempotency_key="warm-up", **PARAMS)
                 loop_rate = loop(client, image, args.jobs)
                 many_rate = pipelined(client, image, args.jobs)
-            figure("jobs", args.jobs)
-            figure("loop_jobs_per_second", loop_rate)
-            figure("submit_many_jobs_per_second", many_rate)
-            figure("speedup", many_rate / loop_rate, goal=">= 10")
+            figure("jobs", args.jobs, store=args.store)
+            figure("loop_jobs_per_second", loop_rate, store=args.store)
+            figure("submit_many_jobs_per_second", many_rate, store=args.store)
+            figure("speedup", many_rate / loop_rate, store=args.store, goal=">= 10")
             if args.manifest_rows:
                 manifest_rss(workdir, env, args.manifest_rows)
         finally:
+            if s3 is not None:
+                s3.stop()
             server.stop()
+
+
+def store_env(workdir: Path, s3: S3Server | None) -> dict[str, str]:
+    if s3 is None:
+        (workdir / "store").mkdir()
+        return {"SVDQ_STORAGE_URL": f"file://{workdir / 'store'}"}
+    keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    return {"SVDQ_STORAGE_URL": "s3://bench/svdq", "SVDQ_S3_ENDPOINT_URL": s3.endpoint, **keys}
+
+
+def stored_image(workdir: Path, env: dict[str, str], s3: S3Server | None) -> str:
+    """The input image, put in the store: its reference."""
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(data, format="PNG")
+    if s3 is None:
+        (workdir / "store" / "in.png").write_bytes(data.getvalue())
+        return f"file://{workdir / 'store'}/in.png"
+    os.environ.update(env)  # this process's client reads the keys and the endpoint from the environment
+    boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="bench")
+    boto3.client("s3", endpoint_url=s3.endpoint).put_object(Bucket="bench", Key="svdq/in.png", Body=data.getvalue())
+    return "s3://bench/svdq/in.png"
 
 
 if __name__ == "__main__":

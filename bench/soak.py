@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,10 +51,11 @@ import redis
 from kombu.exceptions import OperationalError
 from PIL import Image
 
+from bench.s3server import S3Server
 from producer import keys
 from producer.client import Client, NotCancelable
 from producer.contract import JobState, priority_queues
-from producer.local_redis import LocalRedis, free_port
+from producer.local_redis import LocalRedis
 from producer.storage import StorageUnavailable
 from tests.integration.faults import CuttableProxy
 from tests.odd_images import corpus
@@ -119,16 +119,9 @@ class Fleet:
         self.workdir = workdir
         self.redis = LocalRedis(workdir / "redis", appendonly=True)
         redis_url = self.redis.start()
-        self.moto_port = free_port()
-        self.moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)],
-            stdout=(workdir / "moto.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"},
-        )
-        self.direct_s3 = f"http://127.0.0.1:{self.moto_port}"
-        self._wait_for_s3()
-        self.proxy = CuttableProxy(self.moto_port)
+        self.moto = S3Server(workdir)
+        self.direct_s3 = self.moto.endpoint
+        self.proxy = CuttableProxy(self.moto.port)
         self.env = {
             **os.environ,
             "SVDQ_REDIS_URL": redis_url,
@@ -154,17 +147,6 @@ class Fleet:
         self.names = [f"soak{i}@soak" for i in range(workers)]
         for name in self.names:
             self.start_worker(name)
-
-    def _wait_for_s3(self) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.direct_s3 + "/moto-api/", timeout=1).close()
-                return
-            except OSError:
-                if self.moto.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the S3 server did not start") from None
-                time.sleep(0.1)
 
     def spool(self, name: str) -> Path:
         return self.workdir / "spool" / name.split("@")[0]
@@ -201,8 +183,7 @@ class Fleet:
     def close(self) -> None:
         self.stop()
         self.proxy.close()
-        self.moto.terminate()
-        self.moto.wait(timeout=10)
+        self.moto.stop()
         self.redis.stop()
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -250,19 +251,34 @@ class Client:
         big batch costs one Redis read per item. Pipelined: `batch_size` submissions at a time, their images
         checked and stored `concurrency` at a time, their keys read in one round trip, their records and messages
         (producer.wire) written in another, each job's two in one script."""
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="svdq-submit") as pool:
-            for batch in _batches(submissions, batch_size):
-                yield from self._submit_batch(batch, pool, priority, webhook, defaults)
+        # While Redis runs one batch's scripts, this thread prepares the next: at most two batches in hand.
+        with (
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="svdq-submit") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-write") as writer,
+        ):
+            writing: tuple[_Batch, Future[list[Exception | None]]] | None = None
+            uploads: dict[str, Future[str]] = {}  # content name -> its upload: many rows of one image store it once
+            for submissions_batch in _batches(submissions, batch_size):
+                if len(uploads) > 10_000:
+                    uploads.clear()
+                batch = self._prepare(submissions_batch, pool, uploads, priority, webhook, defaults)
+                if writing is not None:
+                    yield from self._results(writing[0], writing[1].result())
+                writing = batch, writer.submit(self.records.create_many, list(batch.creations.values()))
+            if writing is not None:
+                yield from self._results(writing[0], writing[1].result())
 
-    def _submit_batch(
+    def _prepare(
         self,
         batch: list[Submission],
         pool: ThreadPoolExecutor,
+        uploads: dict[str, Future[str]],
         priority: str,
         webhook: str | None,
         defaults: dict[str, Any],
-    ) -> Iterator[Submitted]:
-        # 1. Keys already held: those jobs exist (a re-run).
+    ) -> _Batch:
+        # 1. Keys already held: those jobs exist (a re-run). A key another batch is claiming right now is not
+        # seen here, but its creation script refuses it (DuplicateKey, below).
         pipe = self.redis.pipeline(transaction=False)
         for submission in batch:
             pipe.get(keys.idempotency(submission.idempotency_key or "-"))
@@ -285,42 +301,71 @@ class Client:
                 return exc
 
         checked = {i: check(batch[i]) for i, job_id in enumerate(held) if job_id is None}
-        stored = {
-            i: pool.submit(self.intake.store_image, c)
-            for i, c in checked.items()
-            if isinstance(c, Checked) and c.image_ref is None
-        }
+        stored = {}
+        for i, c in checked.items():
+            if isinstance(c, Checked) and c.data is not None:
+                name = content_name(c.data, c.suffix)
+                if (upload := uploads.get(name)) is None:
+                    upload = uploads[name] = pool.submit(self.intake.store_image, c)
+                stored[i] = upload
         checks = {
             i: c if isinstance(c, InvalidParameter) else (c, c.image_ref or stored[i].result())
             for i, c in checked.items()
         }
 
-        # 3. Each record and its message in one script (each claiming its key atomically): a job is created
-        # enqueued or not at all, however the batch fails.
+        # 3. What to create: each record with its message, written in one script (StatusStore.create_many), so a
+        # job is created enqueued or not at all, however the batch fails.
+        todo = [(i, c) for i, c in checks.items() if not isinstance(c, InvalidParameter)]
+        randoms = _random_hex(2 * len(todo))  # a job id and a delivery tag each
         creations = {
-            i: _creation(c[0], c[1], priority, webhook, batch[i].idempotency_key)
-            for i, c in checks.items()
-            if not isinstance(c, InvalidParameter)
+            i: _creation(c[0], c[1], priority, webhook, batch[i].idempotency_key, next(randoms), next(randoms))
+            for i, c in todo
         }
-        refused = dict(zip(creations, self.records.create_many(list(creations.values())), strict=True))
-        for i, submission in enumerate(batch):
-            if held[i] is not None:
-                yield Submitted(submission, Job(held[i], self), existed=True)
-            elif isinstance(checks[i], InvalidParameter):
-                yield Submitted(submission, None, error=checks[i])
+        return _Batch(batch, held, checks, creations)
+
+    def _results(self, batch: _Batch, answers: list[Exception | None]) -> Iterator[Submitted]:
+        refused = dict(zip(batch.creations, answers, strict=True))
+        for i, submission in enumerate(batch.submissions):
+            if (held := batch.held[i]) is not None:
+                yield Submitted(submission, Job(held, self), existed=True)
+            elif isinstance(error := batch.checks[i], InvalidParameter):
+                yield Submitted(submission, None, error=error)
             elif (why := refused[i]) is None:
-                yield Submitted(submission, Job(creations[i]["job_id"], self))
+                yield Submitted(submission, Job(batch.creations[i]["job_id"], self))
             elif isinstance(why, DuplicateKey):  # another submit took the key meanwhile
                 yield Submitted(submission, Job(why.job_id, self), existed=True)
-            else:  # a fresh random id that already had a record
+            else:  # a fresh random id that already had a record, or Redis refused the script
                 raise why
 
 
+@dataclass
+class _Batch:
+    """One batch of submit_many on its way: what was found, checked and is to be created, by position."""
+
+    submissions: list[Submission]
+    held: list[str | None]
+    checks: dict[int, tuple[Checked, str] | InvalidParameter]
+    creations: dict[int, dict[str, Any]]
+
+
+def _random_hex(n: int) -> Iterator[str]:
+    """`n` random 128-bit values as hex (uuid4's randomness), from one read of the OS's source: a read per value
+    costs more than the rest of a job's message."""
+    pool = os.urandom(16 * n).hex()
+    return (pool[i : i + 32] for i in range(0, 32 * n, 32))
+
+
 def _creation(
-    checked: Checked, image_ref: str, priority: str, webhook: str | None, idempotency_key: str | None
+    checked: Checked,
+    image_ref: str,
+    priority: str,
+    webhook: str | None,
+    idempotency_key: str | None,
+    job_id: str,
+    tag: str,
 ) -> dict[str, Any]:
     """`StatusStore.create_many`'s arguments for one job, its Celery message (producer.wire) included."""
-    job_id, request = uuid.uuid4().hex, checked.request(image_ref)
+    request = checked.request(image_ref)
     return {
         "job_id": job_id,
         "request": request,
@@ -328,7 +373,7 @@ def _creation(
         "webhook": webhook,
         "queue": checked.queue,
         "idempotency_key": idempotency_key,
-        "push": (checked.queue, wire.message(job_id, request, checked.queue)),
+        "push": (checked.queue, wire.message(job_id, request, checked.queue, tag=str(uuid.UUID(tag, version=4)))),
     }
 
 

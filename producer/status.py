@@ -58,10 +58,7 @@ if cur == 'started' then
 end
 -- First of the writes: a script that fails midway keeps what it wrote, and this one can fail (a wrong type).
 if ctl.push ~= '' then redis.call('LPUSH', ctl.push, ARGV[2]) end
-redis.call('HSET', KEYS[1], 'state', ctl.new)
-for i = 3, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
+redis.call('HSET', KEYS[1], 'state', ctl.new, unpack(ARGV, 3))
 if ctl.incr ~= '' then attempts = redis.call('HINCRBY', KEYS[1], ctl.incr, 1) end
 if ctl.new == 'started' then
   redis.call('SET', KEYS[4], ctl.holder, 'PX', ctl.lease_ms)
@@ -177,10 +174,14 @@ class DuplicateKey(Exception):
         super().__init__(f"idempotency key already used by job {job_id}")
 
 
+# json.dumps with any option builds a new encoder per call: a record's fields are many small values.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _encode(fields: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for name, value in fields.items():
-        flat += [name, json.dumps(value, separators=(",", ":"))]
+        flat += [name, _compact(value)]
     return flat
 
 
@@ -203,7 +204,7 @@ class Records:
     def _event(self, job_id: str, state: str, fields: dict[str, Any]) -> str:
         event = {"id": job_id, "state": state, "at": self.now()}
         event.update((name, fields[name]) for name in _EVENT_FIELDS if name in fields)
-        return json.dumps(event, separators=(",", ":"))
+        return _compact(event)
 
     def creation(
         self,
