@@ -24,7 +24,7 @@ import redis.asyncio
 from celery import Celery
 
 from producer import keys, wire
-from producer.client import ImageInput, Intake, NotCancelable, producer_celery
+from producer.client import Checked, ImageInput, Intake, NotCancelable, producer_celery
 from producer.contract import JobRecord, JobState, check_job_id
 from producer.settings import Settings, is_sentinel
 from producer.status import (
@@ -215,18 +215,16 @@ class AsyncClient:
     ) -> AsyncJob:
         """As `Client.submit`: validate, store the image, write a `queued` record, then enqueue. `owner` (the
         gateway's API key name) goes on the record."""
-        # 1. Check parameters and the image (decoding it is CPU work: off the loop).
-        checked = await asyncio.to_thread(
-            self.intake.check,
-            image,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            webhook=webhook,
-            params=params,
-        )
 
-        # 2. Store the image once per content (boto3 blocks: in a thread).
-        image_ref = checked.image_ref or await asyncio.to_thread(self.intake.store_image, checked)
+        # 1-2. Check parameters and the image (decoding it is CPU work), then store the image once per content
+        # (boto3 blocks): off the loop, in one trip to a thread.
+        def check_and_store() -> tuple[Checked, str]:
+            checked = self.intake.check(
+                image, priority=priority, idempotency_key=idempotency_key, webhook=webhook, params=params
+            )
+            return checked, checked.image_ref or self.intake.store_image(checked)
+
+        checked, image_ref = await asyncio.to_thread(check_and_store)
 
         # 3. The record and its Celery message in one script: one round trip, and never one without the other.
         job_id = uuid.uuid4().hex

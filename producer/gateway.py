@@ -42,7 +42,7 @@ from producer.aio import AsyncClient, AsyncJob
 from producer.client import NotCancelable
 from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState, value_from_text
 from producer.settings import Settings
-from producer.status import JobNotFound, as_text
+from producer.status import JobNotFound, as_text, parse_record
 from producer.storage import FileStore, StorageUnavailable
 
 KEEP_ALIVE_SECONDS = 15.0
@@ -234,20 +234,26 @@ async def submit(request: Request) -> JSONResponse:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None
         raise Refused(422, "invalid_parameter", f"{exc.param}: {for_callers(exc.message)}", exc.param) from None
-    record = await job.status()
+    record = await read_and_index(request, owner, job.id)
     if record.owner != stored(owner):  # a key that a producer outside the gateway used
+        await client_of(request).redis.zrem(keys.owner_index(owner), job.id)
         raise Refused(409, "idempotency_conflict", "this Idempotency-Key names a job this API key did not submit")
-    await index_job(request, owner, record)
     return JSONResponse(job_json(record), status_code=201, headers={"Location": links(job.id)["self"]})
 
 
-async def index_job(request: Request, owner: str, record: JobRecord) -> None:
-    """The caller's list of jobs (GET /v1/jobs): added to at submit, trimmed of what has expired since."""
+async def read_and_index(request: Request, owner: str, job_id: str) -> JobRecord:
+    """The job's record, and the job added to the caller's list (GET /v1/jobs), trimmed of what has expired
+    since: one round trip. (The list shows only the caller's own records, so an entry is harmless until a
+    conflict takes it out again.)"""
     index, now = keys.owner_index(owner), time.time()
     pipe = client_of(request).redis.pipeline(transaction=False)
-    pipe.zadd(index, {record.id: now}, nx=True)
+    pipe.hgetall(keys.job(job_id))
+    pipe.zadd(index, {job_id: now}, nx=True)
     pipe.zremrangebyscore(index, "-inf", now - request.app.state.settings.result_ttl)
-    await pipe.execute()
+    raw, _, _ = await pipe.execute()
+    if not raw:
+        raise JobNotFound(job_id)
+    return parse_record(job_id, raw)
 
 
 @router.get("/v1/jobs")

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,12 +110,37 @@ class FileStore:
         ]
 
     def _path(self, name: str) -> Path:
-        try:
-            path = (self.root / name).resolve()
-        except (ValueError, RuntimeError):  # an embedded NUL byte, a symlink loop
+        root = str(self.root)
+        if (plain := self._plain(root, name)) is not None:
+            return Path(plain)
+        try:  # on strings: every submit resolves a name or two
+            path = os.path.realpath(os.path.join(root, name))
+        except ValueError:  # an embedded NUL byte
             raise InvalidReference(f"{name!r} is not a valid name") from None
-        if not path.is_relative_to(self.root):
+        if _loops(path):
+            raise InvalidReference(f"{name!r} is not a valid name")
+        if not _inside(path, root):
             raise InvalidReference(f"{name!r} is outside the store")
+        return Path(path)
+
+    @staticmethod
+    def _plain(root: str, name: str) -> str | None:
+        """`root/name` when that is already resolved: a relative name of plain parts, none of them a link (the
+        root is resolved once, at start). Two lstat calls for `inputs/HASH.png` instead of one per folder from
+        /; None when realpath must decide."""
+        parts = name.split("/")
+        if not name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+            return None
+        path = root
+        for part in parts:
+            path += "/" + part
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    return None
+            except FileNotFoundError:  # nothing below it exists either: no link to follow
+                return f"{root}/{name}"
+            except OSError:
+                return None
         return path
 
     def put(self, name: str, data: bytes, content_type: str) -> Stored:

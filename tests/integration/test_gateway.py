@@ -205,9 +205,10 @@ def test_an_idempotency_key_is_the_caller_s_own(gateway: Gateway) -> None:
     assert gateway.call("POST", "/v1/jobs", ALICE, body, headers=key)[2]["id"] == first
     assert gateway.call("POST", "/v1/jobs", BOB, body, headers=key)[2]["id"] != first  # bob's key is his own
     with Client.from_env() as client:  # a producer outside the gateway, whose key reads like one of alice's
-        client.submit(png(121), idempotency_key="alice:shared", **PARAMS)
-    status, _, refused = gateway.call("POST", "/v1/jobs", ALICE, body, headers={"Idempotency-Key": "shared"})
-    assert status == 409 and refused["error"]["code"] == "idempotency_conflict" and "id" not in refused
+        outside = client.submit(png(121), idempotency_key="alice:shared", **PARAMS)
+        status, _, refused = gateway.call("POST", "/v1/jobs", ALICE, body, headers={"Idempotency-Key": "shared"})
+        assert status == 409 and refused["error"]["code"] == "idempotency_conflict" and "id" not in refused
+        assert client.redis.zscore(keys.owner_index("alice"), outside.id) is None  # not in alice's list either
 
 
 def test_a_key_lists_its_own_jobs_newest_first_a_page_at_a_time(gateway: Gateway) -> None:
