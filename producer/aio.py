@@ -213,7 +213,7 @@ class AsyncClient:
         owner: str | None = None,
         **params: Any,
     ) -> AsyncJob:
-        """As `Client.submit`: validate, store the image, write a `queued` record, then enqueue. `owner` (the
+        """As `Client.submit`: validate, store the image, write a `queued` record and its message. `owner` (the
         gateway's API key name) goes on the record."""
 
         # 1-2. Check parameters and the image (decoding it is CPU work), then store the image once per content

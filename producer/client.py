@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import time
@@ -23,7 +22,6 @@ from redis.sentinel import Sentinel
 from producer import images, keys, wire
 from producer.contract import (
     TASK_NAME,
-    ErrorCode,
     InvalidParameter,
     JobParams,
     JobRecord,
@@ -195,7 +193,7 @@ class Client:
         webhook: str | None = None,
         **params: Any,
     ) -> Job:
-        """Validate, store the image, write a `queued` record, then enqueue. Returns the job's handle.
+        """Validate, store the image, write a `queued` record and its message. Returns the job's handle.
 
         A bad parameter or unreadable image raises InvalidParameter before anything is written. With an
         `idempotency_key` already used (by any client, at any time until that job's record expires), the
@@ -209,8 +207,8 @@ class Client:
         # 2. Store the image once per content; URLs the worker can read are passed through.
         image_ref = checked.image_ref or self.intake.store_image(checked)
 
-        # 3. Record first (atomically claiming the idempotency key), then enqueue: a worker never sees a
-        #    job it cannot find, and a key maps to one job however many submits race for it.
+        # 3. The record (atomically claiming the idempotency key) and its Celery message in one script: a job
+        #    is created enqueued or not at all, and a key maps to one job however many submits race for it.
         job_id = uuid.uuid4().hex
         request = checked.request(image_ref)
         try:
@@ -221,17 +219,11 @@ class Client:
                 priority=priority,
                 webhook=webhook,
                 queue=checked.queue,
+                push=(checked.queue, wire.message(job_id, request, checked.queue)),
             )
         except DuplicateKey as dup:
             if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
                 return Job(dup.job_id, self)
-        try:
-            send_job(self.celery, job_id, request, checked.queue)
-        except Exception as exc:
-            # Best effort: the caller gets the exception either way, the record should not say queued.
-            with contextlib.suppress(InvalidTransition, redis.RedisError):
-                self.records.transition(job_id, JobState.FAILED, error=enqueue_failed(exc))
-            raise
         return Job(job_id, self)
 
     def submit_many(
@@ -410,10 +402,6 @@ class Submitted:
 def send_job(celery: Celery, job_id: str, request: dict[str, Any], queue: str) -> None:
     """The Celery message for a job (README: "From any language"); its task id is the job id."""
     celery.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
-
-
-def enqueue_failed(exc: BaseException) -> dict[str, str]:
-    return {"code": ErrorCode.ENQUEUE_FAILED.value, "message": f"could not enqueue: {type(exc).__name__}"}
 
 
 @dataclass(frozen=True)

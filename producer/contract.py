@@ -98,6 +98,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_INPUT = "invalid_input"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     OUT_OF_MEMORY = "out_of_memory"
+    # Written by producers before a record and its message were created in one script; kept for their records.
     ENQUEUE_FAILED = "enqueue_failed"
     # The job's worker died (killed, out of host memory, host lost) SVDQ_MAX_ATTEMPTS times.
     WORKER_LOST = "worker_lost"

@@ -313,14 +313,18 @@ class StatusStore(Records):
         priority: str = "normal",
         webhook: str | None = None,
         queue: str | None = None,
+        push: tuple[str, str] | None = None,
     ) -> bool:
         """Write a `queued` record; False (and nothing written) if the job already has one.
 
-        With `idempotency_key`, raises DuplicateKey naming the job that already holds the key.
+        With `idempotency_key`, raises DuplicateKey naming the job that already holds the key. `push`: the
+        (queue, message) enqueued in the same script, only if the record is written.
         """
         fields = self.creation(job_id, request, priority=priority, webhook=webhook, queue=queue)
         try:
-            self.transition(job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, **fields)
+            self.transition(
+                job_id, JobState.QUEUED, idempotency_key=idempotency_key, only_new=True, push=push, **fields
+            )
         except InvalidTransition:
             return False
         return True

@@ -1,12 +1,12 @@
 """A job's Celery message exactly as Celery's Redis transport stores it, for sending jobs without Celery.
 
-`Client.submit` sends through Celery (`send_task`), about 1.3 ms a message on a 2-core machine: the argument
-reprs, a pooled connection and a round trip per message. `Client.submit_many` and the gateway push each job's
-message in the script that creates its record instead (producer.status), built here: Celery's task message
-protocol 2 (headers, and a JSON body of args, kwargs and embed) inside kombu's Redis envelope (base64 body,
-delivery info, a delivery tag), pushed onto the queue's list as kombu's `_put` does.
-tests/integration/test_bulk.py checks these against what Celery itself writes, and renders jobs sent this way
-on a real worker.
+Producers (`Client.submit`, `Client.submit_many`, the gateway) push each job's message in the script that
+creates its record (producer.status): one round trip, and never a record without its message. Celery's
+`send_task` costs about 1.3 ms a message on a 2-core machine (the argument reprs, a pooled connection and a
+round trip). Built here: Celery's task message protocol 2 (headers, and a JSON body of args, kwargs and
+embed) inside kombu's Redis envelope (base64 body, delivery info, a delivery tag), pushed onto the queue's list
+as kombu's `_put` does. tests/integration/test_bulk.py checks these against what Celery itself writes, and
+every job the tests render was sent this way.
 """
 
 from __future__ import annotations
