@@ -16,12 +16,13 @@ from producer.local_redis import free_port
 class S3Server:
     def __init__(self, workdir: Path):
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=(workdir / "moto.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"},
-        )
+        with (workdir / "moto.log").open("wb") as log:  # the server keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"},  # not svdq's code
+            )
         self.endpoint = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while True:

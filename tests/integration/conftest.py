@@ -25,6 +25,7 @@ import pytest
 from celery import Celery
 from PIL import Image
 
+from bench.s3server import S3Server
 from producer.client import Client, Job, producer_celery
 from producer.contract import DEFAULT_QUEUE, JobRecord, priority_queues
 from producer.local_redis import LocalRedis, free_port
@@ -49,27 +50,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    with (tmp_path_factory.mktemp("moto") / "moto.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=not_measured(os.environ),
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = S3Server(tmp_path_factory.mktemp("moto"))  # not traced by coverage: not svdq's code
+    yield server.endpoint
+    server.stop()
 
 
 @pytest.fixture(scope="session")
