@@ -302,7 +302,7 @@ class Run:
         self.report = out / REPORT
         self.ended: set[int] = set()
         self.retried: set[int] = set()  # one new try per input per run: a job that always fails ends the run
-        self.failed: list[dict[str, Any]] = []  # the report lines of the inputs that failed or were canceled
+        self.failed: list[tuple[int, dict[str, Any]]] = []  # the inputs that failed or were canceled: their lines
 
     def submit(self) -> None:
         out_root = self.out.resolve()
@@ -390,7 +390,7 @@ class Run:
             f.write(json.dumps(line) + "\n")
         self.on_end(outcome, line)
         if line["state"] in ("failed", "canceled"):
-            self.failed.append(line)
+            self.failed.append((i, line))
         if outcome.record is not None and outcome.record.result is not None:
             outcome.frames = outcome.record.result.frames
         outcome.final, outcome.record = line["state"], None
@@ -434,7 +434,7 @@ class Run:
             "jobs_found": len({o.job.id for o in self.outcomes if o.job is not None and not o.new}),
             "downloaded": sum(o.downloaded for o in self.outcomes),
             "frames": sum(o.frames for o in self.outcomes),
-            "failed": self.failed,
+            "failed": [line for _, line in sorted(self.failed, key=lambda failed: failed[0])],  # in input order
             "report": str(self.report),
         }
 
@@ -468,6 +468,10 @@ class Display:
 
     def ended(self, outcome: Outcome, line: dict[str, Any]) -> None:
         self.states[outcome.state] += 1
+        for state in ("started", "queued"):  # counted among the unfinished at the last poll: not twice till the next
+            if outcome.job is not None and self.waiting[state]:
+                self.waiting[state] -= 1
+                break
         if outcome.record is not None and outcome.record.result is not None:
             self.frames += outcome.record.result.frames
         if self.bar is not None:

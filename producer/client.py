@@ -250,10 +250,20 @@ class Client:
         ):
             writing: tuple[_Batch, Future[list[Exception | None]]] | None = None
             uploads: dict[str, Future[str]] = {}  # content name -> its upload: many rows of one image store it once
-            for submissions_batch in _batches(submissions, batch_size):
-                if len(uploads) > 10_000:
-                    uploads.clear()
-                batch = self._prepare(submissions_batch, pool, uploads, priority, webhook, defaults)
+            batches = _batches(submissions, batch_size)
+            while True:
+                try:
+                    if (chunk := next(batches, None)) is None:
+                        break
+                    if len(uploads) > 10_000:
+                        uploads.clear()
+                    batch = self._prepare(chunk, pool, uploads, priority, webhook, defaults)
+                except BaseException:
+                    # Ctrl-C or a failure while preparing: the batch being written exists all the same, so the
+                    # caller hears of its jobs (to follow or cancel them) before the exception.
+                    if writing is not None:
+                        yield from self._results(writing[0], writing[1].result())
+                    raise
                 if writing is not None:
                     yield from self._results(writing[0], writing[1].result())
                 writing = batch, writer.submit(self.records.create_many, list(batch.creations.values()))

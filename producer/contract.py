@@ -20,7 +20,8 @@ DEFAULT_QUEUE = "celery"
 
 
 # Job ids name Redis keys, storage keys, log lines and lease holders: one grammar, checked wherever an id
-# enters (the client, the worker's task, every store path built from one). Ours are uuid4 hex (32 characters).
+# enters (the client, the worker's task, every store path built from one). Ours are 128 random bits in hex (32
+# characters: uuid4's, or os.urandom's in submit_many).
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

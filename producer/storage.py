@@ -170,9 +170,9 @@ class FileStore:
         if parts.scheme not in ("", "file"):
             return False
         root = str(self.root)
-        try:
-            path = os.path.realpath(unquote(parts.path) if parts.scheme else os.path.join(root, ref))
-        except (ValueError, OSError):  # an embedded NUL byte
+        try:  # a bare name is a name in the store (never an absolute path, nor a way out of it)
+            path = os.path.realpath(unquote(parts.path)) if parts.scheme else str(self._path(ref))
+        except (ValueError, OSError, InvalidReference):  # an embedded NUL byte, outside the store
             return False
         if _loops(path):
             return False

@@ -15,7 +15,7 @@ import subprocess
 import termios
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +367,25 @@ def test_a_batch_that_fails_halfway_leaves_no_record_without_its_message(client:
     assert [job.status().state.value for job in jobs] == ["queued", "queued"]
     queued = [json.loads(m)["headers"]["id"] for m in client.redis.lrange(queue, 0, -1)]
     assert sorted(queued) == sorted(job.id for job in jobs)
+
+
+def test_an_interrupted_submit_many_hands_out_every_job_it_created(client: Client, image_file: Path) -> None:
+    """Ctrl-C while the next batch is prepared: the batch already being written exists, so its jobs are handed
+    out before the interrupt (for `svdq bulk` to follow or cancel them), none left unknown in the queue."""
+    queue = f"interrupted-{uuid.uuid4().hex[:8]}"
+    client.settings.queue = queue
+
+    def submissions() -> Iterator[Submission]:
+        for n in range(5):
+            yield Submission(image_file, {"seed": n}, uuid.uuid4().hex)
+        raise KeyboardInterrupt  # as Ctrl-C lands while the second batch is read
+
+    handed: list[Any] = []
+    with pytest.raises(KeyboardInterrupt):
+        for submitted in client.submit_many(submissions(), batch_size=5, **PARAMS_SMALL):
+            handed.append(submitted)
+    queued = [json.loads(m)["headers"]["id"] for m in client.redis.lrange(queue, 0, -1)]
+    assert len(queued) == 5 and sorted(s.job.id for s in handed if s.job) == sorted(queued)
 
 
 def test_a_submit_that_cannot_be_enqueued_writes_nothing(client: Client, image_file: Path) -> None:

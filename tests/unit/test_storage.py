@@ -40,7 +40,15 @@ def test_file_store_refuses_paths_outside_it_as_if_they_did_not_exist(tmp_path: 
     with pytest.raises(InvalidReference):
         store.read("s3://bucket/key")
     allowed = FileStore(tmp_path / "store", allow=[tmp_path.as_uri()])  # SVDQ_INPUT_ALLOW=file:///...
-    assert allowed.read(secret.as_uri()) == b"no"
+    assert allowed.read(secret.as_uri()) == b"no" and allowed.may_read(secret.as_uri())
+    # A bare name is a name in the store: an absolute path, a way up or a link out is refused at submit as at
+    # read, even into an allowed folder (the allowed folder is read by file:// URL).
+    (tmp_path / "store" / "inputs").mkdir(parents=True)
+    (tmp_path / "store" / "inputs" / "out").symlink_to(tmp_path)
+    for ref in (str(secret), "../secret.txt", "inputs/out/secret.txt"):
+        assert not allowed.may_read(ref), ref
+        with pytest.raises(ObjectNotFound):
+            allowed.read(ref)
 
 
 def test_open_store_parses_urls(tmp_path: Path) -> None:
