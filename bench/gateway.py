@@ -1,11 +1,12 @@
 """`svdq gateway` under load: POST /v1/jobs latency and rate, and many open event streams on one process.
 
-A real redis-server and one `svdq gateway` process (uvicorn, one worker) started here, a file:// store, no
-worker (the jobs stay queued). `--clients` threads post a small base64 PNG over keep-alive connections; then
-`--streams` event streams are opened on one process and held while its memory is read.
-The clients run on the same 2 cores as the gateway and Redis, so the figures are a floor.
+A real redis-server and one `svdq gateway` process (uvicorn, one worker) started here, a file:// store (or with
+`--store s3`, moto's S3 server over HTTP, on the same cores), no worker (the jobs stay queued). `--clients`
+threads post a small base64 PNG over keep-alive connections; then `--streams` event streams are opened on one
+process and held while its memory is read. The clients run on the same 2 cores as the gateway and Redis, so the
+figures are a floor.
 
-    .venv/bin/python bench/gateway.py [--posts 3000] [--clients 16] [--streams 1000]
+    .venv/bin/python bench/gateway.py [--posts 3000] [--clients 16] [--streams 1000] [--store file|s3]
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import boto3
 from PIL import Image
 
+from bench.s3server import S3Server
 from producer.local_redis import LocalRedis, free_port
 
 KEY = "bench-key-0123456789"
@@ -69,11 +72,36 @@ def open_stream(port: int, job_id: str) -> socket.socket:
     return sock
 
 
+def wait_for(gateway: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/healthz")
+            return
+        except OSError:
+            assert time.monotonic() < deadline and gateway.poll() is None, "the gateway did not start"
+            time.sleep(0.2)
+
+
+def s3_store(s3: S3Server) -> dict[str, str]:
+    """The gateway's settings for a bucket on `s3`, created here."""
+    keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint,
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="bench")
+    return {"SVDQ_STORAGE_URL": "s3://bench/svdq", "SVDQ_S3_ENDPOINT_URL": s3.endpoint, **keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--posts", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--store", choices=("file", "s3"), default="file")
     args = parser.parse_args()
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (20, 120, 220)).save(buf, format="PNG")
@@ -81,6 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = LocalRedis(Path(tmp) / "redis")
         server.start()
+        s3 = S3Server(Path(tmp)) if args.store == "s3" else None
         port = free_port()
         env = {
             **os.environ,
@@ -88,6 +117,8 @@ def main() -> None:
             "SVDQ_STORAGE_URL": f"file://{tmp}/store",
             "SVDQ_API_KEYS": f"bench:{KEY}",
         }
+        if s3 is not None:
+            env |= s3_store(s3)
         gateway = subprocess.Popen(
             [str(Path(sys.executable).with_name("svdq")), "gateway", "--port", str(port)],
             env=env,
@@ -95,14 +126,7 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/healthz")
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and gateway.poll() is None, "the gateway did not start"
-                    time.sleep(0.2)
+            wait_for(gateway, port)
             post_many(port, body, 50, [], [])  # warm: the image stored, connections opened
             latencies: list[float] = []
             errors: list[int] = []
@@ -119,10 +143,10 @@ def main() -> None:
             seconds = time.perf_counter() - started
             assert not errors, errors[:5]
             cuts = statistics.quantiles(latencies, n=100)
-            figure("posts", len(latencies), clients=args.clients)
-            figure("posts_per_second", len(latencies) / seconds, goal=">= 1000")
+            figure("posts", len(latencies), clients=args.clients, store=args.store)
+            figure("posts_per_second", len(latencies) / seconds, store=args.store, goal=">= 1000")
             figure("post_p50_ms", cuts[49] * 1000)
-            figure("post_p99_ms", cuts[98] * 1000, goal="<= 50")
+            figure("post_p99_ms", cuts[98] * 1000, store=args.store, goal="<= 50")
 
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             connection.request("POST", "/v1/jobs", body=body, headers={"Authorization": f"Bearer {KEY}"})
@@ -151,6 +175,8 @@ def main() -> None:
                 gateway.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 gateway.kill()
+            if s3 is not None:
+                s3.stop()
             server.stop()
 
 
