@@ -70,3 +70,17 @@ def test_fuzz_bench_finds_no_escape_in_its_smallest_form() -> None:
     figures = {line["figure"]: line["value"] for line in lines}
     assert figures["submit_escapes"] == 0 and figures["worker_escapes"] == 0
     assert 0 < figures["submit_refused"] < 300 and figures["cases_per_second"] > 0
+
+
+def test_bulk_submit_bench_compares_submit_many_with_the_loop() -> None:
+    figures = {line["figure"]: line for line in run("bulk_submit.py", "--jobs", "200", "--manifest-rows", "300")}
+    assert figures["speedup"]["store"] == "s3" and figures["speedup"]["value"] > 0
+    assert figures["manifest_rows"]["value"] == 300 and figures["manifest_peak_rss_mb"]["value"] > 0
+
+
+def test_gateway_bench_reports_rate_latency_and_stream_memory() -> None:
+    figures = {
+        line["figure"]: line["value"] for line in run("gateway.py", "--posts", "64", "--clients", "2", "--streams", "5")
+    }
+    assert figures["posts"] == 64 and figures["posts_per_second"] > 0 and figures["post_p99_ms"] > 0
+    assert figures["open_streams"] == 5 and figures["rss_with_streams_mib"] > 0
