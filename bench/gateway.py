@@ -6,7 +6,7 @@ threads post a small base64 PNG over keep-alive connections; then `--streams` ev
 process and held while its memory is read. The clients run on the same 2 cores as the gateway and Redis, so the
 figures are a floor.
 
-    .venv/bin/python bench/gateway.py [--posts 3000] [--clients 16] [--streams 1000] [--store file|s3]
+    .venv/bin/python bench/gateway.py [--posts 3000] [--clients 16] [--streams 1000] [--store file|s3] [--distinct]
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def post_many(port: int, body: bytes, count: int, latencies: list[float], errors: list[int]) -> None:
+def post_many(port: int, bodies: list[bytes], latencies: list[float], errors: list[int]) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    for _ in range(count):
+    for body in bodies:
         started = time.perf_counter()
         connection.request("POST", "/v1/jobs", body=body, headers=headers)
         response = connection.getresponse()
@@ -70,6 +70,15 @@ def open_stream(port: int, job_id: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode())
     return sock
+
+
+def post_body(n: int) -> bytes:
+    """A POST's JSON: a 64x64 PNG, different for each `n`."""
+    buf = io.BytesIO()
+    image = Image.new("RGB", (64, 64), (20, 120, 220))
+    image.putpixel((n % 64, n // 64 % 64), (n % 256, n // 256 % 256, n // 65536 % 256))
+    image.save(buf, format="PNG")
+    return json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "num_frames": 14}).encode()
 
 
 def wait_for(gateway: subprocess.Popen[bytes], port: int) -> None:
@@ -102,10 +111,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--store", choices=("file", "s3"), default="file")
+    parser.add_argument("--distinct", action="store_true", help="a different image in every POST")
     args = parser.parse_args()
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (20, 120, 220)).save(buf, format="PNG")
-    body = json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "num_frames": 14}).encode()
+    body = post_body(0)
+    # --distinct: every POST a new image (stored, where the same image is only looked for), as real traffic is
+    each = args.posts // args.clients
+    bodies = [
+        [post_body(1 + c * each + n) if args.distinct else body for n in range(each)] for c in range(args.clients)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         server = LocalRedis(Path(tmp) / "redis")
         server.start()
@@ -127,14 +140,10 @@ def main() -> None:
         )
         try:
             wait_for(gateway, port)
-            post_many(port, body, 50, [], [])  # warm: the image stored, connections opened
+            post_many(port, [body] * 50, [], [])  # warm: the image stored, connections opened
             latencies: list[float] = []
             errors: list[int] = []
-            each = args.posts // args.clients
-            threads = [
-                threading.Thread(target=post_many, args=(port, body, each, latencies, errors))
-                for _ in range(args.clients)
-            ]
+            threads = [threading.Thread(target=post_many, args=(port, mine, latencies, errors)) for mine in bodies]
             started = time.perf_counter()
             for t in threads:
                 t.start()
@@ -143,7 +152,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             assert not errors, errors[:5]
             cuts = statistics.quantiles(latencies, n=100)
-            figure("posts", len(latencies), clients=args.clients, store=args.store)
+            figure("posts", len(latencies), clients=args.clients, store=args.store, distinct=args.distinct)
             figure("posts_per_second", len(latencies) / seconds, store=args.store, goal=">= 1000")
             figure("post_p50_ms", cuts[49] * 1000)
             figure("post_p99_ms", cuts[98] * 1000, store=args.store, goal="<= 50")

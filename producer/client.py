@@ -458,10 +458,10 @@ class Intake:
         return Checked(checked, queue, data, suffix, str(image) if data is None else None)
 
     def store_image(self, checked: Checked) -> str:
-        """Store the image's bytes once per content; returns its reference."""
+        """Store the image under its content's name (the same bytes, the same object); returns its reference."""
         assert checked.data is not None
         name = content_name(checked.data, checked.suffix)
-        if self.store.exists(name):
+        if len(checked.data) > self.store.ask_first_above and self.store.exists(name):
             return self.store.ref(name)
         return self.store.put(name, checked.data, f"image/{checked.suffix.lstrip('.')}").ref
 

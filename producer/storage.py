@@ -87,6 +87,9 @@ def content_name(data: bytes, suffix: str) -> str:
 
 class ObjectStore(Protocol):
     url: str
+    # An input of more bytes than this is looked for (`exists`) before it is written; a smaller one is written
+    # straight away, where asking costs about what writing does (content-addressed: the same bytes, the same name).
+    ask_first_above: int
 
     def put(self, name: str, data: bytes, content_type: str) -> Stored: ...
     def exists(self, name: str) -> bool: ...
@@ -99,6 +102,8 @@ class ObjectStore(Protocol):
 
 class FileStore:
     """A folder on one machine: the embedded default, for a producer and workers on the same host."""
+
+    ask_first_above = 0  # asking is one lstat: always ask
 
     def __init__(self, root: Path, allow: list[str] | None = None):
         self.root = root.resolve()
@@ -214,6 +219,10 @@ class FileStore:
 
 class S3Store:
     """Any S3-compatible store through boto3: AWS, MinIO, R2, moto."""
+
+    # A HEAD is a round trip and about a millisecond of boto3's CPU, as a small PUT is: for a new image (the usual
+    # case) asking first doubles both, for one seen before it saves only the bytes.
+    ask_first_above = 256 * 1024
 
     def __init__(
         self,

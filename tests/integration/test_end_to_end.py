@@ -116,6 +116,25 @@ def test_same_image_is_stored_once(client: Client, s3: Any) -> None:
     assert listed["KeyCount"] == 1
 
 
+def test_a_small_image_is_written_without_asking_first_a_big_one_is_asked_for(client: Client) -> None:
+    """S3 requests as boto3 sends them to the server: a small new image is one PUT (asking first, a HEAD, costs
+    as much and a new image is the usual case); a big one is looked for first, and not sent again once there."""
+    sent: list[str] = []
+    client.store.s3.meta.events.register("before-call.s3", lambda model, **_: sent.append(model.name))  # type: ignore[attr-defined]
+
+    def png(side: int) -> bytes:
+        data = io.BytesIO()
+        Image.effect_noise((side, side), 64).convert("RGB").save(data, format="PNG")
+        return data.getvalue()
+
+    small, big = png(40), png(400)
+    assert len(small) < client.store.ask_first_above < len(big)
+    for image, operations in ((small, ["PutObject"]), (big, ["HeadObject", "PutObject"]), (big, ["HeadObject"])):
+        sent.clear()
+        client.submit(image, **SMALL)
+        assert sent == operations
+
+
 @pytest.mark.parametrize(
     ("fmt", "content_type", "magic"), [("webm", "video/webm", b"\x1a\x45\xdf\xa3"), ("gif", "image/gif", b"GIF8")]
 )
