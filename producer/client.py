@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -261,14 +262,11 @@ class Client:
                 except BaseException:
                     # Ctrl-C or a failure while preparing: the batch being written exists all the same, so the
                     # caller hears of its jobs (to follow or cancel them) before the exception.
-                    if writing is not None:
-                        yield from self._results(writing[0], writing[1].result())
+                    yield from self._results(writing)
                     raise
-                if writing is not None:
-                    yield from self._results(writing[0], writing[1].result())
+                yield from self._results(writing)
                 writing = batch, writer.submit(self.records.create_many, list(batch.creations.values()))
-            if writing is not None:
-                yield from self._results(writing[0], writing[1].result())
+            yield from self._results(writing)
 
     def _prepare(
         self,
@@ -306,9 +304,8 @@ class Client:
         stored = {}
         for i, c in checked.items():
             if isinstance(c, Checked) and c.data is not None:
-                name = content_name(c.data, c.suffix)
-                if (upload := uploads.get(name)) is None:
-                    upload = uploads[name] = pool.submit(self.intake.store_image, c)
+                if (upload := uploads.get(c.name)) is None:
+                    upload = uploads[c.name] = pool.submit(self.intake.store_image, c)
                 stored[i] = upload
         checks = {
             i: c if isinstance(c, InvalidParameter) else (c, c.image_ref or stored[i].result())
@@ -325,8 +322,12 @@ class Client:
         }
         return _Batch(batch, held, checks, creations)
 
-    def _results(self, batch: _Batch, answers: list[Exception | None]) -> Iterator[Submitted]:
-        refused = dict(zip(batch.creations, answers, strict=True))
+    def _results(self, writing: tuple[_Batch, Future[list[Exception | None]]] | None) -> Iterator[Submitted]:
+        """A written batch's submissions, once its scripts have run (none before the first batch)."""
+        if writing is None:
+            return
+        batch, answers = writing
+        refused = dict(zip(batch.creations, answers.result(), strict=True))
         for i, submission in enumerate(batch.submissions):
             if (held := batch.held[i]) is not None:
                 yield Submitted(submission, Job(held, self), existed=True)
@@ -427,6 +428,12 @@ class Checked:
     def request(self, image_ref: str) -> dict[str, Any]:
         return {**self.params.model_dump(), "image": image_ref}
 
+    @functools.cached_property
+    def name(self) -> str:
+        """The stored image's name: its content's (storage.content_name)."""
+        assert self.data is not None
+        return content_name(self.data, self.suffix)
+
 
 class Intake:
     """What every producer checks before it writes anything (Client and producer.aio's AsyncClient alike)."""
@@ -460,7 +467,7 @@ class Intake:
     def store_image(self, checked: Checked) -> str:
         """Store the image under its content's name (the same bytes, the same object); returns its reference."""
         assert checked.data is not None
-        name = content_name(checked.data, checked.suffix)
+        name = checked.name
         if len(checked.data) > self.store.ask_first_above and self.store.exists(name):
             return self.store.ref(name)
         return self.store.put(name, checked.data, f"image/{checked.suffix.lstrip('.')}").ref

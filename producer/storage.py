@@ -54,8 +54,6 @@ def _loops(path: str) -> bool:
         os.stat(path)
     except OSError as exc:
         return exc.errno == errno.ELOOP
-    except ValueError:
-        return True
     return False
 
 
@@ -175,11 +173,14 @@ class FileStore:
         if parts.scheme not in ("", "file"):
             return False
         root = str(self.root)
-        try:  # a bare name is a name in the store (never an absolute path, nor a way out of it)
-            path = os.path.realpath(unquote(parts.path)) if parts.scheme else str(self._path(ref))
-        except (ValueError, OSError, InvalidReference):  # an embedded NUL byte, outside the store
-            return False
-        if _loops(path):
+        try:
+            if parts.scheme:
+                path = os.path.realpath(unquote(parts.path))
+                if _loops(path):
+                    return False
+            else:  # a bare name is a name in the store (never an absolute path, nor a way out of it)
+                path = str(self._path(ref))
+        except (ValueError, InvalidReference):  # an embedded NUL byte, outside the store, a loop
             return False
         if _inside(path, root) and is_result(path[len(root) + 1 :]):
             return False

@@ -12,10 +12,8 @@ every job the tests render was sent this way.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import os
-import re
 import socket
 import uuid
 from typing import Any
@@ -26,32 +24,15 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"  # Celery's own (celery.utils.nodenames.anon_nodename)
 
 
-def message(job_id: str, request: dict[str, Any], queue: str, reply_to: str = "", tag: str | None = None) -> str:
+def message(job_id: str, request: dict[str, Any], queue: str, tag: str | None = None) -> str:
     """The JSON that `send_task(TASK_NAME, kwargs={"job_id", "request"}, task_id=job_id, queue=queue)` pushes;
-    `tag`, its delivery tag (a uuid4's text), is drawn here unless given."""
+    `tag`, its delivery tag (a uuid4's text), is drawn here unless given. No reply_to: svdq keeps no results."""
     kwargs = {"job_id": job_id, "request": request}
-    body = base64.b64encode(json.dumps([[], kwargs, _EMBED]).encode()).decode()
-    parts = {"body": body, "id": job_id, "kwargsrepr": repr(kwargs), "tag": tag or str(uuid.uuid4())}
-    # The envelope is the same for every job of a queue but for these parts: filled into its JSON, not dumped.
-    pieces = _template(queue, reply_to)
-    return "".join(_quoted(piece[1:], parts[piece[1:]]) if piece.startswith(_HOLE) else piece for piece in pieces)
-
-
-def _quoted(name: str, value: str) -> str:
-    return f'"{value}"' if name in ("body", "tag") else json.dumps(value)  # base64 and a uuid: nothing to escape
-
-
-_HOLE = "\x00"  # marks a hole in the template: never in the envelope's own strings
-
-
-@functools.lru_cache(maxsize=256)
-def _template(queue: str, reply_to: str) -> tuple[str, ...]:
-    """The envelope's JSON split around its holes: literal text, then _HOLE + a part's name, and so on."""
-    hole = {name: _HOLE + name for name in ("body", "id", "kwargsrepr", "tag")}
+    body = json.dumps([[], kwargs, _EMBED]).encode()
     headers = {
         "lang": "py",
         "task": TASK_NAME,
-        "id": hole["id"],
+        "id": job_id,
         "shadow": None,
         "eta": None,
         "expires": None,
@@ -59,10 +40,10 @@ def _template(queue: str, reply_to: str) -> tuple[str, ...]:
         "group_index": None,
         "retries": 0,
         "timelimit": [None, None],
-        "root_id": hole["id"],
+        "root_id": job_id,
         "parent_id": None,
         "argsrepr": "()",
-        "kwargsrepr": hole["kwargsrepr"],
+        "kwargsrepr": repr(kwargs),
         "origin": _ORIGIN,
         "ignore_result": None,
         "replaced_task_nesting": 0,
@@ -70,24 +51,20 @@ def _template(queue: str, reply_to: str) -> tuple[str, ...]:
         "stamps": {},
     }
     properties = {
-        "correlation_id": hole["id"],
-        "reply_to": reply_to,
+        "correlation_id": job_id,
+        "reply_to": "",
         "delivery_mode": 2,
         "delivery_info": {"exchange": "", "routing_key": queue},
         "priority": 0,
         "body_encoding": "base64",
-        "delivery_tag": hole["tag"],
+        "delivery_tag": tag or str(uuid.uuid4()),
     }
-    envelope = {
-        "body": hole["body"],
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": properties,
-    }
-    text = json.dumps(envelope)
-    pattern = "|".join(re.escape(json.dumps(h)) for h in hole.values())
-    pieces: list[str] = []
-    for n, piece in enumerate(re.split(f"({pattern})", text)):
-        pieces.append(_HOLE + json.loads(piece)[1:] if n % 2 else piece)
-    return tuple(pieces)
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": properties,
+        }
+    )
