@@ -15,7 +15,7 @@ from PIL import Image
 
 from producer.contract import JobParams
 from worker.decode import ChunkedDecoder, OutOfMemory
-from worker.pipeline import Renderer, load_renderer, tune_options
+from worker.pipeline import Renderer, RunAhead, load_renderer, tune_options
 from worker.settings import WorkerSettings
 from worker.tiny_model import build_tiny_pipeline, make_tiny_model
 from worker.tuning import (
@@ -306,8 +306,11 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
 
     def checkpoint() -> None:
         calls.append(1)
-        if len(calls) == 3:  # two blocks into the first step (the UNet has 2 down, 1 mid and 2 up blocks)
+        if len(calls) == 3:  # in the first step's first block (the checkpoints: each block and each layer in it)
             raise Stop
+
+    synchronized: list[int] = []
+    renderer.synchronize = lambda: synchronized.append(len(calls))  # type: ignore[method-assign]
 
     steps: list[int] = []
     pending = None
@@ -324,5 +327,56 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
             checkpoint=checkpoint,
         )
     assert pending is None and len(calls) == 3 and max(steps) == 0  # stopped before any step ended
+    assert synchronized == [3]  # the stop waits for the device's queued work, so the next job finds it free
     assert renderer.checkpoint is None  # the next job starts clean
     latents(pipe)  # and renders
+
+
+def test_eager_layers_are_checkpoints_and_compiled_code_checks_at_its_blocks_without_recompiling() -> None:
+    """A full-resolution block holds most of a step, so an eager render checks before every layer too: 2 down,
+    1 mid and 2 up blocks and their 18 layers, 23 checkpoints a UNet call. The layers are the compiled regions,
+    which leave the check out (no graph break, no recompile when a job's checkpoint is set)."""
+    image = Image.new("RGB", (64, 64))
+    calls: list[int] = []
+
+    def render(renderer: Renderer) -> None:
+        renderer.checkpoint = lambda: calls.append(1)
+        try:
+            renderer.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)
+        finally:
+            renderer.checkpoint = None
+
+    eager = Renderer(pipe=tiny(), device=CPU, dtype=torch.float32)
+    render(eager)
+    assert len(calls) == 23 * PARAMS.num_inference_steps
+
+    pipe = tiny()
+    compiled = Renderer(pipe=pipe, device=CPU, dtype=torch.float32)
+    compiled.tuned = tune(pipe, CPU, torch.float32, TuneOptions(compile=True, compile_backend="aot_eager"), [])
+    compiled.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)  # the warm-up compiles, no checkpoint set
+    before, calls[:] = compile_seconds(), []
+    render(compiled)
+    assert len(calls) == 5 * PARAMS.num_inference_steps and compile_seconds() == before
+
+
+def test_the_host_waits_for_the_device_only_when_it_is_more_than_depth_checkpoints_ahead() -> None:
+    log: list[str] = []
+
+    class Event:
+        count = 0
+
+        def __init__(self) -> None:
+            Event.count += 1
+            self.name = f"e{Event.count}"
+
+        def record(self) -> None:
+            log.append(f"record {self.name}")
+
+        def synchronize(self) -> None:
+            log.append(f"wait {self.name}")
+
+    run_ahead = RunAhead(torch.device("cuda"), depth=2, new_event=Event)
+    for _ in range(4):
+        run_ahead.mark()
+    assert log == ["record e1", "record e2", "record e3", "wait e1", "record e4", "wait e2"]
+    RunAhead(CPU).mark()  # nothing to wait for off CUDA (and no CUDA call)
