@@ -84,3 +84,12 @@ def test_gateway_bench_reports_rate_latency_and_stream_memory() -> None:
     }
     assert figures["posts"] == 64 and figures["posts_per_second"] > 0 and figures["post_p99_ms"] > 0
     assert figures["open_streams"] == 5 and figures["rss_with_streams_mib"] > 0
+
+
+def test_cancel_bench_measures_a_cancel_inside_a_step_against_the_step_end() -> None:
+    lines = run(
+        "cancel_latency.py", "--frames", "4", "--width", "64", "--height", "64", "--steps", "60", "--repeat", "1"
+    )
+    figures = {(line["path"], line["figure"]): line["value"] for line in lines}
+    assert figures[("svdq", "cancel_to_free_seconds_max")] > 0 and figures[("step_end", "step_seconds")] > 0
+    assert figures[("svdq", "ratio_to_step_end")] > 0
