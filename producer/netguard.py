@@ -48,14 +48,17 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 
 def is_public(address: str) -> bool:
-    """True for a globally reachable unicast address, judged by every IPv4 address an IPv6 one embeds too
-    (64:ff9b::7f00:1 is 127.0.0.1 through NAT64, whatever the IPv6 tables say of it)."""
+    """True for a globally reachable unicast address. An IPv6 address that carries an IPv4 one in a fixed place
+    (IPv4-mapped, NAT64's 64:ff9b::/96, 6to4, IPv4-compatible) is judged by that IPv4 address alone: it is where
+    the connection goes (64:ff9b::7f00:1 is 127.0.0.1), and Python's verdict on those IPv6 ranges differs across
+    releases (6to4 is global on 3.11.7 and not on 3.13 or a patched 3.11.2). Teredo is judged by both."""
     ip = ipaddress.ip_address(address)
     candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
     if isinstance(ip, ipaddress.IPv6Address):
         if any(ip in net for net in _NEVER_PUBLIC):
             return False
-        candidates += embedded_ipv4(ip)
+        carried = embedded_ipv4(ip)
+        candidates = [*carried] if carried and ip.teredo is None else [ip, *carried]
     return all(c.is_global and not c.is_multicast for c in candidates)
 
 
