@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from celery import Celery
 from PIL import Image
 
@@ -45,7 +46,11 @@ def test_render_lands_in_s3_and_decodes_as_requested(
     assert frames == 6
     assert meta["size"] == (72, 64) and meta["fps"] == 9.0
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
-    assert record.memory is not None and record.memory.decode_chunk_size == 6  # "auto" on a CPU: min(8, frames)
+    assert record.memory is not None
+    if torch.cuda.is_available():  # the worker's device: "auto" picks from what its warm-up measured
+        assert 1 <= record.memory.decode_chunk_size <= 6
+    else:  # "auto" on a CPU: min(8, frames)
+        assert record.memory.decode_chunk_size == 6
     assert record.memory.decode_chunk_halvings == 0 and record.memory.forward_chunking is False
     # The presigned URL is a plain HTTP GET away.
     assert result.url is not None

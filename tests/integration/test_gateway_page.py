@@ -4,6 +4,7 @@ comes from the gateway itself, which also answers Range requests for it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import urllib.request
@@ -22,9 +23,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def browser() -> Iterator[Any]:
     executable = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if executable is None:
-        pytest.fail("CI must install chromium (.ci/run) for the gateway page's browser test")
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if executable is None or sync_playwright is None:
+        missing = "chromium" if executable is None else "playwright (the dev extra)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {missing} (.ci/run) for the gateway page's browser test")
+        pytest.skip(f"no {missing} here: the gateway page's browser test needs it")  # e.g. on a GPU host
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])

@@ -146,9 +146,15 @@ def test_jobs_reach_the_worker_serving_their_model_and_top_shows_the_rest(
         jobs["gamma"].cancel()
 
 
-def test_gpus_is_refused_clearly_without_a_gpu(svdq_env: dict[str, str]) -> None:
+def test_gpus_is_refused_clearly_where_the_machine_lacks_them(svdq_env: dict[str, str]) -> None:
+    """Any --gpus without a GPU; on a GPU host (the suite runs there too), an index past its last GPU."""
+    count = torch.cuda.device_count()
+    spec = str(count) if count else "all"
     refused = subprocess.run(
-        [SVDQ, "worker", "--gpus", "all"], env=svdq_env, capture_output=True, text=True, timeout=120
+        [SVDQ, "worker", "--gpus", spec], env=svdq_env, capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2
-    assert "--gpus needs CUDA GPUs" in refused.stderr and "without --gpus" in refused.stderr
+    if count:
+        assert f"this machine has GPUs 0..{count - 1}" in refused.stderr
+    else:
+        assert "--gpus needs CUDA GPUs" in refused.stderr and "without --gpus" in refused.stderr
