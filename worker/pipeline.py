@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -62,13 +63,16 @@ LOW_VRAM_CHUNKS = (1, 2)
 
 class RunAhead:
     """Keeps the host at most `depth` checkpoints ahead of the device. CUDA returns from each launch at once, so
-    the host can queue work as far ahead as the driver's launch queue allows (much of a step at the caps); a
-    cancel seen at a checkpoint would then wait for all of it. Waiting for the mark `depth` checkpoints back
-    leaves the device that much queued work, so it never idles for the host. Nothing to do off CUDA."""
+    the host can queue work as far ahead as the driver's launch queue lets it; a cancel seen at a checkpoint
+    would then wait for all of that. Waiting for the mark `depth` checkpoints back leaves the device that much
+    queued work: it waits on the host only where queueing a layer takes longer than running two (on a GPU,
+    bench/gpu_svd.py's totals against earlier runs will show whether that happens). Nothing to do off CUDA."""
 
     def __init__(self, device: torch.device, depth: int = 2, new_event: Callable[[], Any] | None = None):
         self.depth = depth
-        self._new_event = new_event or (torch.cuda.Event if device.type == "cuda" else None)
+        # A blocking event: the waiting thread sleeps rather than spin, leaving the core to the encoder's thread.
+        cuda_event = functools.partial(torch.cuda.Event, blocking=True)
+        self._new_event = new_event or (cuda_event if device.type == "cuda" else None)
         self._marks: collections.deque[Any] = collections.deque()
 
     def mark(self) -> None:
