@@ -6,15 +6,17 @@
    one behind it. Time the long job's steps from its record; halfway through step `--after-steps` + 1, cancel.
 3. The figure: from the cancel until the small job's record says `started` (the worker is free for it).
 
-svdq checks the record between the UNet's blocks (at most every 0.25 s), so a render stops inside a step. The
-comparison is stopping at the step's end, which is all a callback between steps can do (diffusers'
+svdq checks the record before each layer of the UNet's blocks (at most every 0.25 s), so a render stops inside
+a step. The comparison is stopping at the step's end, which is all a callback between steps can do (diffusers'
 `callback_on_step_end`): from halfway through a step, half a step's time. Both in the same run, as a ratio.
 One JSON line per figure.
 
     .venv/bin/python bench/cancel_latency.py [--model DIR] [--frames 64 --width 1024 --height 1024 --steps 100]
                                              [--repeat 3] [--compile]
 No --model: the tiny random model, built here. On a GPU host, the SVD-XT folder that worker_e2e.sh saves
-(/tmp/svdxt). SVDQ_COMPILE=0 unless --compile: a size compiled for the first time would take minutes.
+(/tmp/svdxt). SVDQ_COMPILE=0 unless --compile: a compiling worker runs a shape it did not compile at warm-up
+(the caps' is one) eagerly too, with the same checkpoints, so the figure is the same; --compile adds the
+warm-up's compile (minutes with a cold cache) to check just that.
 """
 
 from __future__ import annotations

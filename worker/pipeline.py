@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from worker.tuning import (
     attention_shapes,
     compile_seconds,
     compiler_stance,
-    is_compiling,
     set_forward_chunking,
     tune,
 )
@@ -68,21 +66,27 @@ class RunAhead:
     queued work: it waits on the host only where queueing a layer takes longer than running two (on a GPU,
     bench/gpu_svd.py's totals against earlier runs will show whether that happens). Nothing to do off CUDA."""
 
-    def __init__(self, device: torch.device, depth: int = 2, new_event: Callable[[], Any] | None = None):
+    def __init__(self, device: torch.device, depth: int = 2, new_mark: Callable[[], Any] | None = None):
         self.depth = depth
-        # A blocking event: the waiting thread sleeps rather than spin, leaving the core to the encoder's thread.
-        cuda_event = functools.partial(torch.cuda.Event, blocking=True)
-        self._new_event = new_event or (cuda_event if device.type == "cuda" else None)
+        self._new_mark = new_mark or (_cuda_mark(device) if device.type == "cuda" else None)
         self._marks: collections.deque[Any] = collections.deque()
 
     def mark(self) -> None:
-        if self._new_event is None:
+        if self._new_mark is None:
             return
-        event = self._new_event()
-        event.record()
-        self._marks.append(event)
+        self._marks.append(self._new_mark())
         if len(self._marks) > self.depth:
             self._marks.popleft().synchronize()
+
+
+def _cuda_mark(device: torch.device) -> Callable[[], Any]:
+    def mark() -> Any:
+        # Blocking: a wait for it sleeps rather than spin a core the encoder's thread could use.
+        event = torch.cuda.Event(blocking=True)
+        event.record(torch.cuda.current_stream(device))  # the job's device, not the current one (cuda:0)
+        return event
+
+    return mark
 
 
 @dataclass
@@ -109,26 +113,23 @@ class Renderer:
     run_ahead: RunAhead = field(init=False)
 
     def __post_init__(self) -> None:
-        # Checkpoints: before each of the UNet's blocks, and before each layer inside them, since a block at full
-        # resolution holds much of a step (on the tiny model at 256x256, 58% and 38% of it: a cancel halfway
-        # through a step waited for the step's end). The layers are the compiled regions: inside compiled code
-        # the check is left out (it would break the graph), so a compiled shape checks at its blocks only; any
-        # other shape runs eagerly and checks at every layer.
+        # Checkpoints: before each layer (resnet or transformer) of the UNet's blocks, not only before each block:
+        # a block at full resolution holds much of a step (on the tiny model at 256x256, 58% and 38% of it, and a
+        # cancel halfway through a step waited for the step's end). The layers are the compiled regions, and
+        # Dynamo compiles a compiled module's hooks as frames of their own: disabled, this one stays eager, with
+        # no graph break and no new graph, so compiled and uncompiled shapes alike check at every layer.
         self.run_ahead = RunAhead(self.device)
         unet = self.pipe.unet
 
+        @torch.compiler.disable
         def at_checkpoint(module: torch.nn.Module, args: Any) -> None:
-            if is_compiling() or self.checkpoint is None:  # is_compiling first: nothing else is traced
-                return
-            try:
+            if self.checkpoint is not None:
                 self.checkpoint()
-            except BaseException:
-                self.synchronize()  # what is already queued runs on: the device is free once this job ends
-                raise
-            self.run_ahead.mark()
+                self.run_ahead.mark()
 
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            for module in (block, *getattr(block, "resnets", ()), *(getattr(block, "attentions", None) or ())):
+            layers = [*getattr(block, "resnets", ()), *(getattr(block, "attentions", None) or ())]
+            for module in layers or [block]:
                 module.register_forward_pre_hook(at_checkpoint)
 
     @property

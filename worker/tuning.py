@@ -217,12 +217,6 @@ def attention_first(name: str) -> Iterator[None]:
         yield
 
 
-def is_compiling() -> bool:
-    """True while Dynamo traces (a constant in the traced code): what runs only eagerly asks it first."""
-    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # the name moved in 2.3
-    return bool(check())
-
-
 def compiler_stance(stance: str) -> contextlib.AbstractContextManager[Any]:
     """torch.compiler.set_stance as a context manager ("force_eager", "eager_on_recompile", "default")."""
     return torch.compiler.set_stance(stance) if _STANCES else contextlib.nullcontext()

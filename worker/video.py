@@ -6,6 +6,7 @@ does the device work and returns a PendingVideo, whose `finish()` waits for the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -105,6 +106,12 @@ def start_video(
                 Stage.DENOISE, 0.05 + 0.8 * done / total, step=done, total_steps=total
             ),
         )
+    except BaseException:
+        # Stopped (canceled, handed back) or failed: the device work already queued runs on. Waiting for it here
+        # means the next job finds the device free. An error the device reports now is left to that job.
+        with contextlib.suppress(Exception):
+            renderer.synchronize()
+        raise
     finally:
         renderer.checkpoint = None
         memory["forward_chunking"] = renderer.forward_chunking

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import pytest
@@ -87,9 +88,19 @@ def test_private_addresses_when_allowed() -> None:
     "address", ["64:ff9b::808:808", "2002:808:808::1", "::ffff:808:808", "8.8.8.8", "2606:4700:4700::1111"]
 )
 def test_embedded_public_ipv4_stays_allowed(address: str) -> None:
-    """Judged by the IPv4 address inside, on every Python: 6to4 is not global to Python 3.13's tables, nor
-    IPv4-mapped to 3.11's."""
     assert is_public(address)
+
+
+def test_an_address_carrying_ipv4_is_judged_by_it_whatever_python_s_ipv6_tables_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.13 and Debian's patched 3.11.2 call 6to4 (2002::/16) not global, 3.11.7 calls it global: as if
+    every IPv6 range were not global, the IPv4 address inside still decides."""
+    monkeypatch.setattr(ipaddress.IPv6Address, "is_global", property(lambda self: False))
+    for address in ("2002:808:808::1", "::ffff:808:808", "64:ff9b::808:808", "::808:808"):
+        assert is_public(address), address
+    for address in ("2002:7f00:1::1", "::ffff:a9fe:a9fe", "64:ff9b::a00:1", "2606:4700:4700::1111"):
+        assert not is_public(address), address
 
 
 @pytest.mark.parametrize(

@@ -328,54 +328,74 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
         )
     assert pending is None and len(calls) == 3 and max(steps) == 0  # stopped before any step ended
     assert synchronized == [3]  # the stop waits for the device's queued work, so the next job finds it free
+
+    def stop_at_the_first_step_end(stage: str, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("step"):
+            raise Stop  # as Progress raises JobCanceled when a step's write finds the job canceled
+
+    renderer.synchronize = lambda: synchronized.append(-1)  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        start_video(
+            renderer,
+            Image.new("RGB", (64, 64)),
+            PARAMS,
+            0,
+            WorkerSettings(),
+            timings={},
+            memory={},
+            progress=stop_at_the_first_step_end,
+        )
+    assert synchronized == [3, -1]  # a stop at a step's end waits for the device too
     assert renderer.checkpoint is None  # the next job starts clean
     latents(pipe)  # and renders
 
 
-def test_eager_layers_are_checkpoints_and_compiled_code_checks_at_its_blocks_without_recompiling() -> None:
-    """A full-resolution block holds most of a step, so an eager render checks before every layer too: 2 down,
-    1 mid and 2 up blocks and their 18 layers, 23 checkpoints a UNet call. The layers are the compiled regions,
-    which leave the check out (no graph break, no recompile when a job's checkpoint is set)."""
+def test_every_layer_is_a_checkpoint_in_eager_and_compiled_code_alike_without_recompiling() -> None:
+    """A full-resolution block holds most of a step, so a render checks before every layer of the UNet's blocks:
+    the tiny UNet's 18 (2 down, 1 mid and 2 up blocks). The layers are the compiled regions: a compiled shape
+    checks at every layer too, and a job's checkpoint causes no recompile; nor does a shape that runs eagerly
+    on a compiling worker skip them (Dynamo compiles a compiled module's hooks as frames of their own)."""
     image = Image.new("RGB", (64, 64))
     calls: list[int] = []
 
-    def render(renderer: Renderer) -> None:
+    def render(renderer: Renderer, params: JobParams = PARAMS) -> int:
+        calls.clear()
         renderer.checkpoint = lambda: calls.append(1)
         try:
-            renderer.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)
+            renderer.denoise(image, params, seed=3, on_step=lambda d, t: None)
         finally:
             renderer.checkpoint = None
+        return len(calls) // params.num_inference_steps
 
-    eager = Renderer(pipe=tiny(), device=CPU, dtype=torch.float32)
-    render(eager)
-    assert len(calls) == 23 * PARAMS.num_inference_steps
+    assert render(Renderer(pipe=tiny(), device=CPU, dtype=torch.float32)) == 18
 
     pipe = tiny()
     compiled = Renderer(pipe=pipe, device=CPU, dtype=torch.float32)
     compiled.tuned = tune(pipe, CPU, torch.float32, TuneOptions(compile=True, compile_backend="aot_eager"), [])
     compiled.denoise(image, PARAMS, seed=3, on_step=lambda d, t: None)  # the warm-up compiles, no checkpoint set
-    before, calls[:] = compile_seconds(), []
-    render(compiled)
-    assert len(calls) == 5 * PARAMS.num_inference_steps and compile_seconds() == before
+    before = compile_seconds()
+    assert render(compiled) == 18 and compile_seconds() == before
+    compiled.compile_new_shapes = False  # after the warm-up: another shape runs eagerly
+    other = JobParams(width=64, height=64, num_frames=3, num_inference_steps=2)
+    assert not compiled.runs_compiled(other)
+    assert render(compiled, other) == 18 and compile_seconds() == before
 
 
 def test_the_host_waits_for_the_device_only_when_it_is_more_than_depth_checkpoints_ahead() -> None:
     log: list[str] = []
 
-    class Event:
+    class Mark:  # a recorded CUDA event, as RunAhead's default makes them
         count = 0
 
         def __init__(self) -> None:
-            Event.count += 1
-            self.name = f"e{Event.count}"
-
-        def record(self) -> None:
+            Mark.count += 1
+            self.name = f"e{Mark.count}"
             log.append(f"record {self.name}")
 
         def synchronize(self) -> None:
             log.append(f"wait {self.name}")
 
-    run_ahead = RunAhead(torch.device("cuda"), depth=2, new_event=Event)
+    run_ahead = RunAhead(torch.device("cuda"), depth=2, new_mark=Mark)
     for _ in range(4):
         run_ahead.mark()
     assert log == ["record e1", "record e2", "record e3", "wait e1", "record e4", "wait e2"]
