@@ -79,6 +79,14 @@ class RunAhead:
             self._marks.popleft().synchronize()
 
 
+def _layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet's layers in its down, mid and up blocks: resnets and transformers (a block without, itself)."""
+    layers: list[torch.nn.Module] = []
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        layers += [*getattr(block, "resnets", ()), *(getattr(block, "attentions", None) or ())] or [block]
+    return layers
+
+
 def _cuda_mark(device: torch.device) -> Callable[[], Any]:
     def mark() -> Any:
         # Blocking: a wait for it sleeps rather than spin a core the encoder's thread could use.
@@ -127,10 +135,10 @@ class Renderer:
                 self.checkpoint()
                 self.run_ahead.mark()
 
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            layers = [*getattr(block, "resnets", ()), *(getattr(block, "attentions", None) or ())]
-            for module in layers or [block]:
-                module.register_forward_pre_hook(at_checkpoint)
+        # A pipeline serves one renderer at a time (`svdq bench` makes several in turn): the last one's hooks only.
+        for handle in getattr(unet, "_svdq_checkpoints", ()):
+            handle.remove()
+        unet._svdq_checkpoints = [module.register_forward_pre_hook(at_checkpoint) for module in _layers(unet)]
 
     @property
     def vae(self) -> torch.nn.Module:
