@@ -35,6 +35,9 @@ _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # Ranges that embed IPv4 in layouts that vary (RFC 6052's /32-/64 forms under the local-use NAT64 prefix, SIIT's
 # ::ffff:0:0:0/96) or that are for local networks: never public, whatever the IPv4 inside.
 _NEVER_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("::ffff:0:0:0/96"))
+# Cloud hosts' own endpoints at addresses Python calls global: Azure's WireServer, which every Azure VM reaches
+# and which hands out the VM's agent configuration (the metadata services elsewhere sit at link-local addresses).
+_PLATFORM_ENDPOINTS = (ipaddress.ip_network("168.63.129.16/32"),)
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -59,7 +62,7 @@ def is_public(address: str) -> bool:
             return False
         carried = embedded_ipv4(ip)
         candidates = [*carried] if carried and ip.teredo is None else [ip, *carried]
-    return all(c.is_global and not c.is_multicast for c in candidates)
+    return all(c.is_global and not c.is_multicast and not any(c in n for n in _PLATFORM_ENDPOINTS) for c in candidates)
 
 
 def _split(url: str) -> tuple[SplitResult, int]:

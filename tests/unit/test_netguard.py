@@ -27,6 +27,8 @@ def resolver(*addresses: str):  # type: ignore[no-untyped-def]
         "172.16.0.1",
         "192.168.1.1",
         "169.254.169.254",
+        "168.63.129.16",  # Azure's WireServer: a global address, but the cloud host's own endpoint
+        "64:ff9b::a83f:8110",
         "::1",
         "fe80::1",
         "fc00::1",
