@@ -5,9 +5,10 @@ the submission path itself: checks, records, messages. No worker: the jobs stay 
 default: what a fleet uses) is an S3 server (moto, over HTTP); `--store file` the one-machine file:// store,
 whose reference check also resolves the path on disk (symlinks).
 `--manifest-rows N` also runs `svdq bulk` on an N-row JSONL manifest (`--no-wait`) in a child process and
-reports its peak RSS.
+reports its peak RSS. `--redis-rtt-ms X` puts the redis-server X ms of round trip away (bench/latency_proxy.py),
+as a Redis on another host is: each submit of the loop waits for it, a batch of submit_many once.
 
-    .venv/bin/python bench/bulk_submit.py [--jobs 10000] [--store s3|file] [--manifest-rows 100000]
+    .venv/bin/python bench/bulk_submit.py [--jobs 10000] [--store s3|file] [--manifest-rows 100000] [--redis-rtt-ms 1]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import boto3
 from PIL import Image
 
+from bench.latency_proxy import LatencyProxy
 from bench.s3server import S3Server
 from producer.client import Client, Submission
 from producer.local_redis import LocalRedis
@@ -98,26 +100,32 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--manifest-rows", type=int, default=0)
     parser.add_argument("--store", choices=("s3", "file"), default="s3")
+    parser.add_argument("--redis-rtt-ms", type=float, default=0.0, help="Redis this far away (default: loopback)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         server = LocalRedis(workdir / "redis")
         server.start()
         s3 = S3Server(workdir) if args.store == "s3" else None
+        proxy = LatencyProxy(server.port, args.redis_rtt_ms / 1000) if args.redis_rtt_ms else None
+        redis_url = f"redis://127.0.0.1:{proxy.port}/0" if proxy else server.url
+        where = {"store": args.store, "redis_rtt_ms": args.redis_rtt_ms}
         try:
-            env = {**os.environ, "SVDQ_REDIS_URL": server.url, **store_env(workdir, s3)}
+            env = {**os.environ, "SVDQ_REDIS_URL": redis_url, **store_env(workdir, s3)}
             image = stored_image(workdir, env, s3)
-            with Client.from_env(redis_url=server.url, storage_url=env["SVDQ_STORAGE_URL"]) as client:
+            with Client.from_env(redis_url=redis_url, storage_url=env["SVDQ_STORAGE_URL"]) as client:
                 client.submit(image, idempotency_key="warm-up", **PARAMS)
                 loop_rate = loop(client, image, args.jobs)
                 many_rate = pipelined(client, image, args.jobs)
-            figure("jobs", args.jobs, store=args.store)
-            figure("loop_jobs_per_second", loop_rate, store=args.store)
-            figure("submit_many_jobs_per_second", many_rate, store=args.store)
-            figure("speedup", many_rate / loop_rate, store=args.store, goal=">= 10")
+            figure("jobs", args.jobs, **where)
+            figure("loop_jobs_per_second", loop_rate, **where)
+            figure("submit_many_jobs_per_second", many_rate, **where)
+            figure("speedup", many_rate / loop_rate, **where, goal=">= 10")
             if args.manifest_rows:
                 manifest_rss(workdir, env, args.manifest_rows)
         finally:
+            if proxy is not None:
+                proxy.close()
             if s3 is not None:
                 s3.stop()
             server.stop()

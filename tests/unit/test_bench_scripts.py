@@ -89,6 +89,13 @@ def test_gateway_bench_reports_rate_latency_and_stream_memory() -> None:
     assert figures["open_streams"] == 5 and figures["rss_with_streams_mib"] > 0
 
 
+def test_bulk_submit_bench_can_put_redis_a_round_trip_away() -> None:
+    lines = run("bulk_submit.py", "--jobs", "100", "--store", "file", "--redis-rtt-ms", "4")
+    figures = {line["figure"]: line for line in lines}
+    assert figures["speedup"]["redis_rtt_ms"] == 4
+    assert figures["loop_jobs_per_second"]["value"] < 250  # each submit of the loop waits a whole round trip
+
+
 def test_cancel_bench_runs_and_reports_both_paths() -> None:
     # Steps long enough to be seen twice at the record's four writes a second, on a GPU host's tiny model too.
     size = ["--width", "256", "--height", "256", "--frames", "8", "--steps", "200"] if torch.cuda.is_available() else []
