@@ -38,6 +38,7 @@ from producer.terminal import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     CliError,
+    check_output,
     describe,
     print_json,
     wait_and_report,
@@ -88,6 +89,9 @@ def in_users_words(exc: InvalidParameter, image: str) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     params = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
     image = args.image if args.image.startswith(URL_SCHEMES) else Path(args.image)
+    if args.output is not None and not args.wait:
+        raise CliError("--output needs --wait (or, later: svdq wait JOB_ID --output FILE)", EXIT_USAGE)
+    check_output(args.output)
     with Client.from_env() as client:
         try:
             job = client.submit(image, priority=args.priority, idempotency_key=args.key, webhook=args.webhook, **params)
@@ -164,6 +168,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     with Client.from_env() as client:
         job = client.job(args.job_id)
         job.status()  # unknown ids fail now, not after the timeout
+        check_output(args.output)
         return wait_and_report(job, args.timeout, args.output, args.json, quiet=False)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.contract import DEFAULT_QUEUE, JobParams, check_caps
@@ -29,6 +29,24 @@ class Settings(BaseSettings):
     # `sentinel://HOST:26379;sentinel://HOST2:26379/DB` finds the master through Redis Sentinel.
     redis_url: str = "redis://localhost:6379/0"
     sentinel_master: str = "mymaster"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        """Checked here so a typo is one line naming the variable, not redis-py's traceback at first use."""
+        for part in url.split(";") if is_sentinel(url) else [url]:
+            parts = urlsplit(part)
+            if parts.scheme not in ("redis", "rediss", "unix", "sentinel"):
+                raise ValueError("must be redis://HOST:PORT/DB (or rediss://, unix://, sentinel://)")
+            try:
+                parts.port  # noqa: B018  (raises on a port that is not a number or out of range)
+            except ValueError as exc:
+                raise ValueError(f"bad port: {exc}") from None
+            database = parts.path.strip("/") if parts.scheme != "unix" else ""
+            if database and not database.isdigit():
+                raise ValueError(f"the database is a number, not {database!r}")
+        return url
+
     # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
     storage_url: str = default_storage_url()
     s3_endpoint_url: str | None = None
@@ -68,7 +86,7 @@ def settings_error(exc: ValidationError) -> str:
     """A settings class's refusal in one line, naming the variable: `SVDQ_MAX_FRAMES: ... (got 'lots')`."""
     err = exc.errors()[0]
     name = "SVDQ_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
-    return f"{name}: {err['msg']} (got {err.get('input')!r})"
+    return f"{name}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def is_sentinel(url: str) -> bool:

@@ -371,8 +371,10 @@ def open_store(settings: Settings, s3_client: Any | None = None) -> ObjectStore:
         public = settings.s3_public_endpoint_url
         presigner = make_s3_client(settings, public) if public else None
         return S3Store(client, parts.netloc, parts.path, settings.presign_ttl, allow, presigner)
-    if parts.scheme == "file" and parts.path.startswith("/"):
+    # A file:// URL names no host: file://tmp/x (or file://~/x) would be the folder /x on host "tmp".
+    if parts.scheme == "file" and parts.path.startswith("/") and parts.netloc in ("", "localhost"):
         return FileStore(Path(unquote(parts.path)), allow)
     raise ConfigurationError(
-        f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH, not {settings.storage_url!r}"
+        f"SVDQ_STORAGE_URL must be s3://BUCKET[/PREFIX] or file:///ABS/PATH (three slashes, an absolute path), "
+        f"not {settings.storage_url!r}"
     )

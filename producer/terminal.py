@@ -6,6 +6,7 @@ Shared by the CLI (producer.cli) and `svdq demo` (producer.demo).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,19 @@ def still_waiting(job: Job, waited: str = "") -> str:
     return f"job {job.id} is still {record.state.value}{waited}; {follow}"
 
 
+def check_output(output: Path | None) -> None:
+    """Refuse a path the video could not be written to now, before a render that would end in nothing."""
+    if output is None:
+        return
+    folder = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        raise CliError(f"--output {output}: is a folder; give the video's file name", EXIT_USAGE)
+    if not folder.is_dir():
+        raise CliError(f"--output {output}: no folder {folder}", EXIT_USAGE)
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"--output {output}: cannot write in {folder}", EXIT_USAGE)
+
+
 def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_json: bool, quiet: bool) -> int:
     update, close = progress_printer()
     try:
@@ -113,6 +127,10 @@ def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_jso
     if record.state is not JobState.SUCCEEDED:
         return EXIT_JOB_FAILED
     if output is not None:
-        job.download(output)
+        try:
+            job.download(output)
+        except OSError as exc:  # checked before the wait, but a disk fills up and folders go away
+            again = f"the job succeeded: `svdq wait {job.id} --output FILE` downloads it"
+            raise CliError(f"--output {output}: {exc.strerror or exc}; {again}", EXIT_USAGE) from None
         print(f"wrote {output}", file=sys.stderr)
     return EXIT_OK

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from producer.client import Client
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess, probe
 from tests.odd_images import png_without_image_data
 
@@ -101,6 +102,31 @@ def test_cli_submit_wait_status_and_output(
     assert plain.returncode == 0 and re.fullmatch(r"[0-9a-f]{32}\n", plain.stdout)
     missing = subprocess.run([SVDQ, "status", "no-such-job"], env=svdq_env, capture_output=True, text=True)
     assert missing.returncode == 3 and "no-such-job" in missing.stderr
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_anything_is_submitted(
+    svdq_env: dict[str, str], image_file: Path, tmp_path: Path
+) -> None:
+    """It was a traceback and exit 1 ("the job failed") after the render; without --wait it was ignored."""
+    flags = ["--frames", "4", "--steps", "2", "--width", "64", "--height", "64"]
+    with Client.from_env() as client:
+        before = len(client.list(limit=10_000))
+        cases = [
+            (["--wait", "--output", str(tmp_path / "no" / "such" / "x.mp4")], "no folder"),
+            (["--wait", "--output", str(tmp_path)], "is a folder"),
+            (["--output", str(tmp_path / "x.mp4")], "--output needs --wait"),
+        ]
+        for extra, says in cases:
+            run = subprocess.run(
+                [SVDQ, "submit", str(image_file), *flags, *extra], env=svdq_env, capture_output=True, text=True
+            )
+            assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert len(client.list(limit=10_000)) == before  # nothing submitted
+        job_id = submit(svdq_env, image_file)
+    wait = subprocess.run(
+        [SVDQ, "wait", job_id, "--output", str(tmp_path / "no" / "x.mp4")], env=svdq_env, capture_output=True, text=True
+    )
+    assert wait.returncode == 2 and "no folder" in wait.stderr
 
 
 def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str, str], worker: WorkerProcess) -> None:

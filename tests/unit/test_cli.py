@@ -53,7 +53,17 @@ def test_version_and_worker_help_without_a_model() -> None:
 
 
 def test_a_configuration_mistake_is_one_line_not_a_traceback() -> None:
-    for env in ({"SVDQ_STORAGE_URL": "/var/renders"}, {"SVDQ_MAX_FRAMES": "lots"}):
+    mistakes = [
+        {"SVDQ_STORAGE_URL": "/var/renders"},
+        {"SVDQ_STORAGE_URL": "file://~/renders"},  # was the folder /renders: "~" read as a host name
+        {"SVDQ_STORAGE_URL": "file://tmp/renders"},
+        {"SVDQ_MAX_FRAMES": "lots"},
+        {"SVDQ_REDIS_URL": "notaurl"},  # these four were redis-py's traceback, exit 1
+        {"SVDQ_REDIS_URL": "http://localhost:6379"},
+        {"SVDQ_REDIS_URL": "redis://localhost:abc/0"},
+        {"SVDQ_REDIS_URL": "redis://localhost:6379/x"},
+    ]
+    for env in mistakes:
         out = subprocess.run(
             [SVDQ, "list"], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=30
         )
