@@ -44,7 +44,17 @@ from producer.terminal import (
     wait_and_report,
 )
 
+
 # CLI flag -> the request field it sets (diffusers' argument names).
+def auto_or_frames(value: str) -> str | int:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"auto or a number of frames, not {value!r}") from None
+
+
 PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--frames": ("num_frames", int),
     "--steps": ("num_inference_steps", int),
@@ -56,7 +66,7 @@ PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--noise-aug-strength": ("noise_aug_strength", float),
     "--min-guidance": ("min_guidance_scale", float),
     "--max-guidance": ("max_guidance_scale", float),
-    "--decode-chunk-size": ("decode_chunk_size", lambda v: v if v == "auto" else int(v)),
+    "--decode-chunk-size": ("decode_chunk_size", auto_or_frames),
     "--format": ("format", str),
     "--model": ("model", str),
 }

@@ -24,7 +24,7 @@ from producer.settings import redact_url, sentinel_options
 from worker import revoke, runtime, tasks
 from worker.node import Node
 from worker.settings import WorkerSettings
-from worker.startup import LOAD_FAILED, LoadFailure, describe, report_to_presence
+from worker.startup import LOAD_FAILED, LoadFailure, describe, load_hint, report_to_presence
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseExcept
     failure = LoadFailure.from_env()
     in_main = failure is not None and failure.in_main_process()
     try:
-        message = describe(exc)
+        message = describe(exc) + load_hint(settings.model)
         log.critical("the model %s failed to load", settings.model, exc_info=exc)
         if hostname:
             with contextlib.suppress(Exception):

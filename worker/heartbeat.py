@@ -14,6 +14,7 @@ import time
 
 import redis
 
+from producer.contract import JobState
 from producer.fleet import FleetStore
 from producer.status import StatusStore
 
@@ -26,6 +27,7 @@ class Heartbeat:
         self.fleet = FleetStore(status.redis)
         self.lease_ttl = lease_ttl
         self._held: dict[str, tuple[str, str]] = {}  # job id -> (holder, worker node name)
+        self._told: set[str] = set()  # held jobs whose lost lease has been logged: once is enough
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._hand_back_at: float | None = None  # epoch seconds
@@ -39,6 +41,7 @@ class Heartbeat:
     def release(self, job_id: str) -> None:
         with self._lock:
             self._held.pop(job_id, None)
+            self._told.discard(job_id)
 
     def should_hand_back(self) -> bool:
         """True once the worker is stopping and its grace period is over."""
@@ -59,7 +62,13 @@ class Heartbeat:
 
     def _beat(self, held: dict[str, tuple[str, str]]) -> None:
         for job_id, (holder, _) in held.items():
-            if not self.status.renew(job_id, holder, self.lease_ttl):
+            if job_id in self._told or self.status.renew(job_id, holder, self.lease_ttl):
+                continue
+            with self._lock:
+                self._told.add(job_id)
+            if self.status.state(job_id) is JobState.CANCELED:  # a cancel ends the lease too
+                log.info("job %s: canceled; its render stops at the next check", job_id)
+            else:
                 log.warning("job %s: lease lost (expired or taken over); its result will be dropped", job_id)
         for worker in {w for _, w in held.values()}:
             deadline = self.fleet.stop_deadline(worker)

@@ -117,6 +117,16 @@ class LoadFailure:
         self.path.unlink(missing_ok=True)
 
 
+def load_hint(model: str) -> str:
+    """What to do next, where the model named no local folder: it came from the hub, or failed to."""
+    if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
+        return ""
+    return (
+        f" (SVDQ_MODEL={model!r} is a hub id: the worker needs the hub or a cached copy; set SVDQ_MODEL to a "
+        "local pipeline folder, or build a test model with `svdq make-tiny-model DIR`)"
+    )
+
+
 def describe(exc: BaseException) -> str:
     """One line for the log's last line and the presence key: the error's type and message, no traceback."""
     text = " ".join(str(exc).split())[:800]

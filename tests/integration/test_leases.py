@@ -3,6 +3,7 @@ takeover of a dead worker's job, the poison cap, and recovery from the record.""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -13,6 +14,7 @@ import redis
 from producer import keys
 from producer.contract import JobState
 from producer.status import AttemptsExhausted, Leased, StatusStore, Superseded
+from worker.heartbeat import Heartbeat
 from worker.recovery import Recovery, Sweeper
 
 pytestmark = pytest.mark.integration
@@ -163,3 +165,26 @@ def test_a_sweeper_that_hits_an_error_logs_it_and_sweeps_again(
     finally:
         sweeper.stop()
     assert sent[0][0] == job_id and "presence failed once" in caplog.text
+
+
+def test_a_canceled_job_s_lease_is_logged_once_as_a_cancel_not_a_loss(
+    store: StatusStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer can take minutes on a CPU: the heartbeat meets the canceled job's ended lease meanwhile, and said
+    "lease lost ... its result will be dropped" every beat."""
+    canceled, lost = new_job(store), new_job(store)
+    heartbeat = Heartbeat(store, lease_ttl=0.3)  # beats every 0.1 s
+    try:
+        for job_id in (canceled, lost):
+            store.claim(job_id, f"{job_id}/1", lease_seconds=0.3)
+            heartbeat.hold(job_id, f"{job_id}/1", "w@test")
+        with caplog.at_level(logging.INFO, logger="worker.heartbeat"):
+            store.transition(canceled, JobState.CANCELED)
+            store.redis.delete(keys.lease(lost))  # as if it lapsed
+            time.sleep(0.6)
+    finally:
+        heartbeat.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count(f"job {canceled}: canceled; its render stops at the next check") == 1
+    assert said.count(f"job {lost}: lease lost (expired or taken over); its result will be dropped") == 1
+    assert not any(canceled in m and "lease lost" in m for m in said)

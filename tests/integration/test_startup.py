@@ -117,3 +117,14 @@ def test_safetensors_check_names_what_is_wrong(tiny_model: Path, tmp_path: Path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     assert "not a readable safetensors file" in (check_safetensors(garbage) or "")
+
+
+def test_a_hub_model_that_cannot_be_fetched_says_what_to_do(svdq_env: dict[str, str]) -> None:
+    """No hub here (nor on many fleets' machines): the default model's error ends with the way out."""
+    hostname = f"w{uuid.uuid4().hex[:6]}@test"
+    done = run_failing_worker(
+        {**svdq_env, "HF_HUB_OFFLINE": "1"}, Path("svdq-test/no-such-model"), f"q-{uuid.uuid4().hex[:6]}", hostname
+    )
+    assert done.returncode == LOAD_FAILED
+    last = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert "svdq-test/no-such-model" in last and "svdq make-tiny-model DIR" in last, last

@@ -90,3 +90,10 @@ def test_the_demo_does_not_import_the_cli() -> None:
     code = "import sys, producer.demo\nassert 'producer.cli' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_decode_chunk_size_that_is_not_a_number_says_what_it_takes() -> None:
+    out = subprocess.run(
+        [SVDQ, "submit", "x.png", "--decode-chunk-size", "foo"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2 and "auto or a number of frames, not 'foo'" in out.stderr  # was "invalid <lambda>"

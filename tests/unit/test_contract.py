@@ -16,6 +16,7 @@ from producer.contract import (
     TRANSITIONS,
     InvalidParameter,
     JobParams,
+    JobRecord,
     JobRequest,
     JobState,
     Stage,
@@ -188,3 +189,11 @@ def test_the_readme_documents_every_setting() -> None:
     }
     fields = {f"SVDQ_{name.upper()}" for cls in (Settings, WorkerSettings) for name in cls.model_fields}
     assert fields - table == set()
+
+
+def test_the_readme_s_record_table_lists_every_field_of_the_record() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### The job record", 1)[1].split("Terminal records expire", 1)[0]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    listed = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
+    assert set(JobRecord.model_fields) - listed == set()  # owner and webhook_error were missing
