@@ -46,6 +46,16 @@ from producer.terminal import (
 
 
 # CLI flag -> the request field it sets (diffusers' argument names).
+def positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of 1 or more, not {value!r}")
+    return number
+
+
 def auto_or_frames(value: str) -> str | int:
     if value == "auto":
         return value
@@ -393,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="the newest jobs, optionally in one state")
     listing.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state (default: all)")
-    listing.add_argument("--limit", type=int, default=20, help="at most this many, newest first (default: 20)")
+    listing.add_argument(
+        "--limit", type=positive, default=20, help="at most this many, newest first (1 or more; default: 20)"
+    )
     listing.add_argument("--json", action="store_true", help="records as JSON")
     listing.set_defaults(func=cmd_list)
 

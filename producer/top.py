@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -86,6 +87,11 @@ def snapshot(celery: Celery, status: StatusStore, base_queue: str, timeout: floa
     return Snapshot(workers, _queues(fleet, base_queue, workers), fleet.counts())
 
 
+def tail(text: str, width: int) -> str:
+    """The end of a long name (where model names differ), marked as cut."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
 def render(snap: Snapshot) -> str:
     lines = [f"svdq top   {time.strftime('%H:%M:%S')}   " + "  ".join(f"{k} {v}" for k, v in snap.states.items()), ""]
     lines.append(f"{'WORKER':<28} {'MODEL':<28} {'JOB':<34} {'STAGE':<14} PROGRESS")
@@ -94,7 +100,7 @@ def render(snap: Snapshot) -> str:
     for w in snap.workers:
         bar = "" if w.progress is None else f"{'#' * int(w.progress * 20):<20} {w.progress:4.0%}"
         job = "-" if w.error else w.job or "idle"
-        lines.append(f"{w.name:<28} {(w.model or '?')[-28:]:<28} {job:<34} {w.stage or '':<14} {w.error or bar}")
+        lines.append(f"{w.name:<28} {tail(w.model or '?', 28):<28} {job:<34} {w.stage or '':<14} {w.error or bar}")
     lines += ["", f"{'QUEUE':<40} {'WAITING':>8} {'READERS':>8}"]
     for q in snap.queues:
         if q.waiting or q.readers:
@@ -108,12 +114,14 @@ def as_json(snap: Snapshot) -> str:
 
 
 def run(celery: Celery, status: StatusStore, base_queue: str, interval: float, once: bool, json_out: bool) -> None:
+    # A terminal's screen is redrawn in place; into a pipe or a file, each snapshot follows the last one.
+    clear = "" if once or not sys.stdout.isatty() else "\x1b[H\x1b[2J"
     while True:
         snap = snapshot(celery, status, base_queue)
         if json_out:
             print(as_json(snap), flush=True)
         else:
-            print(("" if once else "\x1b[H\x1b[2J") + render(snap), flush=True)
+            print(clear + render(snap), flush=True)
         if once:
             return
         time.sleep(interval)

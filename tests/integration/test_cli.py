@@ -142,3 +142,20 @@ def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str,
         timeout=30,
     )
     assert gone.returncode == 5 and "no worker nobody@nowhere answered" in gone.stderr, gone
+
+
+def test_top_into_a_pipe_prints_snapshots_one_after_another_without_screen_codes(svdq_env: dict[str, str]) -> None:
+    top = subprocess.Popen(
+        [SVDQ, "top", "--interval", "0.3"], env=svdq_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert top.stdout is not None
+    seen: list[str] = []
+    try:
+        while sum("svdq top " in line for line in seen) < 2:  # each snapshot asks the workers: about a second
+            line = top.stdout.readline()
+            assert line, "top ended"
+            seen.append(line)
+    finally:
+        top.terminate()
+        top.communicate(timeout=30)
+    assert not any("\x1b[" in line for line in seen), seen[:10]  # a terminal's clear-screen, into a pipe

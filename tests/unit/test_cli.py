@@ -97,3 +97,9 @@ def test_a_decode_chunk_size_that_is_not_a_number_says_what_it_takes() -> None:
         [SVDQ, "submit", "x.png", "--decode-chunk-size", "foo"], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 2 and "auto or a number of frames, not 'foo'" in out.stderr  # was "invalid <lambda>"
+
+
+def test_list_refuses_a_limit_below_one() -> None:
+    for value in ("0", "-1"):  # were an empty listing and one job
+        out = subprocess.run([SVDQ, "list", "--limit", value], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and f"1 or more, not '{value}'" in out.stderr
