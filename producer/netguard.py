@@ -73,6 +73,14 @@ def _split(url: str) -> tuple[SplitResult, int]:
         raise UnsafeURL(f"malformed URL: {exc}") from None
 
 
+def _check_scheme(scheme: str) -> None:
+    if scheme in ("http", "https"):
+        return
+    if not scheme:  # the URL is not repeated: it may hold a token
+        raise UnsafeURL("not a URL: it does not start with http:// or https://")
+    raise UnsafeURL(f"only http and https URLs are allowed, not {scheme}:")
+
+
 def check_url(
     url: str,
     *,
@@ -81,8 +89,7 @@ def check_url(
     public: Callable[[str], bool] | None = None,
 ) -> CheckedURL:
     parts, port = _split(url)
-    if parts.scheme not in ("http", "https"):
-        raise UnsafeURL(f"only http and https URLs are allowed, not {parts.scheme or 'none'!r}")
+    _check_scheme(parts.scheme)
     if not parts.hostname:
         raise UnsafeURL("the URL has no host")
     if parts.username or parts.password:

@@ -112,3 +112,10 @@ def test_an_address_carrying_ipv4_is_judged_by_it_whatever_python_s_ipv6_tables_
 def test_malformed_urls_are_unsafe_not_crashes(url: str) -> None:
     with pytest.raises(UnsafeURL, match="malformed"):
         check_url(url)
+
+
+def test_a_url_without_a_scheme_is_told_so() -> None:
+    with pytest.raises(UnsafeURL, match="not a URL: it does not start with http"):  # was "not 'none'"
+        check_url("notaurl", resolve=resolver("93.184.216.34"))
+    with pytest.raises(UnsafeURL, match="not ftp:"):
+        check_url("ftp://example.com/x", resolve=resolver("93.184.216.34"))
