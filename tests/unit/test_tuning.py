@@ -312,20 +312,17 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
     synchronized: list[int] = []
     renderer.synchronize = lambda: synchronized.append(len(calls))  # type: ignore[method-assign]
 
+    def render(progress: Any, checkpoint: Any = None) -> Any:
+        settings = WorkerSettings()
+        return start_video(
+            renderer, Image.new("RGB", (64, 64)), PARAMS, 0, settings, timings={}, memory={}, progress=progress,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+
     steps: list[int] = []
     pending = None
     with pytest.raises(Stop):
-        pending = start_video(
-            renderer,
-            Image.new("RGB", (64, 64)),
-            PARAMS,
-            0,
-            WorkerSettings(),
-            timings={},
-            memory={},
-            progress=lambda stage, *a, **k: steps.append(k.get("step", 0)),
-            checkpoint=checkpoint,
-        )
+        pending = render(lambda stage, *a, **k: steps.append(k.get("step", 0)), checkpoint)
     assert pending is None and len(calls) == 3 and max(steps) == 0  # stopped before any step ended
     assert synchronized == [3]  # the stop waits for the device's queued work, so the next job finds it free
 
@@ -335,16 +332,7 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
 
     renderer.synchronize = lambda: synchronized.append(-1)  # type: ignore[method-assign]
     with pytest.raises(Stop):
-        start_video(
-            renderer,
-            Image.new("RGB", (64, 64)),
-            PARAMS,
-            0,
-            WorkerSettings(),
-            timings={},
-            memory={},
-            progress=stop_at_the_first_step_end,
-        )
+        render(stop_at_the_first_step_end)
     assert synchronized == [3, -1]  # a stop at a step's end waits for the device too
     assert renderer.checkpoint is None  # the next job starts clean
     latents(pipe)  # and renders
