@@ -294,7 +294,7 @@ def test_out_of_memory_retries_once_with_the_feed_forward_split_then_restores_it
     torch.testing.assert_close(retried, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step() -> None:
+def test_a_checkpoint_between_unet_layers_stops_a_render_inside_its_first_step() -> None:
     """Cancel and hand-back need not wait for a step to end: a step at the caps takes seconds on a GPU."""
 
     class Stop(Exception):
@@ -306,7 +306,7 @@ def test_a_checkpoint_between_unet_blocks_stops_a_render_inside_its_first_step()
 
     def checkpoint() -> None:
         calls.append(1)
-        if len(calls) == 3:  # in the first step's first block (the checkpoints: each block and each layer in it)
+        if len(calls) == 3:  # at the first step's third layer (the checkpoints: each layer of the blocks)
             raise Stop
 
     synchronized: list[int] = []
