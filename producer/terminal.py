@@ -87,9 +87,11 @@ def still_waiting(job: Job, waited: str = "") -> str:
     if record.state is JobState.STARTED:
         return f"job {job.id} goes on ({record.stage or 'started'}, {record.progress:.0%}){waited}; {follow}"
     if record.state is JobState.QUEUED and readers(job, record) == []:
+        model = record.request.get("model")
+        start = f"`svdq worker --model PATH --model-name {model}`" if model else "`svdq worker`"
         return (
             f"job {job.id} is still queued{waited}: no worker reads its queue {record.queue!r} (start one with "
-            f"`svdq worker`, see `svdq top`); {follow}"
+            f"{start}, see `svdq top`); {follow}"
         )
     return f"job {job.id} is still {record.state.value}{waited}; {follow}"
 

@@ -63,7 +63,14 @@ def test_a_wait_on_a_queue_no_worker_reads_says_so(svdq_env: dict[str, str], ima
     out = subprocess.run([SVDQ, "wait", job_id, "--timeout", "1"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 4
     assert f"still queued after 1s: no worker reads its queue '{env['SVDQ_QUEUE']}'" in out.stderr, out.stderr
-    assert f"`svdq wait {job_id}`" in out.stderr
+    assert f"`svdq wait {job_id}`" in out.stderr and "(start one with `svdq worker`," in out.stderr
+    for_a_model = subprocess.run(
+        [SVDQ, "submit", str(image_file), *SIZE, "--model", "svd-xt"], env=env, capture_output=True, text=True
+    )
+    out = subprocess.run(
+        [SVDQ, "wait", for_a_model.stdout.strip(), "--timeout", "1"], env=env, capture_output=True, text=True
+    )
+    assert "(start one with `svdq worker --model PATH --model-name svd-xt`," in out.stderr, out.stderr
 
 
 def test_ctrl_c_says_the_job_goes_on_and_how_to_follow_it(svdq_env: dict[str, str], image_file: Path) -> None:
