@@ -133,13 +133,20 @@ def _report_early(settings: WorkerSettings, argv: list[str], problem: str) -> No
 
     from producer.client import connect_redis
 
-    names = [a.split("=", 1)[1] for a in argv if a.startswith("--hostname=")]
     report_to_presence(
-        connect_redis(settings, retry_for=1),
-        host_format(names[-1] if names else "svdq@%h"),
-        settings.served_model(),
-        problem,
+        connect_redis(settings, retry_for=1), host_format(hostname(argv)), settings.served_model(), problem
     )
+
+
+def hostname(argv: list[str]) -> str:
+    """The node name Celery would take from these options (`--hostname=N`, `--hostname N`, `-n N`; the last)."""
+    name = "svdq@%h"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--hostname="):
+            name = arg.split("=", 1)[1]
+        elif arg in ("--hostname", "-n") and i + 1 < len(argv):
+            name = argv[i + 1]
+    return name
 
 
 if __name__ == "__main__":

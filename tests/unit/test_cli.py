@@ -103,3 +103,12 @@ def test_list_refuses_a_limit_below_one() -> None:
     for value in ("0", "-1"):  # were an empty listing and one job
         out = subprocess.run([SVDQ, "list", "--limit", value], capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and f"1 or more, not '{value}'" in out.stderr
+
+
+def test_a_worker_that_stops_before_celery_reports_under_the_hostname_it_was_given() -> None:
+    from worker.__main__ import hostname
+
+    assert hostname([]) == "svdq@%h"
+    assert hostname(["--hostname=a@%h"]) == "a@%h"
+    assert hostname(["--hostname", "b@%h", "--loglevel=INFO"]) == "b@%h"  # was svdq@%h: only "=" was read
+    assert hostname(["-n", "c@x", "--hostname=d@x"]) == "d@x"
