@@ -100,7 +100,7 @@ def check_output(output: Path | None) -> None:
     """Refuse a path the video could not be written to now, before a render that would end in nothing."""
     if output is None:
         return
-    folder = output.parent if str(output.parent) else Path(".")
+    folder = output.parent  # Path("x.mp4").parent is Path(".")
     if output.is_dir():
         raise CliError(f"--output {output}: is a folder; give the video's file name", EXIT_USAGE)
     if not folder.is_dir():

@@ -33,11 +33,15 @@ log = logging.getLogger(__name__)
 LOAD_FAILED = 3  # the exit code of a worker whose model could not load (`--gpus` backs off on it)
 
 
+def is_local(model: str) -> bool:
+    """Whether SVDQ_MODEL names a folder here rather than a hub id."""
+    return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
+
+
 def check_model(model: str) -> str | None:
     """A reason the model cannot load, found before any process forks; None if it looks loadable."""
     path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists()
-    if not looks_local:
+    if not is_local(model):
         return None  # a hub id: from_pretrained finds it, or fails in the pool process with its own error
     if not (path / "model_index.json").is_file():
         return (
@@ -119,7 +123,7 @@ class LoadFailure:
 
 def load_hint(model: str) -> str:
     """What to do next, where the model named no local folder: it came from the hub, or failed to."""
-    if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
+    if is_local(model):
         return ""
     return (
         f" (SVDQ_MODEL={model!r} is a hub id: the worker needs the hub or a cached copy; set SVDQ_MODEL to a "
