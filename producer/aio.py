@@ -24,7 +24,7 @@ import redis.asyncio
 from celery import Celery
 
 from producer import keys, wire
-from producer.client import Checked, ImageInput, Intake, NotCancelable, producer_celery
+from producer.client import Checked, ImageInput, Intake, NotCancelable, check_same_request, producer_celery
 from producer.contract import JobRecord, JobState, check_job_id
 from producer.settings import Settings, is_sentinel
 from producer.status import (
@@ -242,5 +242,9 @@ class AsyncClient:
             )
         except DuplicateKey as dup:
             if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
+                with contextlib.suppress(JobNotFound):  # gone since: its key went with it
+                    held = await self.records.get(dup.job_id)
+                    if held.owner == owner:  # else not the caller's to compare with (the gateway refuses it)
+                        check_same_request(dup.job_id, held.request, request)
                 return AsyncJob(dup.job_id, self)
         return AsyncJob(job_id, self)

@@ -22,7 +22,7 @@ import pydantic
 import redis
 
 from producer import top
-from producer.client import URL_SCHEMES, Client, NotCancelable, connect_redis, producer_celery
+from producer.client import URL_SCHEMES, Client, KeyConflict, NotCancelable, connect_redis, producer_celery
 from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds
 from producer.flower import FlowerRefused, flower_command
 from producer.settings import ConfigurationError, Settings, settings_error
@@ -98,6 +98,9 @@ def param_help(field: str) -> str:
 
 def in_users_words(exc: InvalidParameter, image: str) -> str:
     """The error as the user typed the command: the flag's name, the image's name."""
+    if isinstance(exc, KeyConflict):
+        differ = ", ".join(FLAG_OF.get(name, name) for name in exc.differ)
+        return f"--key: already names job {exc.job_id}, a different render ({differ} differ): use a new key"
     if exc.param == "image":
         return f"image: {exc.message}" if image in exc.message else f"image {image}: {exc.message}"
     flag = FLAG_OF.get(exc.param, exc.param)

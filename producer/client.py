@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import json
 import os
 import time
 import uuid
@@ -198,7 +200,8 @@ class Client:
 
         A bad parameter or unreadable image raises InvalidParameter before anything is written. With an
         `idempotency_key` already used (by any client, at any time until that job's record expires), the
-        job that holds it is returned and nothing is enqueued.
+        job that holds it is returned and nothing is enqueued; if that job was asked for another render (other
+        parameters or another image), KeyConflict is raised instead.
         """
         # 1. Check parameters and the image: nothing is stored or enqueued if either is bad.
         checked = self.intake.check(
@@ -224,6 +227,8 @@ class Client:
             )
         except DuplicateKey as dup:
             if dup.job_id != job_id:  # else its own key: a retried creation whose first reply was lost
+                with contextlib.suppress(JobNotFound):  # gone since: its key went with it
+                    check_same_request(dup.job_id, self.records.get(dup.job_id).request, request)
                 return Job(dup.job_id, self)
         return Job(job_id, self)
 
@@ -241,9 +246,10 @@ class Client:
 
         A submission's own `params` override `defaults`. One whose idempotency key already names a job is not
         submitted again, nor its image read or stored: its job is yielded with `existed=True`, so a re-run of a
-        big batch costs one Redis read per item. Pipelined: `batch_size` submissions at a time, their images
-        checked and stored `concurrency` at a time, their keys read in one round trip, their records and messages
-        (producer.wire) written in another, each job's two in one script."""
+        big batch costs two Redis reads per item; if that job was asked for other parameters, the submission is
+        refused with KeyConflict (its image is not compared: it is not read). Pipelined: `batch_size`
+        submissions at a time, their images checked and stored `concurrency` at a time, their keys read in one
+        round trip, their records and messages (producer.wire) written in another, each job's two in one script."""
         # While Redis runs one batch's scripts, this thread prepares the next: at most two batches in hand.
         with (
             ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="svdq-submit") as pool,
@@ -286,6 +292,7 @@ class Client:
             as_text(h) if h is not None and s.idempotency_key else None
             for s, h in zip(batch, pipe.execute(), strict=True)
         ]
+        conflicts = self._conflicts(batch, held, priority, defaults) if any(held) else {}
 
         # 2. Check the others here (CPU), and store their images on the pool, `concurrency` at a time (I/O).
         def check(submission: Submission) -> Checked | InvalidParameter:
@@ -300,7 +307,9 @@ class Client:
             except InvalidParameter as exc:
                 return exc
 
-        checked = {i: check(batch[i]) for i, job_id in enumerate(held) if job_id is None}
+        checked: dict[int, Checked | InvalidParameter] = {
+            i: check(batch[i]) for i, job_id in enumerate(held) if job_id is None
+        }
         stored = {}
         for i, c in checked.items():
             if isinstance(c, Checked) and c.data is not None:
@@ -311,6 +320,8 @@ class Client:
             i: c if isinstance(c, InvalidParameter) else (c, c.image_ref or stored[i].result())
             for i, c in checked.items()
         }
+        for i, conflict in conflicts.items():
+            held[i], checks[i] = None, conflict
 
         # 3. What to create: each record with its message, written in one script (StatusStore.create_many), so a
         # job is created enqueued or not at all, however the batch fails.
@@ -321,6 +332,27 @@ class Client:
             for i, c in todo
         }
         return _Batch(batch, held, checks, creations)
+
+    def _conflicts(
+        self, batch: list[Submission], held: list[str | None], priority: str, defaults: dict[str, Any]
+    ) -> dict[int, InvalidParameter]:
+        """The held keys whose jobs were asked for other parameters (one round trip for their requests), by
+        position: their submissions are refused, not answered with another render's job."""
+        positions = [i for i, job_id in enumerate(held) if job_id is not None]
+        pipe = self.redis.pipeline(transaction=False)
+        for i in positions:
+            pipe.hget(keys.job(held[i] or ""), "request")
+        conflicts: dict[int, InvalidParameter] = {}
+        for i, raw in zip(positions, pipe.execute(), strict=True):
+            if raw is None:  # expired since: its key went with it
+                continue
+            params = {**defaults, **batch[i].params}
+            try:
+                request = self.intake.check_request(params, priority)[0].model_dump()
+                check_same_request(held[i] or "", json.loads(as_text(raw)), request)
+            except InvalidParameter as exc:  # a parameter that its first submit could not have had, or a conflict
+                conflicts[i] = exc
+        return conflicts
 
     def _results(self, writing: tuple[_Batch, Future[list[Exception | None]]] | None) -> Iterator[Submitted]:
         """A written batch's submissions, once its scripts have run (none before the first batch)."""
@@ -415,6 +447,26 @@ def send_job(celery: Celery, job_id: str, request: dict[str, Any], queue: str) -
     celery.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
 
 
+class KeyConflict(InvalidParameter):
+    """An idempotency key already used for another render: its job is not the video asked for. (Stripe and the
+    IETF Idempotency-Key draft refuse a key reused with another request, so a bug that reuses one is seen.)"""
+
+    def __init__(self, job_id: str, differ: list[str]):
+        self.job_id, self.differ = job_id, differ
+        super().__init__(
+            "idempotency_key",
+            f"already used for a different render ({', '.join(differ)} differ): use a new key for a new request",
+        )
+
+
+def check_same_request(job_id: str, held: dict[str, Any], request: dict[str, Any]) -> None:
+    """KeyConflict naming what differs between the request a key's job `job_id` holds and `request`. A field the
+    held request lacks (a record an older svdq wrote) is no difference, nor one `request` lacks (the image,
+    where it was not read)."""
+    if differ := sorted(k for k in request.keys() & held.keys() if request[k] != held[k]):
+        raise KeyConflict(job_id, differ)
+
+
 @dataclass(frozen=True)
 class Checked:
     """A submit that passed every check: its parameters, queue, and the image as bytes or as a reference."""
@@ -451,9 +503,7 @@ class Intake:
         params: dict[str, Any],
     ) -> Checked:
         """Raises InvalidParameter naming the first bad parameter (or the image); stores and sends nothing."""
-        checked = check_inputs(params)
-        self.settings.check_caps(checked)
-        queue = queue_for(model_queue(self.settings.queue, checked.model), priority)
+        checked, queue = self.check_request(params, priority)
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
             raise InvalidParameter("idempotency_key", "must be 1 to 200 characters")
         if webhook is not None:
@@ -463,6 +513,12 @@ class Intake:
                 raise InvalidParameter("webhook", str(exc)) from None
         data, suffix = self._image_bytes(image)
         return Checked(checked, queue, data, suffix, str(image) if data is None else None)
+
+    def check_request(self, params: dict[str, Any], priority: str) -> tuple[JobParams, str]:
+        """The parameters, checked against the contract and this service's caps, and the queue they go to."""
+        checked = check_inputs(params)
+        self.settings.check_caps(checked)
+        return checked, queue_for(model_queue(self.settings.queue, checked.model), priority)
 
     def store_image(self, checked: Checked) -> str:
         """Store the image under its content's name (the same bytes, the same object); returns its reference."""

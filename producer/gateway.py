@@ -39,7 +39,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 
 from producer import keys
 from producer.aio import AsyncClient, AsyncJob
-from producer.client import NotCancelable
+from producer.client import KeyConflict, NotCancelable
 from producer.contract import PRIORITIES, InvalidParameter, JobRecord, JobState, value_from_text
 from producer.settings import Settings
 from producer.status import JobNotFound, as_text, parse_record
@@ -230,6 +230,8 @@ async def submit(request: Request) -> JSONResponse:
             idempotency_key=f"{owner}:{key}" if key else None,
             **fields,
         )
+    except KeyConflict as exc:  # the IETF Idempotency-Key draft's answer to a key reused for another request
+        raise Refused(422, "idempotency_key_reused", f"Idempotency-Key: {exc.message}", "Idempotency-Key") from None
     except InvalidParameter as exc:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None

@@ -204,6 +204,10 @@ def test_an_idempotency_key_is_the_caller_s_own(gateway: Gateway) -> None:
     first = gateway.call("POST", "/v1/jobs", ALICE, body, headers=key)[2]["id"]
     assert gateway.call("POST", "/v1/jobs", ALICE, body, headers=key)[2]["id"] == first
     assert gateway.call("POST", "/v1/jobs", BOB, body, headers=key)[2]["id"] != first  # bob's key is his own
+    # The same key for another render is refused (the IETF Idempotency-Key draft's 422), naming the header.
+    status, _, reused = gateway.call("POST", "/v1/jobs", ALICE, {**body, "fps": 3}, headers=key)
+    assert status == 422 and reused["error"]["code"] == "idempotency_key_reused" and "fps" in reused["error"]["message"]
+    assert first not in json.dumps(reused)
     with Client.from_env() as client:  # a producer outside the gateway, whose key reads like one of alice's
         outside = client.submit(png(121), idempotency_key="alice:shared", **PARAMS)
         status, _, refused = gateway.call("POST", "/v1/jobs", ALICE, body, headers={"Idempotency-Key": "shared"})

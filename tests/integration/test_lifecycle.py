@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from producer import keys
-from producer.client import Client, NotCancelable
+from producer.client import Client, KeyConflict, NotCancelable, Submission
 from producer.contract import JobState
 from tests.integration.conftest import LONG, SLOW, SMALL, SVDQ, WorkerProcess, wait_until
 
@@ -160,6 +161,41 @@ def test_one_idempotency_key_gives_one_job_under_concurrent_submits(svdq_env: di
         record = client.job(ids[0]).status()
         assert record.idempotency_key == key
         assert client.redis.ttl(keys.idempotency(key)) > 0  # never kept forever (its end: test_records.py)
+
+
+def test_a_key_reused_for_another_render_is_refused_naming_what_differs(
+    svdq_env: dict[str, str], image_file: Path, tmp_path: Path
+) -> None:
+    """A key names one request (as Stripe's and the IETF draft's Idempotency-Key do): a submit that reuses it for
+    other parameters or another image would otherwise get the old job's video and never know."""
+    queue = f"nobody-{uuid.uuid4().hex[:8]}"  # no worker reads it: the queue shows what was enqueued
+    key = f"order-{uuid.uuid4().hex}"
+    other = tmp_path / "other.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(other)
+    with Client.from_env(queue=queue) as client:
+        first = client.submit(image_file, **SMALL, idempotency_key=key)
+        # The same render at another priority is the same job: a priority decides when, not what.
+        assert client.submit(image_file, **SMALL, idempotency_key=key, priority="high").id == first.id
+        with pytest.raises(KeyConflict) as other_params:
+            client.submit(image_file, **{**SMALL, "num_frames": 5, "seed": 7}, idempotency_key=key)
+        with pytest.raises(KeyConflict) as other_image:
+            client.submit(other, **SMALL, idempotency_key=key)
+        many = list(
+            client.submit_many([Submission(image_file, SMALL, key), Submission(image_file, {**SMALL, "fps": 3}, key)])
+        )
+        assert client.redis.llen(queue) == 1 and client.redis.llen(f"{queue}.high") == 0  # nothing more enqueued
+    assert other_params.value.param == "idempotency_key" and other_params.value.job_id == first.id
+    assert other_params.value.differ == ["num_frames", "seed"] and other_image.value.differ == ["image"]
+    assert many[0].existed and many[0].job is not None and many[0].job.id == first.id
+    assert many[1].job is None and isinstance(many[1].error, KeyConflict) and many[1].error.differ == ["fps"]
+    run = subprocess.run(
+        [SVDQ, "submit", str(image_file), "--key", key, "--frames", "6", "--width", "64", "--height", "64"],
+        env={**svdq_env, "SVDQ_QUEUE": queue},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and f"--key: already names job {first.id}" in run.stderr
+    assert "--frames" in run.stderr and "use a new key" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_list_by_state_from_the_indexes(

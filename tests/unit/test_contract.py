@@ -197,3 +197,16 @@ def test_the_readme_s_record_table_lists_every_field_of_the_record() -> None:
     first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
     listed = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
     assert set(JobRecord.model_fields) - listed == set()  # owner and webhook_error were missing
+
+
+def test_a_reused_key_s_request_differs_only_by_what_both_requests_hold() -> None:
+    from producer.client import KeyConflict, check_same_request
+
+    held = {"image": "s3://b/inputs/a.png", "num_frames": 14, "noise_aug_strength": 0.02, "seed": None}
+    check_same_request("j1", held, dict(held))
+    check_same_request("j1", held, {**held, "added_since": 1})  # a record from an older svdq lacks it
+    check_same_request("j1", held, {"num_frames": 14, "seed": None})  # the image, not read (submit_many)
+    with pytest.raises(KeyConflict) as refused:
+        check_same_request("j1", held, {**held, "seed": 3, "image": "s3://b/inputs/b.png"})
+    assert refused.value.differ == ["image", "seed"] and refused.value.param == "idempotency_key"
+    assert isinstance(refused.value, InvalidParameter) and "(image, seed differ)" in refused.value.message
