@@ -26,7 +26,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from producer.client import Client, Job, NotCancelable, Submission
-from producer.contract import InvalidParameter, JobParams, JobRecord, JobState, check_inputs, value_from_text
+from producer.contract import (
+    InvalidParameter,
+    JobParams,
+    JobRecord,
+    JobState,
+    check_inputs,
+    printable,
+    shown,
+    value_from_text,
+)
 from producer.settings import Settings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -106,12 +115,20 @@ def read_inputs(src: Path) -> list[Item]:
     """The inputs named by SRC: a folder's images (sorted, recursively) or a manifest's rows."""
     if src.is_dir():
         return _folder(src)
-    if src.suffix.lower() == ".csv":
-        with src.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            return _rows(src, ((n, row) for n, row in enumerate(reader, start=2)), reader.fieldnames or [], text=True)
-    if src.suffix.lower() == ".jsonl":
-        return _rows(src, _jsonl(src), None, text=False)
+    try:
+        if src.suffix.lower() == ".csv":
+            with src.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows = ((n, row) for n, row in enumerate(reader, start=2))
+                return _rows(src, rows, reader.fieldnames or [], text=True)
+        if src.suffix.lower() == ".jsonl":
+            return _rows(src, _jsonl(src), None, text=False)
+    except UnicodeDecodeError as exc:
+        raise ManifestError([f"{src}: not UTF-8 text (byte {exc.start} of a line cannot be read)"]) from None
+    except csv.Error as exc:  # a cell over csv's field size limit, a NUL...
+        raise ManifestError([f"{src}: not a CSV file svdq can read ({exc})"]) from None
+    except OSError as exc:
+        raise ManifestError([f"{src}: cannot read it ({exc.strerror or exc})"]) from None
     if src.exists():
         raise ManifestError([f"{src}: not a folder, a .csv or a .jsonl manifest"])
     raise ManifestError([f"{src}: no such file or folder"])
@@ -138,6 +155,8 @@ def _jsonl(src: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 row = {"__error__": f"not JSON ({exc.msg})"}
+            except RecursionError:
+                row = {"__error__": "not JSON svdq reads (nested too deeply)"}
             yield n, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
@@ -178,8 +197,12 @@ def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
         source: Path | str = image
         default_output = PurePosixPath(PurePosixPath(image.split("?", 1)[0]).name or f"line-{n}").with_suffix("")
     else:
-        source = (src.parent / image).resolve()
-        if not source.is_file():
+        try:
+            source = (src.parent / image).resolve()
+            found = source.is_file()
+        except OSError as exc:  # a name too long for the file system...
+            raise ValueError(f"image: cannot read {shown(image)}: {exc.strerror or exc}") from None
+        if not found:
             raise ValueError(f"image: no such file: {image}")
         default_output = PurePosixPath(Path(image).as_posix()).with_suffix("")
     output = PurePosixPath(str(row["output"])) if row.get("output") else default_output
@@ -204,7 +227,11 @@ def plan(items: list[Item], defaults: dict[str, Any], settings: Settings) -> lis
     for item in items:
         if item.problem is not None:
             continue
-        digest = content_hash(item)
+        try:
+            digest = content_hash(item)
+        except OSError as exc:  # gone or unreadable since it was listed
+            item.problem = f"image: cannot read {shown(item.source)}: {exc.strerror or exc}"
+            continue
         merged = {**defaults, **item.params}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
         try:
@@ -479,7 +506,7 @@ class Display:
             self.bar.update(1)
         elif self.mode == "lines":
             what = line["output"] or (f"{line['error']['code']}: {line['error']['message']}" if line["error"] else "")
-            print(f"{outcome.state:<9} {outcome.item.source}  {what}", flush=True)
+            print(printable(f"{outcome.state:<9} {outcome.item.source}  {what}"), flush=True)
 
     def polled(self, waiting: Counter[str]) -> None:
         self.waiting = waiting

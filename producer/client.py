@@ -24,6 +24,7 @@ from redis.sentinel import Sentinel
 
 from producer import images, keys, wire
 from producer.contract import (
+    MAX_REFERENCE,
     TASK_NAME,
     InvalidParameter,
     JobParams,
@@ -33,6 +34,7 @@ from producer.contract import (
     check_job_id,
     model_queue,
     queue_for,
+    shown,
 )
 from producer.netguard import UnsafeURL, check_url
 from producer.settings import Settings, is_sentinel, parse_sentinel_url, sentinel_options
@@ -544,11 +546,7 @@ class Intake:
             self._check_reference(image)
             return None, ""
         elif isinstance(image, Path):
-            if not image.is_file():
-                raise InvalidParameter("image", f"no such file: {image}")
-            if image.stat().st_size > self.settings.max_image_bytes:
-                raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
-            data = image.read_bytes()
+            data = self._read_path(image)
         elif hasattr(image, "read"):
             data = image.read(self.settings.max_image_bytes + 1)
             if not isinstance(data, bytes):
@@ -561,8 +559,22 @@ class Intake:
             )
         return data, self._check_image(data)
 
+    def _read_path(self, path: Path) -> bytes:
+        try:
+            if not path.is_file():
+                raise InvalidParameter("image", f"no such file: {path}")
+            if path.stat().st_size > self.settings.max_image_bytes:
+                raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
+            return path.read_bytes()
+        except OSError as exc:  # a name too long, a folder without read permission...
+            raise InvalidParameter("image", f"cannot read {shown(str(path))}: {exc.strerror or exc}") from None
+
     def _check_reference(self, ref: str) -> None:
         """A URL the worker fetches (through the address guard), or an image in a place this service reads."""
+        if not ref:
+            raise InvalidParameter("image", "is empty: give a URL, a store key, or a local file as pathlib.Path")
+        if len(ref) > MAX_REFERENCE:  # the worker would refuse its message, with the job left queued
+            raise InvalidParameter("image", f"is {len(ref):,} characters long, over {MAX_REFERENCE:,}")
         if ref.startswith(("http://", "https://")):
             try:
                 check_url(ref, allow_private=self.settings.allow_private_urls)

@@ -38,6 +38,16 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text from a record or a worker's presence, as a terminal shows it: control characters as \\xNN. A record
+    holds what image hosts, raw messages and anyone with Redis put there, and an escape sequence in it would
+    retitle, clear or rewrite the reader's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def result_name(job_id: str, fmt: str = "mp4") -> str:
     """Where a job's video lives, relative to the store's prefix."""
     return f"{check_job_id(job_id)}/video.{fmt}"
@@ -199,13 +209,17 @@ def check_caps(params: JobParams, *, max_frames: int, max_pixels: int, max_steps
         )
 
 
+# The longest image reference (a URL or a store key) a request carries; netguard holds every URL to it too.
+MAX_REFERENCE = 2048
+
+
 class JobRequest(JobParams):
     """What travels in the Celery message: parameters plus where the input image is.
 
     `image` is an `s3://BUCKET/KEY` or `file://` URL, or a key in the configured store.
     """
 
-    image: str = Field(min_length=1, max_length=2048)
+    image: str = Field(min_length=1, max_length=MAX_REFERENCE)
 
 
 def bounds(param: str) -> str | None:
@@ -315,5 +329,5 @@ def value_from_text(value: str) -> Any:
     anything else stays text ("auto", "webm")."""
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than the parser goes
         return value

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -141,9 +142,12 @@ async def caller(request: Request) -> str:
 
 
 def for_callers(message: str) -> str:
-    """An error as an API caller may read it: which address a host resolves to inside the network is not theirs
-    to learn (a 422 would otherwise map internal DNS for them)."""
-    return re.sub(r"resolves to a non-public address \([^)]*\)", "is not a public address", message)
+    """An error as an API caller may read it: whether a name resolves inside the network, and to what, is not
+    theirs to learn (a 422 would otherwise map internal DNS for them), so every such answer reads the same."""
+    same = r"\1 does not resolve to a public address"
+    message = re.sub(r"(\S+) resolves to a non-public address \([^)]*\)", same, message)
+    message = re.sub(r"cannot resolve (\S+): .*$", same, message)
+    return re.sub(r"(\S+) has no address", same, message)
 
 
 def stored(owner: str) -> str | None:
@@ -235,7 +239,8 @@ async def submit(request: Request) -> JSONResponse:
     except InvalidParameter as exc:
         if exc.param == "image" and "larger than" in exc.message:
             raise Refused(413, "too_large", exc.message, "image") from None
-        raise Refused(422, "invalid_parameter", f"{exc.param}: {for_callers(exc.message)}", exc.param) from None
+        param = "image_url" if exc.param == "image" and isinstance(image, str) else exc.param  # as the caller sent it
+        raise Refused(422, "invalid_parameter", f"{param}: {for_callers(exc.message)}", param) from None
     record = await read_and_index(request, owner, job.id)
     if record.owner != stored(owner):  # a key that a producer outside the gateway used
         await client_of(request).redis.zrem(keys.owner_index(owner), job.id)
@@ -268,6 +273,8 @@ async def list_jobs(
         raise Refused(422, "invalid_parameter", f"state: one of {', '.join(s.value for s in JobState)}", "state")
     if not 1 <= limit <= 100:
         raise Refused(422, "invalid_parameter", "limit: must be 1 to 100", "limit")
+    if cursor is not None and not math.isfinite(cursor):  # Redis refuses "(nan" (which read as an outage)
+        raise Refused(422, "invalid_parameter", "cursor: must be a next_cursor this API returned", "cursor")
     redis_client = client_of(request).redis
     top = f"({cursor}" if cursor is not None else "+inf"
     page = await redis_client.zrevrangebyscore(
@@ -385,7 +392,7 @@ async def read_submission(request: Request, max_image_bytes: int) -> tuple[bytes
         return await _read_form(request, max_image_bytes)
     try:
         fields = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: arrays nested 100,000 deep
         raise Refused(422, "invalid_json", "the body must be a JSON object (or multipart/form-data)") from None
     if not isinstance(fields, dict):
         raise Refused(422, "invalid_json", "the body must be a JSON object")

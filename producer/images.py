@@ -43,7 +43,9 @@ def opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
     if not data:
         raise BadImage("is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        # Only the formats svdq takes: Pillow would otherwise try every plugin it has, EPS among them (which runs
+        # Ghostscript on the file, where it is installed).
+        with Image.open(io.BytesIO(data), formats=list(SUFFIXES)) as img:
             if img.width * img.height > max_pixels:
                 size = f"{img.width}x{img.height}"
                 raise BadImage(f"is {size}, over SVDQ_MAX_IMAGE_PIXELS={max_pixels} (a decompression bomb?)")

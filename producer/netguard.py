@@ -6,10 +6,14 @@ caller then connects to the address checked here (not to a new lookup, which cou
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -65,12 +69,25 @@ def is_public(address: str) -> bool:
     return all(c.is_global and not c.is_multicast and not any(c in n for n in _PLATFORM_ENDPOINTS) for c in candidates)
 
 
+# Where a URL ends up: a request line (http.client refuses these characters there) and records (JobRequest's
+# limit, producer.contract.MAX_REFERENCE; netguard imports nothing of svdq's).
+MAX_URL_LENGTH = 2048
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _split(url: str) -> tuple[SplitResult, int]:
     try:
         parts = urlsplit(url)
         return parts, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:  # "Invalid IPv6 URL", a port out of range or not a number
         raise UnsafeURL(f"malformed URL: {exc}") from None
+
+
+def _check_text(url: str) -> None:
+    if len(url) > MAX_URL_LENGTH:
+        raise UnsafeURL(f"the URL is {len(url):,} characters long, over {MAX_URL_LENGTH:,}")
+    if _UNSENDABLE.search(url):  # the URL is not repeated: it may hold a token
+        raise UnsafeURL("the URL holds a space or a control character: percent-encode it")
 
 
 def _check_scheme(scheme: str) -> None:
@@ -88,6 +105,7 @@ def check_url(
     resolve: Resolver = socket.getaddrinfo,
     public: Callable[[str], bool] | None = None,
 ) -> CheckedURL:
+    _check_text(url)
     parts, port = _split(url)
     _check_scheme(parts.scheme)
     if not parts.hostname:
@@ -151,35 +169,131 @@ class HTTPFailure(OSError):
         super().__init__(message)
 
 
+class BadResponse(ValueError):
+    """A response that does not parse as HTTP (a bad status line, a header line too long, a Content-Length that is
+    no number): the host's to fix, and retrying does not help. Its text is never the host's own bytes."""
+
+
+class Stopped(OSError):
+    """The fetch ran past its deadline, or its caller said stop (the job was canceled) while it waited."""
+
+
+class Watch:
+    """Ends a fetch from outside the thread blocked in it: a host that sends a byte every few seconds passes
+    every per-read timeout, so only closing its socket stops the read. Polls `stop` twice a second."""
+
+    def __init__(self, deadline: float, stop: Callable[[], bool] | None):
+        self.ends_at = time.monotonic() + deadline
+        self.deadline, self.stop = deadline, stop
+        self.why: str | None = None
+        self.conn: http.client.HTTPConnection | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="svdq-fetch-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(0.5, max(0.0, self.ends_at - time.monotonic()))):
+            if time.monotonic() >= self.ends_at:
+                self._end(f"took longer than {self.deadline:g}s")
+            elif self.stop is not None and self.stop():
+                self._end("stopped: the job was canceled or its worker is stopping")
+            if self.why is not None:
+                return
+
+    def _end(self, why: str) -> None:
+        with self._lock:
+            self.why = why
+            sock = self.conn.sock if self.conn is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):  # already closed
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self.conn = conn
+        if self.why is not None:
+            raise Stopped(self.why)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def fetch(
     url: str,
     *,
     max_bytes: int,
     allow_private: bool = False,
     timeout: float = 15.0,
+    deadline: float = 60.0,
+    stop: Callable[[], bool] | None = None,
     max_redirects: int = 3,
     resolve: Resolver = socket.getaddrinfo,
     public: Callable[[str], bool] | None = None,
 ) -> bytes:
-    """GET a URL through the guard: every redirect checked again, the body capped while it streams."""
-    for _ in range(max_redirects + 1):
-        target = check_url(url, allow_private=allow_private, resolve=resolve, public=public)
-        conn = connect(target, timeout)
-        try:
-            conn.request("GET", target.path, headers={"user-agent": "svdq", "accept": "image/*"})
-            response = conn.getresponse()
-            if response.status in (301, 302, 303, 307, 308) and response.getheader("location"):
-                url = urljoin(url, response.getheader("location", ""))
-                continue
-            if response.status != 200:
-                raise HTTPFailure(response.status, f"HTTP {response.status} from {target.host}")
-            declared = int(response.getheader("content-length") or 0)
-            if declared > max_bytes:
-                raise TooLarge(f"{declared} bytes, over the {max_bytes}-byte limit")
-            body = response.read(max_bytes + 1)
-            if len(body) > max_bytes:
-                raise TooLarge(f"over the {max_bytes}-byte limit")
-            return body
-        finally:
-            conn.close()
-    raise HTTPFailure(0, f"more than {max_redirects} redirects")
+    """GET a URL through the guard: every redirect checked again, the body capped while it streams. The whole
+    fetch, redirects included, ends within `deadline` seconds or once `stop()` is true (Stopped); `timeout`
+    bounds each connect and read. A response that is not HTTP raises BadResponse."""
+    watch = Watch(deadline, stop)
+    try:
+        for _ in range(max_redirects + 1):
+            target = check_url(url, allow_private=allow_private, resolve=resolve, public=public)
+            conn = connect(target, timeout)
+            try:
+                body, location = _get(conn, target, max_bytes, watch)
+            except (http.client.HTTPException, OSError, ValueError) as exc:
+                raise _why(exc, watch, target.host) from None
+            finally:
+                conn.close()
+            if location is None:
+                return body
+            url = urljoin(url, location)
+        raise HTTPFailure(0, f"more than {max_redirects} redirects")
+    finally:
+        watch.close()
+
+
+def _get(
+    conn: http.client.HTTPConnection, target: CheckedURL, max_bytes: int, watch: Watch
+) -> tuple[bytes, str | None]:
+    """One GET: the body, or a redirect's location."""
+    watch.attach(conn)
+    conn.connect()  # here, not in request(): the watch can close its socket from now on
+    watch.attach(conn)
+    conn.request("GET", target.path, headers={"user-agent": "svdq", "accept": "image/*"})
+    with contextlib.closing(conn.getresponse()) as response:  # conn.close() leaves a will_close response open
+        if response.status in (301, 302, 303, 307, 308) and response.getheader("location"):
+            return b"", response.getheader("location", "")
+        if response.status != 200:
+            raise HTTPFailure(response.status, f"HTTP {response.status} from {target.host}")
+        declared = _content_length(response.getheader("content-length"), target.host)
+        if declared > max_bytes:
+            raise TooLarge(f"{declared} bytes, over the {max_bytes}-byte limit")
+        body = response.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise TooLarge(f"over the {max_bytes}-byte limit")
+    if watch.why is not None:  # a read the watch cut short returns what it had
+        raise Stopped(watch.why)
+    return body, None
+
+
+def _why(exc: Exception, watch: Watch, host: str) -> Exception:
+    """What a failed GET raises: Stopped when the watch ended it, whatever the read then saw."""
+    if watch.why is not None:
+        return Stopped(watch.why)
+    if isinstance(exc, http.client.IncompleteRead | http.client.RemoteDisconnected):
+        return ConnectionError(f"{host} closed the connection early")
+    if isinstance(exc, http.client.HTTPException):
+        return BadResponse(f"{host} sent a malformed HTTP response ({type(exc).__name__})")
+    return exc
+
+
+def _content_length(value: str | None, host: str) -> int:
+    try:
+        declared = int(value or 0)
+    except ValueError:
+        raise BadResponse(f"{host} sent a Content-Length that is not a number") from None
+    if declared < 0:
+        raise BadResponse(f"{host} sent a negative Content-Length")
+    return declared

@@ -85,8 +85,20 @@ class Settings(BaseSettings):
 def settings_error(exc: ValidationError) -> str:
     """A settings class's refusal in one line, naming the variable: `SVDQ_MAX_FRAMES: ... (got 'lots')`."""
     err = exc.errors()[0]
-    name = "SVDQ_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
-    return f"{name}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+    field = str(err["loc"][0]) if err["loc"] else ""
+    name = "SVDQ_" + field.upper() if field else "a setting"
+    value = err.get("input")
+    if any(word in field for word in _SECRET_WORDS):  # never repeated: it is, or holds, a secret
+        got = ""
+    elif isinstance(value, str) and "url" in field:  # a password inside
+        got = f" (got {redact_url(value)!r})"
+    else:
+        got = f" (got {value!r})"
+    return f"{name}: {err['msg'].removeprefix('Value error, ')}{got}"
+
+
+# Settings whose value is a secret or holds one (SVDQ_API_KEYS, SVDQ_WEBHOOK_SECRET, SVDQ_FLOWER_BASIC_AUTH...).
+_SECRET_WORDS = ("key", "secret", "auth", "password", "token")
 
 
 def is_sentinel(url: str) -> bool:
@@ -111,14 +123,18 @@ def sentinel_options(settings: Settings) -> dict[str, str]:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and messages (each part of a Sentinel list)."""
+    """The URL with any password replaced, for logs and messages (each part of a Sentinel list). Safe on any
+    text: a URL too malformed to split is not shown at all."""
     if ";" in url:
         return ";".join(redact_url(part) for part in url.split(";"))
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a malformed URL, not shown)"
+    if "@" in url and not parts.netloc:  # no // after the scheme: what comes before the @ may be a password
+        return "(a malformed URL, not shown)"
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))

@@ -93,7 +93,7 @@ class ObjectStore(Protocol):
     def exists(self, name: str) -> bool: ...
     def may_read(self, ref: str) -> bool: ...
     def ref(self, name: str) -> str: ...
-    def read(self, ref: str) -> bytes: ...  # an input image, where inputs may come from
+    def read(self, ref: str, limit: int | None = None) -> bytes: ...  # an input image (at most limit + 1 bytes)
     def read_key(self, key: str) -> bytes: ...  # what this store wrote under `key` (a job's video)
     def public_url(self, key: str) -> str | None: ...
 
@@ -189,7 +189,7 @@ class FileStore:
     def ref(self, name: str) -> str:
         return self._path(name).as_uri()
 
-    def read(self, ref: str) -> bytes:
+    def read(self, ref: str, limit: int | None = None) -> bytes:
         parts = urlsplit(ref)
         if parts.scheme == "file":
             if not self.may_read(ref):
@@ -201,7 +201,7 @@ class FileStore:
             raise not_readable(ref)
         else:
             path = self._path(ref)
-        return _read_file(path, ref)
+        return _read_file(path, ref, limit)
 
     def read_key(self, key: str) -> bytes:
         try:
@@ -280,7 +280,7 @@ class S3Store:
     def ref(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
 
-    def read(self, ref: str) -> bytes:
+    def read(self, ref: str, limit: int | None = None) -> bytes:
         parts = urlsplit(ref)
         if parts.scheme == "s3":
             bucket, key = parts.netloc, parts.path.lstrip("/")
@@ -292,14 +292,21 @@ class S3Store:
             raise not_readable(ref)
         else:
             bucket, key = self.bucket, self._key(ref)
-        return self._get(bucket, key)
+        return self._get(bucket, key, limit, denied_is_missing=True)
 
     def read_key(self, key: str) -> bytes:
         return self._get(self.bucket, key)
 
-    def _get(self, bucket: str, key: str) -> bytes:
-        with _s3_errors(key, reading=True):
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    def _get(self, bucket: str, key: str, limit: int | None = None, *, denied_is_missing: bool = False) -> bytes:
+        """The object's bytes, at most `limit` + 1 of them (enough to tell it is over). `denied_is_missing`: an
+        input the worker may not read is a job's bad input, not an outage to wait out (S3 answers 403 for a
+        missing key to credentials without s3:ListBucket)."""
+        with _s3_errors(key, reading=True, denied_is_missing=denied_is_missing):
+            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return body.read() if limit is None else body.read(limit + 1)
+            finally:
+                body.close()
 
     def public_url(self, key: str) -> str | None:
         return self.presigner.generate_presigned_url(
@@ -312,9 +319,10 @@ _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _INVALID = {"InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidURI", "400"}
 
 
-def _read_file(path: Path, ref: str) -> bytes:
+def _read_file(path: Path, ref: str, limit: int | None = None) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            return fh.read() if limit is None else fh.read(limit + 1)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
         raise not_readable(ref) from None
     except OSError as exc:
@@ -324,7 +332,7 @@ def _read_file(path: Path, ref: str) -> bytes:
 
 
 @contextmanager
-def _s3_errors(key: str, *, reading: bool = False) -> Iterator[None]:
+def _s3_errors(key: str, *, reading: bool = False, denied_is_missing: bool = False) -> Iterator[None]:
     """Turn botocore's exceptions into the store's kinds: missing, invalid (reads), refused, unreachable."""
     from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
@@ -332,6 +340,8 @@ def _s3_errors(key: str, *, reading: bool = False) -> Iterator[None]:
         yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
+        if denied_is_missing and code in ("AccessDenied", "403"):
+            raise not_readable(key) from None
         if code in _MISSING and reading:
             raise not_readable(key) from None
         if code in _MISSING and code != "NoSuchBucket":  # a write to no bucket: the operator's to fix

@@ -16,7 +16,7 @@ import kombu.exceptions
 import redis
 
 from producer.client import Job
-from producer.contract import JobRecord, JobState
+from producer.contract import JobRecord, JobState, printable
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # the shell's codes for SIGINT and SIGPIPE
@@ -49,7 +49,7 @@ def describe(record: JobRecord) -> str:
             lines.append(f"url      {r.url}")
     if record.timings:
         lines.append("timings  " + ", ".join(f"{k} {v:.2f}s" for k, v in record.timings.items()))
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def progress_printer() -> tuple[Callable[[JobRecord], None], Callable[[], None]]:
@@ -125,7 +125,7 @@ def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_jso
         print(describe(record), file=sys.stderr)
     elif record.state is not JobState.SUCCEEDED:  # quiet (submit --wait): still say why, in one line
         why = f": {record.error.code}: {record.error.message}" if record.error else ""
-        print(f"svdq: job {job.id} {record.state.value}{why}", file=sys.stderr)
+        print(printable(f"svdq: job {job.id} {record.state.value}{why}"), file=sys.stderr)
     if record.state is not JobState.SUCCEEDED:
         return EXIT_JOB_FAILED
     if output is not None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from celery import Celery
 
-from producer.contract import JobState, priority_queues
+from producer.contract import JobState, printable, priority_queues
 from producer.fleet import FleetStore
 from producer.status import JobNotFound, MalformedRecord, StatusStore
 
@@ -100,7 +100,8 @@ def render(snap: Snapshot) -> str:
     for w in snap.workers:
         bar = "" if w.progress is None else f"{'#' * int(w.progress * 20):<20} {w.progress:4.0%}"
         job = "-" if w.error else w.job or "idle"
-        lines.append(f"{w.name:<28} {tail(w.model or '?', 28):<28} {job:<34} {w.stage or '':<14} {w.error or bar}")
+        line = f"{w.name:<28} {tail(w.model or '?', 28):<28} {job:<34} {w.stage or '':<14} {w.error or bar}"
+        lines.append(printable(line))
     lines += ["", f"{'QUEUE':<40} {'WAITING':>8} {'READERS':>8}"]
     for q in snap.queues:
         if q.waiting or q.readers:

@@ -7,34 +7,51 @@ a message that says why. Nothing here can take the worker down.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image, ImageOps
 
 from producer import images
 from producer.contract import ErrorCode
-from producer.netguard import HTTPFailure, TooLarge, UnsafeURL, fetch
+from producer.netguard import BadResponse, HTTPFailure, Stopped, TooLarge, UnsafeURL, fetch
 from producer.storage import InvalidReference, ObjectNotFound, ObjectStore, StorageUnavailable
 from worker.errors import JobFailed
 
 
-def fetch_image(store: ObjectStore, ref: str, max_bytes: int, *, allow_private_urls: bool = False) -> bytes:
+def fetch_image(
+    store: ObjectStore,
+    ref: str,
+    max_bytes: int,
+    *,
+    allow_private_urls: bool = False,
+    deadline: float = 60.0,
+    stop: Callable[[], bool] | None = None,
+) -> bytes:
+    """The input's bytes, at most `max_bytes` read. A URL's download ends within `deadline` seconds, or once
+    `stop()` is true (the caller's checkpoint then says why)."""
     try:
         if ref.startswith(("http://", "https://")):
-            data = fetch(ref, max_bytes=max_bytes, allow_private=allow_private_urls)
+            data = fetch(ref, max_bytes=max_bytes, allow_private=allow_private_urls, deadline=deadline, stop=stop)
         else:
-            data = store.read(ref)
-    except (ObjectNotFound, InvalidReference, UnsafeURL, TooLarge) as exc:
+            data = store.read(ref, limit=max_bytes)
+    except (ObjectNotFound, InvalidReference, UnsafeURL, TooLarge, BadResponse) as exc:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"image {_shown(ref)}: {exc}") from None
     except HTTPFailure as exc:
         code = ErrorCode.STORAGE_UNAVAILABLE if exc.status >= 500 or exc.status == 429 else ErrorCode.INVALID_INPUT
         raise JobFailed(code, f"image {_shown(ref)}: {exc}") from None
+    except Stopped as exc:  # a host this slow holds the GPU for as long as it likes: not retried
+        raise JobFailed(
+            ErrorCode.INVALID_INPUT, f"image {_shown(ref)}: the download {exc} (SVDQ_FETCH_TIMEOUT)"
+        ) from None
     except (StorageUnavailable, OSError) as exc:  # unreachable store or host, timeouts: worth a retry
         raise JobFailed(ErrorCode.STORAGE_UNAVAILABLE, f"image {_shown(ref)}: {type(exc).__name__}: {exc}") from None
     if not data:
-        raise JobFailed(ErrorCode.INVALID_INPUT, f"image {ref} is empty (0 bytes)")
+        raise JobFailed(ErrorCode.INVALID_INPUT, f"image {_shown(ref)} is empty (0 bytes)")
     if len(data) > max_bytes:
         raise JobFailed(
-            ErrorCode.INVALID_INPUT, f"image {ref} is {len(data)} bytes, over SVDQ_MAX_IMAGE_BYTES={max_bytes}"
+            ErrorCode.INVALID_INPUT,
+            f"image {_shown(ref)} is larger than SVDQ_MAX_IMAGE_BYTES={max_bytes} bytes",
         )
     return data
 

@@ -35,21 +35,25 @@ class Progress:
         self.status, self.attempt, self.interval, self.clock = status, attempt, interval, clock
         self.hand_back, self.events = hand_back, events
         self._last = self._last_check = float("-inf")
+        self._ended = False  # a read found the record no longer ours: every later check says so at once
 
     def check(self) -> None:
         """Between the UNet's blocks, inside a step (a step at the caps takes seconds on a GPU): the same stop
         conditions as a step's, with the record read at most every `interval` seconds."""
         if self.hand_back():
             raise HandBack(self.attempt.job_id)
+        if self._ended:
+            raise JobCanceled(self.attempt.job_id)
         now = self.clock()
         if now - self._last_check < self.interval:
             return
         self._last_check = now
         try:
-            if self.status.state(self.attempt.job_id) is not JobState.STARTED:
-                raise JobCanceled(self.attempt.job_id)
+            self._ended = self.status.state(self.attempt.job_id) is not JobState.STARTED
         except redis.RedisError:  # Redis restarting: the next step's write will tell
             return
+        if self._ended:
+            raise JobCanceled(self.attempt.job_id)
 
     def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
         if self.hand_back():

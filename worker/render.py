@@ -236,8 +236,16 @@ def _fetch(rt: Runtime, attempt: Attempt, ref: str, checkpoint: Callable[[], Non
     while True:
         tries += 1
         try:
-            return fetch_image(rt.store, ref, settings.max_image_bytes, allow_private_urls=settings.allow_private_urls)
+            return fetch_image(
+                rt.store,
+                ref,
+                settings.max_image_bytes,
+                allow_private_urls=settings.allow_private_urls,
+                deadline=settings.fetch_timeout,
+                stop=lambda: _stops(checkpoint),
+            )
         except JobFailed as exc:
+            checkpoint()  # a download that stopped for a cancel or a hand-back ends as one
             if not exc.transient or time.monotonic() >= deadline:
                 raise
             pause = min(deadline - time.monotonic(), backoff(tries, 0.5, 10.0, random.random()))
@@ -246,6 +254,15 @@ def _fetch(rt: Runtime, attempt: Attempt, ref: str, checkpoint: Callable[[], Non
         while (left := resume - time.monotonic()) > 0:
             checkpoint()  # JobCanceled or HandBack end the wait
             time.sleep(min(left, 0.25))
+
+
+def _stops(checkpoint: Callable[[], None]) -> bool:
+    """Whether `checkpoint` would end the attempt (asked from a download's watch thread, which cannot raise)."""
+    try:
+        checkpoint()
+    except (JobCanceled, HandBack):
+        return True
+    return False
 
 
 def _retry_delay(rt: Runtime, attempts: int) -> float | None:

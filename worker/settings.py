@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from producer.settings import Settings
 
@@ -61,6 +63,8 @@ class WorkerSettings(Settings):
     # Before that, an attempt whose input store is unreachable waits this many seconds for it (not a URL's host),
     # as the spool waits on the way out: a short storage outage delays jobs instead of failing them.
     fetch_wait: Annotated[float, Field(ge=0)] = 60.0
+    # The longest an image URL's download may take, whatever its host's pace (the GPU waits for it).
+    fetch_timeout: Annotated[float, Field(gt=0)] = 60.0
     # Standard Webhooks secret, `whsec_` and base64; jobs with a webhook get no calls without it.
     webhook_secret: SecretStr | None = None
     webhook_timeout: float = 10.0
@@ -81,6 +85,23 @@ class WorkerSettings(Settings):
     # Videos rendered while storage is down wait here (bounded) and are uploaded when it returns.
     spool_dir: str | None = None  # default: svdq-spool in the system's temporary directory
     spool_max_bytes: int = 2 * 1024**3
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """Checked at start: a secret that does not decode would fail every delivery, in the sender thread."""
+        if value is not None:
+            try:
+                text = value.get_secret_value().removeprefix("whsec_")
+                key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            except (binascii.Error, ValueError):
+                key = b""
+            if len(key) < 16:
+                raise ValueError(
+                    "must be whsec_ and the base64 of at least 16 random bytes, as Standard Webhooks libraries make "
+                    "them (python -c 'import base64,os; print(\"whsec_\" + base64.b64encode(os.urandom(24)).decode())')"
+                )
+        return value
 
     def served_model(self) -> str:
         if self.model_name:

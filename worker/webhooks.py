@@ -1,28 +1,34 @@
 """Signed webhook deliveries (Standard Webhooks), from a thread of their own.
 
-A job's `started` and terminal events are queued here; the sender POSTs them, signed with HMAC-SHA256
+A job's `started` and terminal events are queued here; a few sender threads POST them, signed with HMAC-SHA256
 under SVDQ_WEBHOOK_SECRET (`whsec_<base64>`), so receivers verify with any Standard Webhooks library.
 5xx, 429 and network errors are retried with backoff; the render never waits on a slow endpoint, and
-a full queue drops the event (logged) rather than block the GPU. Deliveries not yet made when the
-process dies are lost: webhooks are notifications, the record in Redis is the truth.
+a full queue drops the event (logged) rather than block the GPU. Endpoints are the job submitters', so one
+must not hold up the others: each POST ends within SVDQ_WEBHOOK_TIMEOUT however slowly its endpoint answers,
+and a retry waits in a schedule, not in a sender thread. A job's events still go in order: each waits for the
+one before it to be delivered or given up. Deliveries not yet made when the process dies are
+lost: webhooks are notifications, the record in Redis is the truth.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import hashlib
+import heapq
 import hmac
 import http.client
+import itertools
 import json
 import logging
-import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from producer.contract import JobRecord
-from producer.netguard import UnsafeURL, check_url, connect
+from producer.netguard import Stopped, UnsafeURL, Watch, check_url, connect
 from producer.status import StatusStore
 from worker.backoff import backoff
 from worker.settings import WorkerSettings
@@ -43,9 +49,14 @@ class Delivery:
     msg_id: str
     body: bytes
 
+    @property
+    def job(self) -> str:
+        return self.msg_id.split(".", 1)[0]  # ids are JOB.STATE.ATTEMPTS (notify_record)
+
 
 def post(delivery: Delivery, secret: str, *, allow_private: bool, timeout: float) -> int:
-    """One signed POST; returns the HTTP status. Redirects are not followed."""
+    """One signed POST, over within `timeout` seconds in all (Stopped past it); returns the HTTP status.
+    Redirects are not followed."""
     target = check_url(delivery.url, allow_private=allow_private)
     timestamp = int(time.time())
     headers = {
@@ -56,15 +67,34 @@ def post(delivery: Delivery, secret: str, *, allow_private: bool, timeout: float
         "webhook-signature": signature(secret, delivery.msg_id, timestamp, delivery.body),
     }
     conn = connect(target, timeout)
+    watch = Watch(timeout, None)  # a byte every few seconds passes each read's timeout, not the watch's
     try:
+        watch.attach(conn)
+        conn.connect()
+        watch.attach(conn)
         conn.request("POST", target.path, body=delivery.body, headers=headers)
-        return conn.getresponse().status
+        with contextlib.closing(conn.getresponse()) as response:
+            status = response.status
+    except (OSError, http.client.HTTPException):
+        if watch.why is not None:
+            raise Stopped(watch.why) from None
+        raise
     finally:
         conn.close()
+        watch.close()
+    return status
 
 
 def _worth_retrying(status: int) -> bool:
     return status >= 500 or status == 429
+
+
+@dataclass(order=True)
+class _Due:
+    at: float
+    seq: int
+    delivery: Delivery = field(compare=False)
+    attempt: int = field(compare=False)
 
 
 class WebhookSender:
@@ -77,12 +107,21 @@ class WebhookSender:
         max_attempts: int = 5,
         backoff_base: float = 1.0,
         capacity: int = 1000,
+        senders: int = 4,
     ):
         self.secret, self.allow_private, self.timeout = secret, allow_private, timeout
-        self.max_attempts, self.backoff_base = max_attempts, backoff_base
-        self._queue: queue.Queue[Delivery | None] = queue.Queue(maxsize=capacity)
-        self._thread = threading.Thread(target=self._run, name="svdq-webhooks", daemon=True)
-        self._thread.start()
+        self.max_attempts, self.backoff_base, self.capacity = max_attempts, backoff_base, capacity
+        # Deliveries and retries, by when they are due: one schedule, read by every sender thread.
+        self._due: list[_Due] = []
+        self._behind: dict[str, collections.deque[Delivery]] = {}  # by job: its events after the one on its way
+        self._seq = itertools.count()
+        self._changed = threading.Condition()
+        self._close_by: float | None = None
+        self._threads = [
+            threading.Thread(target=self._run, name=f"svdq-webhooks-{n}", daemon=True) for n in range(senders)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def send(self, url: str, event_type: str, msg_id: str, data: dict) -> None:
         """Queue an event; never blocks."""
@@ -93,42 +132,82 @@ class WebhookSender:
             {"type": event_type, "timestamp": data.get("finished_at") or data.get("started_at"), "data": data},
             separators=(",", ":"),
         ).encode()
-        try:
-            self._queue.put_nowait(Delivery(url, msg_id, body))
-        except queue.Full:
-            log.error("webhook queue full: dropped %s", msg_id)
+        delivery = Delivery(url, msg_id, body)
+        with self._changed:
+            if self._pending() >= self.capacity:
+                log.error("webhook queue full: dropped %s", msg_id)
+            elif (behind := self._behind.get(delivery.job)) is not None:
+                behind.append(delivery)
+            else:
+                self._behind[delivery.job] = collections.deque()
+                self._schedule(delivery, 1, time.monotonic())
 
     def close(self, timeout: float = 30.0) -> None:
-        """Deliver what is queued (within `timeout`), then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Deliver what is due within `timeout` (a retry due later is dropped), then stop."""
+        close_by = time.monotonic() + timeout
+        with self._changed:
+            self._close_by = close_by
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, close_by - time.monotonic()))
+
+    def _pending(self) -> int:
+        return len(self._due) + sum(len(behind) for behind in self._behind.values())
+
+    def _schedule(self, delivery: Delivery, attempt: int, at: float) -> None:
+        with self._changed:
+            heapq.heappush(self._due, _Due(at, next(self._seq), delivery, attempt))
+            self._changed.notify()
+
+    def _done(self, delivery: Delivery) -> None:
+        """Delivered or given up: the job's next event, if any, may go."""
+        with self._changed:
+            behind = self._behind.get(delivery.job)
+            if behind:
+                self._schedule(behind.popleft(), 1, time.monotonic())
+            else:
+                self._behind.pop(delivery.job, None)
+
+    def _next(self) -> _Due | None:
+        """The next delivery due, waiting for it; None once closing leaves nothing due in time."""
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                if self._close_by is not None and (not self._due or self._due[0].at > self._close_by):
+                    return None
+                if self._due and self._due[0].at <= now:
+                    return heapq.heappop(self._due)
+                self._changed.wait(self._due[0].at - now if self._due else None)
 
     def _run(self) -> None:
-        while (delivery := self._queue.get()) is not None:
-            self._deliver(delivery)
+        while (due := self._next()) is not None:
+            if not self._attempt(due.delivery, due.attempt):
+                self._done(due.delivery)
 
-    def _deliver(self, delivery: Delivery) -> None:
+    def _attempt(self, delivery: Delivery, attempt: int) -> bool:
+        """One POST; True when a retry is scheduled."""
         assert self.secret is not None
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                status = post(delivery, self.secret, allow_private=self.allow_private, timeout=self.timeout)
-            except UnsafeURL as exc:
-                log.error("webhook %s refused: %s", delivery.msg_id, exc)
-                return
-            except (OSError, http.client.HTTPException) as exc:
-                status, reason = 0, type(exc).__name__
-            else:
-                reason = f"HTTP {status}"
-                if 200 <= status < 300:
-                    return
-                if not _worth_retrying(status):
-                    log.warning("webhook %s rejected: %s", delivery.msg_id, reason)
-                    return
-            if attempt < self.max_attempts:
-                delay = backoff(attempt, self.backoff_base, 60.0, random.random())
-                log.warning("webhook %s failed (%s); retrying in %.1fs", delivery.msg_id, reason, delay)
-                time.sleep(delay)
-        log.error("webhook %s given up after %d attempts", delivery.msg_id, self.max_attempts)
+        try:
+            status = post(delivery, self.secret, allow_private=self.allow_private, timeout=self.timeout)
+        except UnsafeURL as exc:
+            log.error("webhook %s refused: %s", delivery.msg_id, exc)
+            return False
+        except (OSError, http.client.HTTPException) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, Stopped) else type(exc).__name__
+        else:
+            reason = f"HTTP {status}"
+            if 200 <= status < 300:
+                return False
+            if not _worth_retrying(status):
+                log.warning("webhook %s rejected: %s", delivery.msg_id, reason)
+                return False
+        if attempt >= self.max_attempts:
+            log.error("webhook %s given up after %d attempts (%s)", delivery.msg_id, attempt, reason)
+            return False
+        delay = backoff(attempt, self.backoff_base, 60.0, random.random())
+        log.warning("webhook %s failed (%s); retrying in %.1fs", delivery.msg_id, reason, delay)
+        self._schedule(delivery, attempt + 1, time.monotonic() + delay)
+        return True
 
 
 def sender_for(settings: WorkerSettings) -> WebhookSender:

@@ -164,7 +164,8 @@ def test_refusals_name_what_is_wrong_and_submit_nothing(gateway: Gateway, svdq_e
     status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image": image, **PARAMS, "width": 65})
     assert status == 422 and body["error"]["param"] == "width" and "multiple of 8" in body["error"]["message"]
     status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": "http://localhost:9/x.png", **PARAMS})
-    assert status == 422 and body["error"]["param"] == "image" and "not a public address" in body["error"]["message"]
+    assert status == 422 and body["error"]["param"] == "image_url"
+    assert "not resolve to a public address" in body["error"]["message"]
     assert "127.0.0.1" not in body["error"]["message"]  # where a name resolves inside the network is not said
     for reference in (
         "s3://someone-elses/x.png",
@@ -179,6 +180,16 @@ def test_refusals_name_what_is_wrong_and_submit_nothing(gateway: Gateway, svdq_e
         assert status == 422 and body["error"]["param"] == field, body
     status, _, body = gateway.call("POST", "/v1/jobs", ALICE, raw=b"not json", headers={"Content-Type": "text/plain"})
     assert status == 422 and body["error"]["code"] == "invalid_json"
+    # A name that does not resolve reads like a private one: which internal names exist is not said either.
+    status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": "http://intranet.invalid/x.png", **PARAMS})
+    assert status == 422 and body["error"]["message"].endswith("intranet.invalid does not resolve to a public address")
+    deep = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion: a 422, not a 500
+    status, _, body = gateway.call("POST", "/v1/jobs", ALICE, raw=deep, headers={"Content-Type": "application/json"})
+    assert status == 422 and body["error"]["code"] == "invalid_json"
+    long_url = "https://example.com/" + "a" * 2100  # the worker's limit: accepted, it would stay queued forever
+    status, _, body = gateway.call("POST", "/v1/jobs", ALICE, {"image_url": long_url, **PARAMS})
+    assert status == 422 and body["error"]["param"] == "image_url" and "over 2,048" in body["error"]["message"]
+    assert gateway.call("GET", "/v1/jobs?cursor=nan", ALICE)[0] == 422  # not "Redis is unreachable"
     huge = gateway.call("POST", "/v1/jobs", ALICE, raw=b"x" * 10, headers={"Content-Length": str(10**9)})
     assert huge[0] == 413
     connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)

@@ -7,8 +7,11 @@ redirects to 127.0.0.1, a private address, must be refused at the hop, never fol
 from __future__ import annotations
 
 import io
+import socket
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,12 @@ import pytest
 from PIL import Image
 
 from producer.client import Client
-from producer.contract import InvalidParameter, JobState
-from producer.netguard import HTTPFailure, TooLarge, UnsafeURL, fetch
-from tests.integration.conftest import SMALL
+from producer.contract import ErrorCode, InvalidParameter, JobState
+from producer.netguard import BadResponse, HTTPFailure, Stopped, TooLarge, UnsafeURL, fetch
+from producer.storage import FileStore
+from tests.integration.conftest import SMALL, wait_until
+from worker.errors import JobFailed
+from worker.inputs import fetch_image
 
 pytestmark = pytest.mark.integration
 PNG = io.BytesIO()
@@ -139,3 +145,129 @@ def test_the_worker_refuses_private_urls_it_was_not_allowed(
         record = client.submit(f"{private.base}/img.png", **SMALL).wait(timeout=120)
     assert record.state is JobState.FAILED  # ...does not make the worker fetch it
     assert record.error is not None and record.error.code == "invalid_input" and "non-public" in record.error.message
+
+
+class Raw:
+    """A hostile host: each connection gets `script(conn)`'s bytes, as slowly or as malformed as it likes."""
+
+    def __init__(self, script: Any):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.hung_up = threading.Event()  # the client closed on it mid-answer
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:  # closed
+                    return
+                threading.Thread(target=self._answer, args=(conn, script), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def _answer(self, conn: socket.socket, script: Any) -> None:
+        with conn:
+            conn.recv(65536)
+            try:
+                script(conn)
+            except OSError:
+                self.hung_up.set()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def drip(head: bytes, pause: float = 0.5) -> Any:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(head)
+        for _ in range(600):
+            time.sleep(pause)
+            conn.sendall(b"a")
+
+    return script
+
+
+def test_a_host_that_drips_its_answer_is_cut_off_at_the_deadline_or_at_a_stop() -> None:
+    """One byte every half second passes every read's timeout: only the fetch's own deadline (SVDQ_FETCH_TIMEOUT)
+    or its caller's stop (a cancel) ends it, in headers or in the body alike."""
+    in_headers = Raw(drip(b"HTTP/1.1 200 OK\r\nX-Slow: "))
+    in_body = Raw(drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"))
+    try:
+        for host in (in_headers, in_body):
+            started = time.monotonic()
+            with pytest.raises(Stopped, match="took longer than 2s"):
+                fetch(f"{host.base}/img.png", max_bytes=10**6, allow_private=True, deadline=2)
+            assert time.monotonic() - started < 4
+        asked = threading.Event()
+        threading.Timer(1.0, asked.set).start()
+        started = time.monotonic()
+        with pytest.raises(Stopped, match="canceled"):
+            fetch(f"{in_body.base}/img.png", max_bytes=10**6, allow_private=True, deadline=60, stop=asked.is_set)
+        assert time.monotonic() - started < 3
+        assert in_headers.hung_up.wait(5) and in_body.hung_up.wait(5)  # the connections were closed on them
+        with pytest.raises(JobFailed) as failed:  # as the worker sees it: the job's input, not worth a retry
+            fetch_image(
+                FileStore(Path("/nonexistent")), f"{in_body.base}/img.png", 10**6, allow_private_urls=True, deadline=1
+            )
+        assert failed.value.code is ErrorCode.INVALID_INPUT and "SVDQ_FETCH_TIMEOUT" in failed.value.message
+    finally:
+        in_headers.close()
+        in_body.close()
+
+
+def test_a_cancel_frees_a_worker_stuck_on_a_slow_image_host(
+    svdq_env: dict[str, str], start_worker: Any, private: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(svdq_env, "SVDQ_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("SVDQ_ALLOW_PRIVATE_URLS", "1")
+    slow = Raw(drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"))
+    try:
+        fresh = start_worker()
+        with Client.from_env(queue=fresh.queue) as client:
+            stuck = client.submit(f"{slow.base}/img.png", **SMALL)
+            behind = client.submit(f"{private.base}/img.png", **SMALL)
+            wait_until(stuck, lambda r: r.stage == "fetch", timeout=60)
+            time.sleep(1)  # well into the download
+            canceled_at = time.time()
+            stuck.cancel()
+            record = behind.wait(timeout=60)
+        assert record.state is JobState.SUCCEEDED and record.started_at is not None
+        # The download stops at the cancel (within the record check's interval), not at SVDQ_FETCH_TIMEOUT's 60 s.
+        assert datetime.fromisoformat(record.started_at).timestamp() - canceled_at < 5
+        assert stuck.status().state is JobState.CANCELED and slow.hung_up.wait(5)
+    finally:
+        slow.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2OO \x1b]0;PWNED\x07\x1b[2Jfake: job succeeded\r\n\r\n",  # a status line that is not one
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nxyz",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+    ids=["status-line", "content-length", "header-line"],
+)
+def test_a_malformed_answer_fails_the_job_as_bad_input_without_the_host_s_bytes(answer: bytes) -> None:
+    host = Raw(lambda conn: conn.sendall(answer))
+    try:
+        url = f"{host.base}/img.png?X-Amz-Signature=SIGSECRET"
+        with pytest.raises(BadResponse):
+            fetch(url, max_bytes=10**6, allow_private=True)
+        with pytest.raises(JobFailed) as failed:
+            fetch_image(FileStore(Path("/nonexistent")), url, 10**6, allow_private_urls=True)
+    finally:
+        host.close()
+    assert failed.value.code is ErrorCode.INVALID_INPUT and not failed.value.transient
+    assert "malformed" in failed.value.message or "not a number" in failed.value.message
+    assert "\x1b" not in failed.value.message and "PWNED" not in failed.value.message
+    assert "SIGSECRET" not in failed.value.message  # a presigned URL's signature is never repeated
+
+
+def test_urls_a_request_line_cannot_carry_are_refused_at_submit_without_repeating_them() -> None:
+    for url in ("http://example.com/a b.png?token=SECRET", "http://example.com/a\tb.png", "http://example.com/\x00"):
+        with pytest.raises(UnsafeURL, match="space or a control character") as refused:
+            fetch(url, max_bytes=10)
+        assert "SECRET" not in str(refused.value)
+    with pytest.raises(UnsafeURL, match="over 2,048"):
+        fetch("http://example.com/" + "a" * 2100, max_bytes=10)

@@ -50,10 +50,10 @@ class RefusingVideos(FileStore):
             raise InvalidReference(f"{name}: refused by the bucket's policy")
         return super().put(name, data, content_type)
 
-    def read(self, ref: str) -> bytes:
+    def read(self, ref: str, limit: int | None = None) -> bytes:
         if self.on_read is not None:
             self.on_read()
-        return super().read(ref)
+        return super().read(ref, limit)
 
 
 class HeldFinisher(Finisher):

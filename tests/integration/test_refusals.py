@@ -22,6 +22,25 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize(
+    "image",
+    ["", "inputs/" + "a" * 2100 + ".png", "https://example.com/" + "a" * 2100, Path("x" * 300 + ".png")],
+    ids=["empty", "long-key", "long-url", "long-file-name"],
+)
+def test_an_image_reference_the_worker_could_not_take_is_refused_at_submit(client: Client, image: Any) -> None:
+    """A reference over the message's 2,048 characters was accepted, then dropped by the worker with its job left
+    queued for ever; an empty one or a file name too long for the file system raised a bare exception."""
+    queued_before = client.redis.llen(DEFAULT_QUEUE)
+    with pytest.raises(InvalidParameter) as err:
+        client.submit(image, **SMALL)
+    assert err.value.param == "image" and client.redis.llen(DEFAULT_QUEUE) == queued_before
+
+
+def test_the_cli_refuses_a_file_name_too_long_in_one_line(svdq_env: dict[str, str]) -> None:
+    run = subprocess.run([SVDQ, "submit", "x" * 300 + ".png"], env=svdq_env, capture_output=True, text=True)
+    assert run.returncode == 2 and "File name too long" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
     ("params", "named"),
     [
         ({"num_frames": 0}, "num_frames"),

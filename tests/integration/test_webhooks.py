@@ -142,6 +142,45 @@ def test_an_endpoint_that_never_answers_delays_no_render(
         held.close()
 
 
+def test_a_slow_endpoint_holds_up_no_other_job_s_webhooks_and_is_cut_off_at_the_timeout() -> None:
+    """Endpoints are submitters': one that answers a byte every second (each read's timeout never fires) must not
+    delay anyone else's events, nor hold a sender for longer than SVDQ_WEBHOOK_TIMEOUT."""
+    import socket
+
+    from worker.webhooks import WebhookSender
+
+    drip = socket.create_server(("127.0.0.1", 0))
+    dripped = threading.Event()
+
+    def serve_slowly() -> None:
+        conn, _ = drip.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60:
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:  # the sender hung up: its timeout
+                    dripped.set()
+                    return
+                time.sleep(1)
+
+    threading.Thread(target=serve_slowly, daemon=True).start()
+    fast = Receiver()
+    sender = WebhookSender(SECRET, allow_private=True, timeout=3, max_attempts=1, senders=1)
+    try:
+        started = time.monotonic()
+        sender.send(f"http://127.0.0.1:{drip.getsockname()[1]}/slow", "job.succeeded", "slow.1", {})
+        sender.send(fast.url, "job.succeeded", "fast.1", {})
+        fast.events(1, timeout=20)
+        # One sender thread: the fast call waited for the slow one's cut-off (3 s), not for its 60 s of bytes.
+        assert time.monotonic() - started < 10
+        assert dripped.wait(10)
+    finally:
+        sender.close(timeout=5)
+        fast.close()
+        drip.close()
+
+
 def test_a_job_revoked_while_queued_is_announced_once(
     hooks_env: dict[str, str], start_worker: Any, celery_control: Any, receiver: Receiver, image_file: Path
 ) -> None:

@@ -44,3 +44,22 @@ def test_transparency_lands_on_white() -> None:
 
 def test_animated_images_give_their_first_frame() -> None:
     assert tuple(np.asarray(open_image(animated(), LIMIT))[5, 5]) == (0, 200, 0)
+
+
+@pytest.mark.parametrize("kind", ["EPS", "PCX", "ICO", "PPM", "TGA", "SGI", "QOI"])
+def test_formats_svdq_does_not_take_are_refused_unparsed(kind: str) -> None:
+    """Pillow reads these (EPS through Ghostscript, where it is installed): refused before any plugin parses them,
+    at submit and in the worker alike."""
+    import io
+
+    from PIL import Image
+
+    from producer import images
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format=kind)
+    with pytest.raises(images.BadImage, match="PNG, JPEG, WebP, GIF, BMP or TIFF"):
+        images.inspect(buf.getvalue(), LIMIT)
+    with pytest.raises(JobFailed) as err:
+        open_image(buf.getvalue(), LIMIT)
+    assert err.value.code is ErrorCode.INVALID_INPUT

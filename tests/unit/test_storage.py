@@ -120,3 +120,53 @@ def test_videos_are_never_inputs_and_odd_paths_are_not_readable(tmp_path: Path) 
     s3 = S3Store(object(), "svdq", "renders")
     assert not s3.may_read("s3://svdq/renders/abc123/video.mp4") and not s3.may_read("abc123/video.webm")
     assert s3.may_read("s3://svdq/renders/uploads/abc123/video.mp4")  # deeper: not a result's name
+
+
+def test_a_malformed_setting_never_repeats_a_password_or_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pydantic
+
+    from producer.settings import settings_error
+    from worker.settings import WorkerSettings
+
+    for url in (
+        "redis://:S3cretPassw0rd@redis-host:6379/db0",  # a bad database
+        "redis://:S3cretPassw0rd@redis-host:port/0",  # a bad port
+        "rediss//:S3cretPassw0rd@redis-host/0",  # no scheme
+        "redis://:S3cretPassw0rd@[::1/0",  # not even splittable
+    ):
+        with pytest.raises(pydantic.ValidationError) as refused:
+            Settings(redis_url=url)
+        line = settings_error(refused.value)
+        assert line.startswith("SVDQ_REDIS_URL: ") and "S3cretPassw0rd" not in line, line
+    assert redact_url("redis://:S3cretPassw0rd@[::1/0") == "(a malformed URL, not shown)"
+    # A webhook secret that does not decode is refused at start (it failed every delivery, in a thread, silently),
+    # and the line that says so does not repeat it.
+    monkeypatch.setenv("SVDQ_WEBHOOK_SECRET", "whsec_abcde-NOT-BASE64")
+    with pytest.raises(pydantic.ValidationError) as refused:
+        WorkerSettings()
+    line = settings_error(refused.value)
+    assert line.startswith("SVDQ_WEBHOOK_SECRET: must be whsec_") and "NOT-BASE64" not in line
+
+
+def test_inputs_are_read_up_to_the_limit_and_access_denied_is_the_job_s_input(tmp_path: Path) -> None:
+    """A 5 MB file in a place inputs come from is refused after reading the limit, not all of it; S3's 403 for
+    a missing key (to credentials without s3:ListBucket) is the job's bad input, not an outage to wait out."""
+    import tracemalloc
+
+    from botocore.exceptions import ClientError
+
+    from producer.storage import StorageUnavailable, _s3_errors
+
+    store = FileStore(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "big.png").write_bytes(b"\0" * 5_000_000)
+    tracemalloc.start()
+    data = store.read("inputs/big.png", limit=1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(data) == 1001 and peak < 1_000_000
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+    with pytest.raises(ObjectNotFound), _s3_errors("inputs/nope.png", reading=True, denied_is_missing=True):
+        raise denied
+    with pytest.raises(StorageUnavailable), _s3_errors("job/video.mp4", reading=True):  # our own key: an outage
+        raise denied
