@@ -261,6 +261,9 @@ def retry_key(key: str, failed_job: str) -> str:
 # 3. Submitting, following, downloading.
 
 
+UNSUBMITTED = "unsubmitted"  # a report's state for an input the run never submitted (Redis went away, Ctrl-C)
+
+
 @dataclass(slots=True)
 class Outcome:
     item: Item
@@ -278,6 +281,8 @@ class Outcome:
             return self.final
         if self.error is not None:  # refused before a job, or its video could not be written where asked
             return JobState.FAILED.value
+        if self.job is None:  # the run stopped before it was submitted
+            return UNSUBMITTED
         return self.record.state.value if self.record else JobState.QUEUED.value
 
     def line(self, out: Path) -> dict[str, Any]:
@@ -409,13 +414,14 @@ class Run:
         write_atomically(path, outcome.job.video_bytes())
         outcome.downloaded = True
 
-    def _end(self, i: int) -> None:
+    def _end(self, i: int, *, announce: bool = True) -> None:
         self.ended.add(i)
         outcome = self.outcomes[i]
         line = outcome.line(self.out)
         with self.report.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
-        self.on_end(outcome, line)
+        if announce:
+            self.on_end(outcome, line)
         if line["state"] in ("failed", "canceled"):
             self.failed.append((i, line))
         if outcome.record is not None and outcome.record.result is not None:
@@ -430,16 +436,22 @@ class Run:
             if wait:
                 self.follow()
         except KeyboardInterrupt:
-            return True, self.cancel_unfinished() if cancel_on_interrupt else 0
-        finally:
+            canceled = self.cancel_unfinished() if cancel_on_interrupt else 0
             self.finish_report()
+            return True, canceled
+        except BaseException:
+            # Redis or storage gone: the report is still whole, but the error is what the user reads, not a
+            # line per input that did not end.
+            self.finish_report(announce=False)
+            raise
+        self.finish_report()
         return False, 0
 
-    def finish_report(self) -> None:
+    def finish_report(self, *, announce: bool = True) -> None:
         """Lines for the inputs that have not ended (--no-wait, Ctrl-C): their state as last seen."""
         for i in range(len(self.outcomes)):
             if i not in self.ended:
-                self._end(i)
+                self._end(i, announce=announce)
 
     def cancel_unfinished(self) -> int:
         canceled = 0
@@ -466,11 +478,15 @@ class Run:
         }
 
 
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def summary_text(summary: dict[str, Any], out: Path) -> str:
     states = ", ".join(f"{n} {state}" for state, n in summary["states"].items())
     lines = [
-        f"{summary['inputs']} inputs: {states}; {summary['jobs_submitted']} jobs submitted, "
-        f"{summary['jobs_found']} found from before, {summary['downloaded']} videos downloaded to {out}"
+        f"{counted(summary['inputs'], 'input')}: {states}; {counted(summary['jobs_submitted'], 'job')} submitted, "
+        f"{summary['jobs_found']} found from before, {counted(summary['downloaded'], 'video')} downloaded to {out}"
     ]
     for line in summary["failed"]:
         error = line["error"] or {}

@@ -25,7 +25,7 @@ from producer import top
 from producer.client import URL_SCHEMES, Client, KeyConflict, NotCancelable, connect_redis, producer_celery
 from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds
 from producer.flower import FlowerRefused, flower_command
-from producer.settings import ConfigurationError, Settings, settings_error
+from producer.settings import ConfigurationError, Settings, settings_error, unknown_variables
 from producer.status import JobNotFound, MalformedRecord, StatusStore
 from producer.storage import StorageUnavailable
 from producer.terminal import (
@@ -131,6 +131,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return wait_and_report(job, args.timeout, args.output, args.json, quiet=True)
 
 
+def check_out_dir(out: Path) -> None:
+    """--out, made now and written to once, so a path that cannot hold the videos is a usage error before any
+    job exists (not a traceback after submitting them)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".svdq-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise CliError(f"--out {out}: it is a file, not a folder", EXIT_USAGE) from None
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot write there ({exc.strerror or exc})", EXIT_USAGE) from None
+
+
 def cmd_bulk(args: argparse.Namespace) -> int:
     from producer import bulk
 
@@ -147,6 +161,7 @@ def cmd_bulk(args: argparse.Namespace) -> int:
             raise CliError(
                 f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
             )
+        check_out_dir(args.out)
         terminal = sys.stdout.isatty() and sys.stderr.isatty()
         display = bulk.Display(len(items), "json" if args.json else "bar" if terminal else "lines")
         run = bulk.Run(
@@ -158,8 +173,10 @@ def cmd_bulk(args: argparse.Namespace) -> int:
             on_end=display.ended,
             on_poll=display.polled,
         )
-        interrupted, canceled = run.execute(wait=not args.no_wait, cancel_on_interrupt=args.cancel_on_interrupt)
-        display.close()
+        try:
+            interrupted, canceled = run.execute(wait=not args.no_wait, cancel_on_interrupt=args.cancel_on_interrupt)
+        finally:
+            display.close()
         summary = run.summary()
     if args.json:
         print_json(summary)
@@ -219,6 +236,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{r.stage or '-'} {r.progress:.0%}" if r.state is JobState.STARTED else (r.error.code if r.error else "")
         )
         print(f"{r.id}  {r.state.value:<9}  {r.created_at or '':<24}  {where}")
+    if not records and sys.stdout.isatty():  # a script reads no lines; a person reads why
+        print(f"no {args.state + ' ' if args.state else ''}jobs (records expire SVDQ_RESULT_TTL after they end)")
     return EXIT_OK
 
 
@@ -475,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    for line in unknown_variables(os.environ):
+        print(f"svdq: warning: {line}", file=sys.stderr)
     try:
         if argv[:1] == ["worker"]:
             run_worker_module("worker", argv[1:])

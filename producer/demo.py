@@ -100,7 +100,7 @@ def run_demo(workdir: Path, output: Path) -> int:
             image = example_image(workdir / "example.png")
             job = client.submit(image, **(TINY_PARAMS if tiny else {}))
             say(f"submitted job {job.id} (redis {redact_url(redis_url)})")
-            code = wait_and_report(job, timeout=900, output=output.resolve(), as_json=False, quiet=False)
+            code = wait_and_report(job, timeout=900, output=output.resolve(), as_json=False, quiet=False, notice=False)
         if code == 0:
             say(f"done: the video is at {output.resolve()}")
         else:

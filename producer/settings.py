@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -138,3 +140,30 @@ def redact_url(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
+
+
+# The worker's own settings (worker.settings.WorkerSettings; a test keeps this equal to its fields: producer never
+# imports worker) and what svdq's processes pass their children. With Settings's fields, every SVDQ_ name read.
+WORKER_SETTINGS = frozenset(
+    {
+        "attention", "channels_last", "compile", "compile_backend", "compile_cache_dir", "compile_shapes",
+        "compile_vae", "decode_chunk_size", "device", "dtype", "fetch_timeout", "fetch_wait", "lease_ttl",
+        "load_timeout", "low_vram", "max_attempts", "max_vram_gib", "metrics_port", "model", "model_name",
+        "model_variant", "retry_backoff", "retry_backoff_max", "spool_dir", "spool_max_bytes", "stop_grace",
+        "visibility_timeout", "warmup", "webhook_max_attempts", "webhook_secret", "webhook_timeout", "x264_crf",
+        "x264_params", "x264_preset",
+    }
+)  # fmt: skip
+_INTERNAL = frozenset({"SVDQ_LOAD_ERROR_FILE", "SVDQ_WORKER_MAIN_PID", "SVDQ_GATEWAY_UNSAFE_NO_AUTH"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each SVDQ_ variable no svdq process reads (a typo: SVDQ_REDIS_ULR would leave the default
+    Redis in use, silently), with the name it was probably meant to be."""
+    known = {"SVDQ_" + name.upper() for name in (*Settings.model_fields, *WORKER_SETTINGS)} | _INTERNAL
+    lines = []
+    for name in sorted(n for n in environ if n.startswith("SVDQ_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a setting svdq knows{hint}; it is ignored")
+    return lines

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import kombu.exceptions
 import redis
 
 from producer.client import Job
-from producer.contract import JobRecord, JobState, printable
+from producer.contract import DEFAULT_QUEUE, JobRecord, JobState, printable
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # the shell's codes for SIGINT and SIGPIPE
@@ -87,13 +88,35 @@ def still_waiting(job: Job, waited: str = "") -> str:
     if record.state is JobState.STARTED:
         return f"job {job.id} goes on ({record.stage or 'started'}, {record.progress:.0%}){waited}; {follow}"
     if record.state is JobState.QUEUED and readers(job, record) == []:
-        model = record.request.get("model")
-        start = f"`svdq worker --model PATH --model-name {model}`" if model else "`svdq worker`"
-        return (
-            f"job {job.id} is still queued{waited}: no worker reads its queue {record.queue!r} (start one with "
-            f"{start}, see `svdq top`); {follow}"
-        )
+        return f"job {job.id} is still queued{waited}: {unread(job, record)}; {follow}"
     return f"job {job.id} is still {record.state.value}{waited}; {follow}"
+
+
+def unread(job: Job, record: JobRecord) -> str:
+    """That no worker reads a queued job's queue, and the command that starts one that does."""
+    model = record.request.get("model")
+    queue = job.client.settings.queue
+    start = ("" if queue == DEFAULT_QUEUE else f"SVDQ_QUEUE={queue} ") + "svdq worker"
+    if model:
+        start += f" --model PATH --model-name {model}"
+    return f"no worker reads its queue {record.queue!r} (start one with `{start}`, see `svdq top`)"
+
+
+def unread_notice(job: Job, after: float = 10.0) -> Callable[[JobRecord], None]:
+    """For a wait's updates: once the job has been queued `after` seconds, ask (once: it costs a second) whether
+    any worker reads its queue, and say so if none does. The wait goes on; a forgotten worker is the usual cause
+    of a wait that prints nothing."""
+    since, asked = time.monotonic(), False
+
+    def check(record: JobRecord) -> None:
+        nonlocal asked
+        if asked or record.state is not JobState.QUEUED or time.monotonic() - since < after:
+            return
+        asked = True
+        if readers(job, record) == []:
+            print(f"svdq: job {job.id} waits: {unread(job, record)}; still waiting (Ctrl-C stops)", file=sys.stderr)
+
+    return check
 
 
 def check_output(output: Path | None) -> None:
@@ -109,8 +132,18 @@ def check_output(output: Path | None) -> None:
         raise CliError(f"--output {output}: cannot write in {folder}", EXIT_USAGE)
 
 
-def wait_and_report(job: Job, timeout: float | None, output: Path | None, as_json: bool, quiet: bool) -> int:
-    update, close = progress_printer()
+def wait_and_report(
+    job: Job, timeout: float | None, output: Path | None, as_json: bool, quiet: bool, *, notice: bool = True
+) -> int:
+    """Follow the job to its end, say how it ended, download its video; the exit code. `notice`: say when the
+    job sits in a queue no worker reads (not while the caller's own worker is still loading)."""
+    show, close = progress_printer()
+    unread_check = unread_notice(job) if notice else (lambda record: None)
+
+    def update(record: JobRecord) -> None:
+        show(record)
+        unread_check(record)
+
     try:
         record = job.wait(timeout, on_update=update)
     except TimeoutError:

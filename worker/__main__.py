@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+import click
 import pydantic
 
 from producer.contract import MODEL_NAME_PATTERN, worker_queues
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     try:
         app.worker_main([*defaults, *rest])
+    except click.ClickException as exc:  # a Celery option mistyped: one line, as svdq's own options get
+        print(f"svdq worker: {exc.format_message()} (svdq worker --help lists them)", file=sys.__stderr__)
+        sys.exit(2)
     finally:
         error = failure.read()
         failure.discard()

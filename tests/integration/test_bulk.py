@@ -241,6 +241,28 @@ def test_a_bad_manifest_is_reported_whole_and_submits_nothing(svdq_env: dict[str
     assert "nothing was submitted" in run.stderr and not (tmp_path / "out").exists()
 
 
+def test_an_out_that_cannot_hold_videos_or_a_redis_that_is_gone_is_one_error_line(
+    svdq_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Both were a traceback, or a line per input saying `queued` for jobs that never existed."""
+    picture(tmp_path / "src" / "a.png", 10)
+    picture(tmp_path / "src" / "b.png", 20)
+    (tmp_path / "taken").write_text("a file")
+    jobs_before = job_count(svdq_env)
+    for out, says in ((tmp_path / "taken", "it is a file, not a folder"), (tmp_path / "taken" / "v", "cannot write")):
+        run = bulk(svdq_env, str(tmp_path / "src"), "--out", str(out), *SIZE)
+        assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert job_count(svdq_env) == jobs_before
+    gone = {**svdq_env, "SVDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    run = bulk(gone, str(tmp_path / "src"), "--out", str(tmp_path / "out"), *SIZE)
+    assert run.returncode == 5 and "cannot reach Redis" in run.stderr and run.stdout == "", run.stdout
+    report = [json.loads(line) for line in (tmp_path / "out" / "svdq-bulk.jsonl").read_text().splitlines()]
+    assert [(line["input"], line["state"], line["job_id"]) for line in report] == [
+        ("a.png", "unsubmitted", None),
+        ("b.png", "unsubmitted", None),
+    ]
+
+
 def test_ctrl_c_leaves_the_jobs_running_and_a_rerun_completes_them(
     svdq_env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:

@@ -60,17 +60,24 @@ def test_status_into_a_closed_pipe_ends_quietly(svdq_env: dict[str, str], image_
 def test_a_wait_on_a_queue_no_worker_reads_says_so(svdq_env: dict[str, str], image_file: Path) -> None:
     env = unread_queue_env(svdq_env)
     job_id = submit(env, image_file)
-    out = subprocess.run([SVDQ, "wait", job_id, "--timeout", "1"], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([SVDQ, "wait", job_id, "--timeout", "12"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 4
-    assert f"still queued after 1s: no worker reads its queue '{env['SVDQ_QUEUE']}'" in out.stderr, out.stderr
-    assert f"`svdq wait {job_id}`" in out.stderr and "(start one with `svdq worker`," in out.stderr
+    # Said while it waits (after 10 s), not only once the wait stops: a forgotten worker is a silent hang otherwise.
+    notice, stopped = out.stderr.splitlines()
+    assert notice.startswith(f"svdq: job {job_id} waits: no worker reads its queue '{env['SVDQ_QUEUE']}'"), notice
+    assert f"still queued after 12s: no worker reads its queue '{env['SVDQ_QUEUE']}'" in stopped, stopped
+    # The queue is not the default one: the worker to start must read it too.
+    assert (
+        f"`svdq wait {job_id}`" in stopped
+        and f"(start one with `SVDQ_QUEUE={env['SVDQ_QUEUE']} svdq worker`," in stopped
+    )
     for_a_model = subprocess.run(
         [SVDQ, "submit", str(image_file), *SIZE, "--model", "svd-xt"], env=env, capture_output=True, text=True
     )
     out = subprocess.run(
         [SVDQ, "wait", for_a_model.stdout.strip(), "--timeout", "1"], env=env, capture_output=True, text=True
     )
-    assert "(start one with `svdq worker --model PATH --model-name svd-xt`," in out.stderr, out.stderr
+    assert f"`SVDQ_QUEUE={env['SVDQ_QUEUE']} svdq worker --model PATH --model-name svd-xt`," in out.stderr, out.stderr
 
 
 def test_ctrl_c_says_the_job_goes_on_and_how_to_follow_it(svdq_env: dict[str, str], image_file: Path) -> None:
@@ -166,3 +173,10 @@ def test_top_into_a_pipe_prints_snapshots_one_after_another_without_screen_codes
         top.terminate()
         top.communicate(timeout=30)
     assert not any("\x1b[" in line for line in seen), seen[:10]  # a terminal's clear-screen, into a pipe
+
+
+def test_a_mistyped_worker_option_is_one_line_and_exit_2(svdq_env: dict[str, str]) -> None:
+    """Celery's own options are parsed by click, whose error was a 31-line traceback and exit 1."""
+    run = subprocess.run([SVDQ, "worker", "--modle", "./tiny"], env=svdq_env, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("svdq worker: No such option '--modle'")

@@ -191,6 +191,20 @@ def test_the_readme_documents_every_setting() -> None:
     assert fields - table == set()
 
 
+def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_to_be() -> None:
+    """SVDQ_REDIS_ULR left the default Redis in use without a word; the CLI warns of it now. The producer knows the
+    worker's settings by name (it never imports worker): this keeps the two lists equal."""
+    from producer.settings import WORKER_SETTINGS, Settings, unknown_variables
+    from worker.settings import WorkerSettings
+
+    assert set(WorkerSettings.model_fields) - set(Settings.model_fields) == WORKER_SETTINGS
+    environ = {"SVDQ_REDIS_ULR": "redis://x", "SVDQ_MAX_FRAMES": "9", "SVDQ_LEASE_TTL": "5", "SVDQ_XYZZY": "1"}
+    assert unknown_variables(environ) == [
+        "SVDQ_REDIS_ULR is not a setting svdq knows (did you mean SVDQ_REDIS_URL?); it is ignored",
+        "SVDQ_XYZZY is not a setting svdq knows; it is ignored",
+    ]
+
+
 def test_the_readme_s_record_table_lists_every_field_of_the_record() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme.split("### The job record", 1)[1].split("Terminal records expire", 1)[0]
