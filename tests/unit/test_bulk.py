@@ -91,3 +91,24 @@ def test_csv_cells_are_read_as_numbers_where_they_are_numbers(tmp_path: Path) ->
     assert plan([item], {"num_frames": 4}, Settings()) == []
     assert item.effective is not None and item.effective.num_frames == 6 and item.effective.min_guidance_scale == 1.5
     assert item.effective.decode_chunk_size == "auto" and str(item.output) == "ok.webm"
+
+
+def test_manifests_a_parser_chokes_on_are_one_clear_error_each(tmp_path: Path) -> None:
+    """Each of these was a traceback: a cell over csv's field limit, bytes that are not UTF-8, JSON nested past the
+    parser's recursion, an image name too long for the file system."""
+    picture(tmp_path / "ok.png", 10)
+    big = tmp_path / "big.csv"
+    big.write_text("image,frames\nok.png," + "9" * 200_000 + "\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"image\n\xe9t\xe9.png\n")
+    for manifest, says in ((big, "not a CSV file svdq can read"), (latin, "not UTF-8 text")):
+        with pytest.raises(ManifestError, match=says):
+            read_inputs(manifest)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"image": "ok.png"}\n' + "[" * 100_000 + "]" * 100_000 + "\n" + '{"image": "' + "x" * 300 + '"}\n')
+    items = read_inputs(deep)
+    assert [item.problem for item in items] == [
+        None,
+        "not JSON svdq reads (nested too deeply)",
+        f"image: cannot read '{'x' * 76}...: File name too long",
+    ]

@@ -112,3 +112,16 @@ def test_a_worker_that_stops_before_celery_reports_under_the_hostname_it_was_giv
     assert hostname(["--hostname=a@%h"]) == "a@%h"
     assert hostname(["--hostname", "b@%h", "--loglevel=INFO"]) == "b@%h"  # was svdq@%h: only "=" was read
     assert hostname(["-n", "c@x", "--hostname=d@x"]) == "d@x"
+
+
+def test_record_text_reaches_a_terminal_without_its_control_characters() -> None:
+    """A record holds what image hosts and raw messages put there: an escape sequence in an error would retitle,
+    clear or rewrite the terminal of whoever runs `svdq status`."""
+    from producer.contract import JobError, JobRecord, JobState
+    from producer.terminal import describe
+
+    hostile = "HTTP/1.1 2OO \x1b]0;PWNED\x07\x1b[2J\x9b31mfake: job succeeded\nsecond line"
+    record = JobRecord(id="j1", state=JobState.FAILED, error=JobError(code="internal", message=hostile))
+    shown = describe(record)
+    assert not any(ch in shown for ch in "\x1b\x07\x9b") and len(shown.splitlines()) == 3
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31mfake" in shown and "\\x0asecond line" in shown
