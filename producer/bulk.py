@@ -490,7 +490,7 @@ def summary_text(summary: dict[str, Any], out: Path) -> str:
     ]
     for line in summary["failed"]:
         error = line["error"] or {}
-        lines.append(f"  {line['state']}: {line['input']}: {error.get('code')}: {error.get('message')}")
+        lines.append(printable(f"  {line['state']}: {line['input']}: {error.get('code')}: {error.get('message')}"))
     lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
 

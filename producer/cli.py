@@ -23,7 +23,7 @@ import redis
 
 from producer import top
 from producer.client import URL_SCHEMES, Client, KeyConflict, NotCancelable, connect_redis, producer_celery
-from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds
+from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds, printable
 from producer.flower import FlowerRefused, flower_command
 from producer.settings import ConfigurationError, Settings, settings_error, unknown_variables
 from producer.status import JobNotFound, MalformedRecord, StatusStore
@@ -235,7 +235,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         where = (
             f"{r.stage or '-'} {r.progress:.0%}" if r.state is JobState.STARTED else (r.error.code if r.error else "")
         )
-        print(f"{r.id}  {r.state.value:<9}  {r.created_at or '':<24}  {where}")
+        print(printable(f"{r.id}  {r.state.value:<9}  {r.created_at or '':<24}  {where}"))
     if not records and sys.stdout.isatty():  # a script reads no lines; a person reads why
         print(f"no {args.state + ' ' if args.state else ''}jobs (records expire SVDQ_RESULT_TTL after they end)")
     return EXIT_OK

@@ -348,13 +348,23 @@ class Client:
         for i, raw in zip(positions, pipe.execute(), strict=True):
             if raw is None:  # expired since: its key went with it
                 continue
-            params = {**defaults, **batch[i].params}
             try:
-                request = self.intake.check_request(params, priority)[0].model_dump()
+                request = self.intake.check_request({**defaults, **batch[i].params}, priority)[0].model_dump()
+            except InvalidParameter:  # its job passed the checks of its day (caps since lowered): it stands
+                continue
+            try:
                 check_same_request(held[i] or "", json.loads(as_text(raw)), request)
-            except InvalidParameter as exc:  # a parameter that its first submit could not have had, or a conflict
+            except KeyConflict as exc:
                 conflicts[i] = exc
         return conflicts
+
+    def _check_taken(self, batch: _Batch, job_id: str, request: dict[str, Any]) -> None:
+        """KeyConflict if the job that took a key meanwhile was asked for another render than `request`."""
+        held = next((c["request"] for c in batch.creations.values() if c["job_id"] == job_id), None)
+        if held is None and (raw := self.redis.hget(keys.job(job_id), "request")) is not None:
+            held = json.loads(as_text(raw))
+        if held is not None:
+            check_same_request(job_id, held, request)
 
     def _results(self, writing: tuple[_Batch, Future[list[Exception | None]]] | None) -> Iterator[Submitted]:
         """A written batch's submissions, once its scripts have run (none before the first batch)."""
@@ -369,7 +379,12 @@ class Client:
                 yield Submitted(submission, None, error=error)
             elif (why := refused[i]) is None:
                 yield Submitted(submission, Job(batch.creations[i]["job_id"], self))
-            elif isinstance(why, DuplicateKey):  # another submit took the key meanwhile
+            elif isinstance(why, DuplicateKey):  # a row before it in the batch, or another submit, took the key
+                try:
+                    self._check_taken(batch, why.job_id, batch.creations[i]["request"])
+                except KeyConflict as exc:
+                    yield Submitted(submission, None, error=exc)
+                    continue
                 yield Submitted(submission, Job(why.job_id, self), existed=True)
             else:  # a fresh random id that already had a record, or Redis refused the script
                 raise why

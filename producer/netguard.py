@@ -88,6 +88,8 @@ def _check_text(url: str) -> None:
         raise UnsafeURL(f"the URL is {len(url):,} characters long, over {MAX_URL_LENGTH:,}")
     if _UNSENDABLE.search(url):  # the URL is not repeated: it may hold a token
         raise UnsafeURL("the URL holds a space or a control character: percent-encode it")
+    if not url.isascii():  # a request line is ASCII (http.client raises UnicodeEncodeError on the rest)
+        raise UnsafeURL("the URL holds a non-ASCII character: percent-encode it (and a host name in punycode)")
 
 
 def _check_scheme(scheme: str) -> None:
@@ -196,10 +198,16 @@ class Watch:
         while not self._done.wait(min(0.5, max(0.0, self.ends_at - time.monotonic()))):
             if time.monotonic() >= self.ends_at:
                 self._end(f"took longer than {self.deadline:g}s")
-            elif self.stop is not None and self.stop():
+            elif self._stopping():
                 self._end("stopped: the job was canceled or its worker is stopping")
             if self.why is not None:
                 return
+
+    def _stopping(self) -> bool:
+        try:
+            return self.stop is not None and self.stop()
+        except Exception:  # the caller's check failed (Redis away): the deadline still stands
+            return False
 
     def _end(self, why: str) -> None:
         with self._lock:
@@ -215,9 +223,14 @@ class Watch:
         if self.why is not None:
             raise Stopped(self.why)
 
+    def detach(self) -> None:
+        """Before the connection closes: its descriptor's number may be reused at once, by a socket not ours."""
+        with self._lock:
+            self.conn = None
+
     def close(self) -> None:
         self._done.set()
-        self._thread.join()
+        self._thread.join(timeout=1.0)  # a stop() still asking Redis is not waited for: the thread is a daemon
 
 
 def fetch(
@@ -245,6 +258,7 @@ def fetch(
             except (http.client.HTTPException, OSError, ValueError) as exc:
                 raise _why(exc, watch, target.host) from None
             finally:
+                watch.detach()
                 conn.close()
             if location is None:
                 return body

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"bad port: {exc}") from None
             database = parts.path.strip("/") if parts.scheme != "unix" else ""
-            if database and not database.isdigit():
-                raise ValueError(f"the database is a number, not {database!r}")
+            if database and not database.isdigit():  # not repeated: with a slash missing, it holds the password
+                raise ValueError("the database (after the last /) must be a number")
         return url
 
     # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
@@ -100,7 +100,7 @@ def settings_error(exc: ValidationError) -> str:
 
 
 # Settings whose value is a secret or holds one (SVDQ_API_KEYS, SVDQ_WEBHOOK_SECRET, SVDQ_FLOWER_BASIC_AUTH...).
-_SECRET_WORDS = ("key", "secret", "auth", "password", "token")
+_SECRET_WORDS = ("key", "secret", "auth", "password", "token", "credential")
 
 
 def is_sentinel(url: str) -> bool:
@@ -135,9 +135,11 @@ def redact_url(url: str) -> str:
         return "(a malformed URL, not shown)"
     if "@" in url and not parts.netloc:  # no // after the scheme: what comes before the @ may be a password
         return "(a malformed URL, not shown)"
+    if parts.query:  # redis-py reads ?password=...; other stores put tokens there
+        parts = parts._replace(query="***")
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if not at or ":" not in userinfo:
-        return url
+        return urlunsplit(parts)
     user = userinfo.split(":", 1)[0]
     return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
 

@@ -72,7 +72,7 @@ def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSetting
     except pydantic.ValidationError as exc:  # before anything starts: one line, not a traceback
         print(f"svdq worker: configuration: {settings_error(exc)}", file=sys.stderr)
         sys.exit(2)
-    problem = check_model(settings.model)
+    problem = check_model(settings.model, "--model " if ours.model else "SVDQ_MODEL=")
     if not problem and not re.fullmatch(MODEL_NAME_PATTERN, settings.served_model()):
         problem = f"model name {settings.served_model()!r} must be lowercase letters, digits, - and _"
     if problem:

@@ -35,7 +35,7 @@ def fetch_image(
             data = fetch(ref, max_bytes=max_bytes, allow_private=allow_private_urls, deadline=deadline, stop=stop)
         else:
             data = store.read(ref, limit=max_bytes)
-    except (ObjectNotFound, InvalidReference, UnsafeURL, TooLarge, BadResponse) as exc:
+    except (ObjectNotFound, InvalidReference, UnsafeURL, TooLarge, BadResponse, ValueError) as exc:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"image {_shown(ref)}: {exc}") from None
     except HTTPFailure as exc:
         code = ErrorCode.STORAGE_UNAVAILABLE if exc.status >= 500 or exc.status == 429 else ErrorCode.INVALID_INPUT

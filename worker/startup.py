@@ -38,14 +38,17 @@ def is_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
 
 
-def check_model(model: str) -> str | None:
-    """A reason the model cannot load, found before any process forks; None if it looks loadable."""
+def check_model(model: str, given_as: str = "SVDQ_MODEL=") -> str | None:
+    """A reason the model cannot load, found before any process forks; None if it looks loadable. `given_as`:
+    how the user named it (`--model `, or the variable), for the message."""
     path = Path(model).expanduser()
     if not is_local(model):
         return None  # a hub id: from_pretrained finds it, or fails in the pool process with its own error
+    if not path.exists():
+        return f"{given_as}{model!r}: no such folder; build a test model there with `svdq make-tiny-model DIR`"
     if not (path / "model_index.json").is_file():
         return (
-            f"SVDQ_MODEL={model!r} is not a diffusers pipeline folder (no model_index.json); "
+            f"{given_as}{model!r} is not a diffusers pipeline folder (no model_index.json); "
             "build a test model with `svdq make-tiny-model DIR`"
         )
     for weights in sorted(path.rglob("*.safetensors")):

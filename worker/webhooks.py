@@ -80,8 +80,9 @@ def post(delivery: Delivery, secret: str, *, allow_private: bool, timeout: float
             raise Stopped(watch.why) from None
         raise
     finally:
-        conn.close()
+        watch.detach()
         watch.close()
+        conn.close()
     return status
 
 
@@ -150,6 +151,9 @@ class WebhookSender:
             self._changed.notify_all()
         for thread in self._threads:
             thread.join(max(0.0, close_by - time.monotonic()))
+        with self._changed:
+            if dropped := self._pending():
+                log.warning("%d webhook deliveries not made at shutdown (retries due later, or held up)", dropped)
 
     def _pending(self) -> int:
         return len(self._due) + sum(len(behind) for behind in self._behind.values())
@@ -181,7 +185,12 @@ class WebhookSender:
 
     def _run(self) -> None:
         while (due := self._next()) is not None:
-            if not self._attempt(due.delivery, due.attempt):
+            try:
+                retrying = self._attempt(due.delivery, due.attempt)
+            except Exception:  # a sender that died would hold up every job's webhooks that wait behind it
+                log.exception("webhook %s failed unexpectedly; not retried", due.delivery.msg_id)
+                retrying = False
+            if not retrying:
                 self._done(due.delivery)
 
     def _attempt(self, delivery: Delivery, attempt: int) -> bool:

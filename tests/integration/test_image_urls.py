@@ -271,3 +271,5 @@ def test_urls_a_request_line_cannot_carry_are_refused_at_submit_without_repeatin
         assert "SECRET" not in str(refused.value)
     with pytest.raises(UnsafeURL, match="over 2,048"):
         fetch("http://example.com/" + "a" * 2100, max_bytes=10)
+    with pytest.raises(UnsafeURL, match="non-ASCII"):  # http.client would raise UnicodeEncodeError at the send
+        fetch("http://example.com/caf\u00e9.png", max_bytes=10)

@@ -183,11 +183,25 @@ def test_a_key_reused_for_another_render_is_refused_naming_what_differs(
         many = list(
             client.submit_many([Submission(image_file, SMALL, key), Submission(image_file, {**SMALL, "fps": 3}, key)])
         )
-        assert client.redis.llen(queue) == 1 and client.redis.llen(f"{queue}.high") == 0  # nothing more enqueued
+        # A fresh key twice in one batch: the row that finds it taken by the row before it is compared too.
+        fresh = f"order-{uuid.uuid4().hex}"
+        in_batch = list(
+            client.submit_many(
+                [Submission(image_file, SMALL, fresh), Submission(image_file, {**SMALL, "fps": 3}, fresh)]
+            )
+        )
+        assert client.redis.llen(queue) == 2 and client.redis.llen(f"{queue}.high") == 0  # one job per key
+    with Client.from_env(queue=queue, max_frames=2) as stricter:  # caps lowered since: an existing job stands
+        (again,) = stricter.submit_many([Submission(image_file, SMALL, key)])
+    assert again.existed and again.job is not None and again.job.id == first.id
     assert other_params.value.param == "idempotency_key" and other_params.value.job_id == first.id
     assert other_params.value.differ == ["num_frames", "seed"] and other_image.value.differ == ["image"]
     assert many[0].existed and many[0].job is not None and many[0].job.id == first.id
     assert many[1].job is None and isinstance(many[1].error, KeyConflict) and many[1].error.differ == ["fps"]
+    assert in_batch[0].job is not None and not in_batch[0].existed
+    assert (
+        in_batch[1].job is None and isinstance(in_batch[1].error, KeyConflict) and in_batch[1].error.differ == ["fps"]
+    )
     run = subprocess.run(
         [SVDQ, "submit", str(image_file), "--key", key, "--frames", "6", "--width", "64", "--height", "64"],
         env={**svdq_env, "SVDQ_QUEUE": queue},

@@ -119,6 +119,17 @@ def test_safetensors_check_names_what_is_wrong(tiny_model: Path, tmp_path: Path)
     assert "not a readable safetensors file" in (check_safetensors(garbage) or "")
 
 
+def test_a_model_folder_that_is_not_one_is_named_as_the_user_gave_it(svdq_env: dict[str, str], tmp_path: Path) -> None:
+    for argv, env, says in (
+        (["--model", str(tmp_path / "nope")], {}, f"--model '{tmp_path / 'nope'}': no such folder"),
+        ([], {"SVDQ_MODEL": str(tmp_path)}, f"SVDQ_MODEL='{tmp_path}' is not a diffusers pipeline folder"),
+    ):
+        done = subprocess.run(
+            [SVDQ, "worker", *argv], env={**svdq_env, **env}, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == LOAD_FAILED and says in done.stderr, done.stderr
+
+
 def test_a_hub_model_that_cannot_be_fetched_says_what_to_do(svdq_env: dict[str, str]) -> None:
     """No hub here (nor on many fleets' machines): the default model's error ends with the way out."""
     hostname = f"w{uuid.uuid4().hex[:6]}@test"

@@ -142,13 +142,24 @@ def test_an_endpoint_that_never_answers_delays_no_render(
         held.close()
 
 
-def test_a_slow_endpoint_holds_up_no_other_job_s_webhooks_and_is_cut_off_at_the_timeout() -> None:
+def test_a_slow_endpoint_holds_up_no_other_job_s_webhooks_and_is_cut_off_at_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Endpoints are submitters': one that answers a byte every second (each read's timeout never fires) must not
     delay anyone else's events, nor hold a sender for longer than SVDQ_WEBHOOK_TIMEOUT."""
     import socket
 
+    from worker import webhooks
     from worker.webhooks import WebhookSender
 
+    real_post = webhooks.post
+
+    def post(delivery: Any, *args: Any, **kwargs: Any) -> int:  # a seam: a bug no endpoint can provoke
+        if delivery.msg_id == "broken.started.1":
+            raise RuntimeError("a bug in the sender")
+        return real_post(delivery, *args, **kwargs)
+
+    monkeypatch.setattr(webhooks, "post", post)
     drip = socket.create_server(("127.0.0.1", 0))
     dripped = threading.Event()
 
@@ -167,6 +178,7 @@ def test_a_slow_endpoint_holds_up_no_other_job_s_webhooks_and_is_cut_off_at_the_
     threading.Thread(target=serve_slowly, daemon=True).start()
     fast = Receiver()
     sender = WebhookSender(SECRET, allow_private=True, timeout=3, max_attempts=1, senders=1)
+    several = WebhookSender(SECRET, allow_private=True, timeout=3, max_attempts=1)
     try:
         started = time.monotonic()
         sender.send(f"http://127.0.0.1:{drip.getsockname()[1]}/slow", "job.succeeded", "slow.1", {})
@@ -175,8 +187,20 @@ def test_a_slow_endpoint_holds_up_no_other_job_s_webhooks_and_is_cut_off_at_the_
         # One sender thread: the fast call waited for the slow one's cut-off (3 s), not for its 60 s of bytes.
         assert time.monotonic() - started < 10
         assert dripped.wait(10)
+        # Several: a sender that meets a bug goes on, and a slow endpoint holds up nobody else's calls.
+        threading.Thread(target=serve_slowly, daemon=True).start()
+        started = time.monotonic()
+        several.send("http://127.0.0.1:1/a", "job.started", "broken.started.1", {})  # see the patched post
+        several.send(f"http://127.0.0.1:{drip.getsockname()[1]}/slow", "job.succeeded", "slow2.succeeded.1", {})
+        several.send(fast.url, "job.succeeded", "fast2.succeeded.1", {})
+        several.send(fast.url, "job.succeeded", "broken.succeeded.1", {})  # after the broken job's first event
+        fast.events(3, timeout=20)
+        assert time.monotonic() - started < 2.5  # before the slow call's cut-off
+        # The broken job's next event went once its first was given up (the sender thread lived on).
+        assert {h["webhook-id"] for h, _ in fast.requests[1:]} == {"fast2.succeeded.1", "broken.succeeded.1"}
     finally:
         sender.close(timeout=5)
+        several.close(timeout=5)
         fast.close()
         drip.close()
 

@@ -133,6 +133,8 @@ def test_a_malformed_setting_never_repeats_a_password_or_a_secret(monkeypatch: p
         "redis://:S3cretPassw0rd@redis-host:port/0",  # a bad port
         "rediss//:S3cretPassw0rd@redis-host/0",  # no scheme
         "redis://:S3cretPassw0rd@[::1/0",  # not even splittable
+        "redis:/:S3cretPassw0rd@redis-host:6379/0",  # a slash missing: the "database" holds the password
+        "redsi://redis-host/0?password=S3cretPassw0rd",  # redis-py reads a password from the query too
     ):
         with pytest.raises(pydantic.ValidationError) as refused:
             Settings(redis_url=url)
