@@ -30,12 +30,11 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # Two test processes: most integration tests wait (leases, timeouts, outages) rather than compute. Each has its
-# own redis-server, S3 server and worker. Work stealing, not a file to a process: one process otherwise ran the
-# recovery tests (7 x 40 s on a slow machine) alone while the other sat idle. PYTEST_WORKERS=0: one process.
+# own redis-server, S3 server and worker; a file's tests stay in one process. PYTEST_WORKERS=0: one process.
 # Under branch coverage of producer/ and worker/ (the worker, CLI and gateway processes the tests start
 # included; [tool.coverage] in pyproject.toml): below `fail_under`, a floor only ever raised, the run fails.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --cov --cov-report=term:skip-covered
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --cov --cov-report=term:skip-covered
 
 test: install lint
 	rm -rf .coverage-data
