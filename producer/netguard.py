@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urljoin, urlsplit
 
@@ -233,6 +233,24 @@ class Watch:
         self._thread.join(timeout=1.0)  # a stop() still asking Redis is not waited for: the thread is a daemon
 
 
+@contextlib.contextmanager
+def watched(conn: http.client.HTTPConnection, watch: Watch) -> Iterator[None]:
+    """`conn` connected under `watch`, for the block's requests: Stopped for any failure once the watch has ended
+    it, and the connection let go of and closed at the end (fetch's GETs and webhooks' POSTs alike)."""
+    try:
+        watch.attach(conn)
+        conn.connect()  # here, not in request(): the watch can close its socket from now on
+        watch.attach(conn)
+        yield
+    except (http.client.HTTPException, OSError, ValueError):
+        if watch.why is not None:
+            raise Stopped(watch.why) from None
+        raise
+    finally:
+        watch.detach()
+        conn.close()
+
+
 def fetch(
     url: str,
     *,
@@ -254,12 +272,10 @@ def fetch(
             target = check_url(url, allow_private=allow_private, resolve=resolve, public=public)
             conn = connect(target, timeout)
             try:
-                body, location = _get(conn, target, max_bytes, watch)
+                with watched(conn, watch):
+                    body, location = _get(conn, target, max_bytes, watch)
             except (http.client.HTTPException, OSError, ValueError) as exc:
                 raise _why(exc, watch, target.host) from None
-            finally:
-                watch.detach()
-                conn.close()
             if location is None:
                 return body
             url = urljoin(url, location)
@@ -271,10 +287,7 @@ def fetch(
 def _get(
     conn: http.client.HTTPConnection, target: CheckedURL, max_bytes: int, watch: Watch
 ) -> tuple[bytes, str | None]:
-    """One GET: the body, or a redirect's location."""
-    watch.attach(conn)
-    conn.connect()  # here, not in request(): the watch can close its socket from now on
-    watch.attach(conn)
+    """One GET on a watched connection: the body, or a redirect's location."""
     conn.request("GET", target.path, headers={"user-agent": "svdq", "accept": "image/*"})
     with contextlib.closing(conn.getresponse()) as response:  # conn.close() leaves a will_close response open
         if response.status in (301, 302, 303, 307, 308) and response.getheader("location"):

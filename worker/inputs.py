@@ -14,8 +14,8 @@ from PIL import Image, ImageOps
 
 from producer import images
 from producer.contract import ErrorCode
-from producer.netguard import BadResponse, HTTPFailure, Stopped, TooLarge, UnsafeURL, fetch
-from producer.storage import InvalidReference, ObjectNotFound, ObjectStore, StorageUnavailable
+from producer.netguard import HTTPFailure, Stopped, fetch
+from producer.storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from worker.errors import JobFailed
 
 
@@ -35,7 +35,7 @@ def fetch_image(
             data = fetch(ref, max_bytes=max_bytes, allow_private=allow_private_urls, deadline=deadline, stop=stop)
         else:
             data = store.read(ref, limit=max_bytes)
-    except (ObjectNotFound, InvalidReference, UnsafeURL, TooLarge, BadResponse, ValueError) as exc:
+    except (ObjectNotFound, ValueError) as exc:  # InvalidReference, UnsafeURL, TooLarge, BadResponse are ValueErrors
         raise JobFailed(ErrorCode.INVALID_INPUT, f"image {_shown(ref)}: {exc}") from None
     except HTTPFailure as exc:
         code = ErrorCode.STORAGE_UNAVAILABLE if exc.status >= 500 or exc.status == 429 else ErrorCode.INVALID_INPUT

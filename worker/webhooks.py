@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from producer.contract import JobRecord
-from producer.netguard import Stopped, UnsafeURL, Watch, check_url, connect
+from producer.netguard import Stopped, UnsafeURL, Watch, check_url, connect, watched
 from producer.status import StatusStore
 from worker.backoff import backoff
 from worker.settings import WorkerSettings
@@ -69,21 +69,12 @@ def post(delivery: Delivery, secret: str, *, allow_private: bool, timeout: float
     conn = connect(target, timeout)
     watch = Watch(timeout, None)  # a byte every few seconds passes each read's timeout, not the watch's
     try:
-        watch.attach(conn)
-        conn.connect()
-        watch.attach(conn)
-        conn.request("POST", target.path, body=delivery.body, headers=headers)
-        with contextlib.closing(conn.getresponse()) as response:
-            status = response.status
-    except (OSError, http.client.HTTPException):
-        if watch.why is not None:
-            raise Stopped(watch.why) from None
-        raise
+        with watched(conn, watch):
+            conn.request("POST", target.path, body=delivery.body, headers=headers)
+            with contextlib.closing(conn.getresponse()) as response:
+                return response.status
     finally:
-        watch.detach()
         watch.close()
-        conn.close()
-    return status
 
 
 def _worth_retrying(status: int) -> bool:
