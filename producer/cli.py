@@ -89,10 +89,24 @@ DEFAULT_WORDS = {
 }
 
 
+# The operator's caps under the contract's ranges: a help that said only "1 to 128" promised frames that a
+# default deployment refuses (SVDQ_MAX_FRAMES is 64).
+CAPPED_BY = {
+    "num_frames": "max_frames",
+    "num_inference_steps": "max_steps",
+    "width": "max_pixels",
+    "height": "max_pixels",
+}
+
+
 def param_help(field: str) -> str:
-    """`--frames`'s help: the request field it sets, its default and its range."""
+    """`--frames`'s help: the request field it sets, its default, its range and the operator's cap on it."""
     default = DEFAULT_WORDS.get(field, str(JobParams.model_fields[field].default))
     allowed = bounds(field)
+    if field in CAPPED_BY:
+        cap = CAPPED_BY[field]
+        what = "width x height" if cap == "max_pixels" else "it"
+        allowed = f"{allowed}; SVDQ_{cap.upper()} caps {what}, {Settings.model_fields[cap].default:,} unless set"
     return f"{field} (default: {default}{'; ' + allowed if allowed else ''})"
 
 

@@ -30,7 +30,9 @@ def test_every_option_says_its_default_and_choices() -> None:
                 assert action.help and said in action.help, f"svdq {name} {action.option_strings[0]}"
     submit = {a.option_strings[0]: a for a in subcommands()["submit"]._actions if a.option_strings}
     assert "default: 25; 1 to 128" in submit["--frames"].help
-    assert "64 to 2048, a multiple of 8" in submit["--width"].help
+    assert "SVDQ_MAX_FRAMES caps it, 64 unless set" in submit["--frames"].help
+    assert "64 to 2048, a multiple of 8; SVDQ_MAX_PIXELS caps width x height, 1,048,576" in submit["--width"].help
+    assert "SVDQ_MAX_STEPS caps it, 100" in submit["--steps"].help
     assert submit["--format"].choices == ("mp4", "webm", "gif")
 
 
