@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -203,6 +204,17 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_to_be() -> N
         "SVDQ_REDIS_ULR is not a setting svdq knows (did you mean SVDQ_REDIS_URL?); it is ignored",
         "SVDQ_XYZZY is not a setting svdq knows; it is ignored",
     ]
+    # Every variable the code names on its own (os.environ["SVDQ_..."], the worker's hand-offs to its children)
+    # is one it knows: a new internal one left out would be warned of as a typo on every command.
+    root = Path(__file__).parents[2]
+    named = {
+        node.value
+        for source in [*(root / "producer").rglob("*.py"), *(root / "worker").rglob("*.py")]
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.Constant) and re.fullmatch(r"SVDQ_[A-Z0-9_]+", str(node.value))
+    }
+    assert {"SVDQ_LOAD_ERROR_FILE", "SVDQ_WORKER_MAIN_PID", "SVDQ_GATEWAY_UNSAFE_NO_AUTH"} <= named
+    assert unknown_variables(dict.fromkeys(named, "")) == []
 
 
 def test_the_readme_s_record_table_lists_every_field_of_the_record() -> None:

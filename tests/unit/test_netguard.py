@@ -119,3 +119,15 @@ def test_a_url_without_a_scheme_is_told_so() -> None:
         check_url("notaurl", resolve=resolver("93.184.216.34"))
     with pytest.raises(UnsafeURL, match="not ftp:"):
         check_url("ftp://example.com/x", resolve=resolver("93.184.216.34"))
+
+
+def test_the_longest_url_fetched_is_the_longest_reference_a_job_may_hold() -> None:
+    """Two names for one limit (netguard imports nothing of svdq's): a URL the worker would refuse to fetch must
+    already be refused at submit."""
+    from producer import contract, netguard
+
+    assert netguard.MAX_URL_LENGTH == contract.MAX_REFERENCE
+    longest = "http://example.com/" + "a" * (contract.MAX_REFERENCE - len("http://example.com/"))
+    check_url(longest, resolve=resolver("93.184.216.34"))
+    with pytest.raises(UnsafeURL, match="over 2,048"):
+        check_url(longest + "a", resolve=resolver("93.184.216.34"))
