@@ -26,12 +26,18 @@ class FleetStore:
 
     # -- presence: one hash per worker node, refreshed by its main process --------------------------------
 
-    def present(self, hostname: str, info: dict[str, Any], ttl: int) -> None:
-        """The node is up: `info` (model, device, pid) for `ttl` seconds unless refreshed."""
+    def present(self, hostname: str, info: dict[str, Any], ttl: int, *, device: str) -> None:
+        """The node is up: `info` (model, pid) for `ttl` seconds unless refreshed. `device` is what the node was
+        asked for ("auto", or its GPU's index): kept only until its worker process says what it loaded on."""
         pipe = self.redis.pipeline()
         pipe.hset(keys.worker(hostname), mapping=info)
+        pipe.hsetnx(keys.worker(hostname), "device", device)
         pipe.expire(keys.worker(hostname), ttl)
         pipe.execute()
+
+    def loaded_on(self, hostname: str, device: str) -> None:
+        """The node's model is loaded, on `device` ("cpu", "cuda:0 NVIDIA H100 ...")."""
+        self.redis.hset(keys.worker(hostname), "device", device)
 
     def failed(self, hostname: str, model: str, message: str) -> None:
         """The node's model could not load: listed with `message` for an hour, though it answers no ping."""

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import (
     task_revoked,
@@ -20,9 +21,11 @@ from celery.signals import (
 )
 
 from producer.client import connect_redis
+from producer.fleet import FleetStore
 from producer.settings import redact_url, sentinel_options
 from worker import revoke, runtime, tasks
 from worker.node import Node
+from worker.pipeline import describe_device
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, describe, load_hint, report_to_presence
 
@@ -80,9 +83,13 @@ POOL_EXIT_DELAY = 5.0
 def _load_model(settings: WorkerSettings, sender: str | None = None, **_: Any) -> None:
     log.info("worker process loading %s (broker %s)", settings.model, redact_url(settings.redis_url))
     try:
-        runtime.start(settings)
+        rt = runtime.start(settings)
     except BaseException as exc:  # Celery would log it and carry on with a process that has no model
         _load_failed(settings, sender, exc)
+        return
+    if sender:  # what "auto" became, for `svdq top` (the main process never touches CUDA)
+        with contextlib.suppress(redis.RedisError), connect_redis(settings, retry_for=1) as client:
+            FleetStore(client).loaded_on(sender, describe_device(rt.renderer.device))
 
 
 def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseException) -> None:

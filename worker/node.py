@@ -98,13 +98,9 @@ class Node:
     def refresh_presence(self) -> None:
         """What `svdq top` shows of this node, kept alive while this process lives."""
         assert self.fleet is not None and self.hostname is not None
-        info = {
-            "model": self.settings.served_model(),
-            "source": self.settings.model,
-            "device": os.environ.get("CUDA_VISIBLE_DEVICES", self.settings.device),
-            "pid": os.getpid(),
-        }
-        self.fleet.present(self.hostname, info, self._presence_ttl)
+        info = {"model": self.settings.served_model(), "source": self.settings.model, "pid": os.getpid()}
+        asked = os.environ.get("CUDA_VISIBLE_DEVICES", self.settings.device)
+        self.fleet.present(self.hostname, info, self._presence_ttl, device=asked)
 
     def begin_grace(self, hostname: str | None, how: str) -> None:
         """SIGTERM (a warm shutdown): the running job may finish within SVDQ_STOP_GRACE, then is handed back.

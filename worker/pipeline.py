@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -43,6 +44,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """For `svdq top`: "cpu", or "cuda:0 NVIDIA H100 80GB HBM3 (CUDA_VISIBLE_DEVICES=3)" where --gpus chose."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}" + (f" (CUDA_VISIBLE_DEVICES={chosen})" if chosen else "")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -141,6 +141,10 @@ def test_jobs_reach_the_worker_serving_their_model_and_top_shows_the_rest(
         assert waiting[f"{base}@alpha"]["readers"] == 1 and waiting[base]["readers"] == 2
         models = {w["name"]: w["model"] for w in snap["workers"]}
         assert models[alpha.hostname] == "alpha" and models[beta.hostname] == "beta"
+        # What SVDQ_DEVICE=auto became in the worker process, not "auto".
+        devices = {w["name"]: w["device"] for w in snap["workers"]}
+        expected = "cuda:0 " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        assert devices[alpha.hostname].startswith(expected) and devices[beta.hostname].startswith(expected)
         gamma = jobs["gamma"].status()
         assert gamma.state is JobState.QUEUED and gamma.queue == f"{base}@gamma"
         jobs["gamma"].cancel()
