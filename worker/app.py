@@ -24,6 +24,7 @@ from producer.client import connect_redis
 from producer.fleet import FleetStore
 from producer.settings import redact_url, sentinel_options
 from worker import revoke, runtime, tasks
+from worker.gate import gate
 from worker.node import Node
 from worker.pipeline import describe_device
 from worker.settings import WorkerSettings
@@ -61,8 +62,10 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         # Flower's view of the fleet.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        # The pool child loads the model before it reports ready; a real checkpoint takes minutes.
-        worker_proc_alive_timeout=settings.load_timeout,
+        # The pool child loads the model before it reports ready; a real checkpoint takes minutes. On the first
+        # start worker.gate ends a load past SVDQ_LOAD_TIMEOUT itself, with the reason: Celery's timer (which
+        # kills the process and forks another) only covers a process replaced later.
+        worker_proc_alive_timeout=settings.load_timeout + 60,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a Redis restart must never end a worker
         # Nor the job it is rendering: the render goes on through a reconnect (its lease and fenced writes
@@ -72,6 +75,7 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     tasks.register(app, settings)
+    app.steps["consumer"].add(gate(settings))
     revoke.install()
     _connect_signals(settings)
     return app
@@ -90,6 +94,8 @@ def _load_model(settings: WorkerSettings, sender: str | None = None, **_: Any) -
     if sender:  # what "auto" became, for `svdq top` (the main process never touches CUDA)
         with contextlib.suppress(redis.RedisError), connect_redis(settings, retry_for=1) as client:
             FleetStore(client).loaded_on(sender, describe_device(rt.renderer.device))
+    if failure := LoadFailure.from_env():
+        failure.mark_loaded()  # the main process starts taking jobs (worker.gate)
 
 
 def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseException) -> None:

@@ -78,7 +78,8 @@ def check_safetensors(path: Path) -> str | None:
 
 class LoadFailure:
     """A file, named in the environment so forked pool processes inherit it, that carries a load error from
-    the pool process to the worker's main process (whose pid travels beside it)."""
+    the pool process to the worker's main process (whose pid travels beside it); a second file beside it says
+    the model loaded."""
 
     ENV = "SVDQ_LOAD_ERROR_FILE"
     PID_ENV = "SVDQ_WORKER_MAIN_PID"
@@ -120,8 +121,20 @@ class LoadFailure:
         except FileNotFoundError:
             return None
 
+    @property
+    def _loaded_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".loaded")
+
+    def mark_loaded(self) -> None:
+        """The pool process has its model: the main process may start taking jobs (worker.gate)."""
+        self._loaded_path.touch()
+
+    def loaded(self) -> bool:
+        return self._loaded_path.exists()
+
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+        self._loaded_path.unlink(missing_ok=True)
 
 
 def load_hint(model: str) -> str:

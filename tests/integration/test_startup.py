@@ -1,10 +1,14 @@
 """A worker whose model cannot load exits non-zero within seconds with the real error last, `svdq top` shows why,
-and a job submitted meanwhile stays queued until a healthy worker takes it at once."""
+and a job submitted meanwhile stays queued until a healthy worker takes it at once. A worker still loading its
+model answers no ping and holds no job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -12,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from producer.client import Client
 from producer.contract import JobState, priority_queues
@@ -139,3 +144,94 @@ def test_a_hub_model_that_cannot_be_fetched_says_what_to_do(svdq_env: dict[str, 
     assert done.returncode == LOAD_FAILED
     last = (done.stdout + done.stderr).strip().splitlines()[-1]
     assert "svdq-test/no-such-model" in last and "svdq make-tiny-model DIR" in last, last
+
+
+def pool_process(main_pid: int, timeout: float = 30.0) -> int:
+    """The worker's pool process, caught as soon as it is forked: it then loads the model for seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main_pid:
+                    return int(stat.parent.name)
+        time.sleep(0.01)
+    raise AssertionError("the worker forked no pool process")
+
+
+def start_loading_worker(
+    env: dict[str, str], queue: str, hostname: str, log: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A worker whose pool process is held (SIGSTOP) in the middle of loading its model, as a slow download or
+    a long compile holds it; the caller lets it go on with SIGCONT."""
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [SVDQ, "worker", f"--hostname={hostname}", f"--queues={','.join(priority_queues(queue))}"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    child = pool_process(proc.pid)
+    os.kill(child, signal.SIGSTOP)
+    return proc, child
+
+
+def test_a_worker_loading_its_model_answers_no_ping_and_holds_no_job(
+    svdq_env: dict[str, str],
+    tmp_path: Path,
+    image_file: Path,
+    start_worker: Callable[..., WorkerProcess],
+    celery_control: Celery,
+) -> None:
+    """It used to consume as soon as it forked: it took a job off the queue and sat on it through the load while a
+    warm worker idled, and compose's healthcheck (a ping) called it healthy."""
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    warm = start_worker(queue=queue)
+    hostname = f"loading{uuid.uuid4().hex[:6]}@test"
+    log = tmp_path / "loading.log"
+    proc, child = start_loading_worker(svdq_env, queue, hostname, log)
+    try:
+        time.sleep(3)  # the time it took to start consuming (and answer pings) before it waited for the load
+        assert not celery_control.control.ping(destination=[hostname], timeout=1), log.read_text()
+        with Client.from_env(queue=queue) as client:
+            jobs = [client.submit(image_file, **SMALL, seed=n) for n in range(2)]
+            done = [job.wait(timeout=60) for job in jobs]
+        assert [(r.state, r.worker) for r in done] == [(JobState.SUCCEEDED, warm.hostname)] * 2
+        assert "waiting for the model to load" in log.read_text()
+        os.kill(child, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while not celery_control.control.ping(destination=[hostname], timeout=0.5):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("env", "end", "says"),
+    [
+        ({"SVDQ_LOAD_TIMEOUT": "4"}, None, "the model was not loaded within SVDQ_LOAD_TIMEOUT=4s"),
+        ({}, signal.SIGKILL, "the process loading the model was killed by SIGKILL (out of memory?)"),
+    ],
+    ids=["too-slow", "killed"],
+)
+def test_a_load_too_slow_or_killed_ends_the_worker_with_the_reason(
+    svdq_env: dict[str, str], tmp_path: Path, env: dict[str, str], end: signal.Signals | None, says: str
+) -> None:
+    """Celery's own timer killed a slow load and forked another, for ever; a killed loader was replaced likewise."""
+    hostname = f"loading{uuid.uuid4().hex[:6]}@test"
+    proc, child = start_loading_worker({**svdq_env, **env}, f"q-{uuid.uuid4().hex[:6]}", hostname, tmp_path / "w.log")
+    try:
+        if end is not None:
+            os.kill(child, end)
+        assert proc.wait(timeout=60) == LOAD_FAILED
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    last = (tmp_path / "w.log").read_text().strip().splitlines()[-1]
+    assert last.startswith(f"svdq worker: the model failed to load: {says}"), last
+    shown = top_entry(svdq_env, hostname)
+    assert shown["stage"] == "failed" and shown["error"].startswith(says)

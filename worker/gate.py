@@ -1,0 +1,112 @@
+"""No job and no ping before the model is loaded.
+
+Celery's main process starts consuming as soon as it has forked its pool process, while that process is still
+loading the model in `worker_process_init` (minutes for a real checkpoint). It would take a message off the
+queue and hold it through the load while warm workers idle, and answer pings, so compose's healthcheck called
+a loading worker healthy. This consumer step holds the consumer's start (the event loop that fetches messages
+and answers pings comes after every step) until the pool process says its model is loaded, or why not.
+
+It also owns SVDQ_LOAD_TIMEOUT on the first start: a load that takes longer, or a loading process that dies
+(killed for memory), ends the worker with exit 3 and the reason, where Celery's own timer would kill the
+process and start another load, for ever, with a job held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from celery import bootsteps
+from celery.concurrency.prefork import TaskPool
+from celery.exceptions import WorkerShutdown
+from celery.worker import state
+
+from producer.client import connect_redis
+from worker.settings import WorkerSettings
+from worker.startup import LOAD_FAILED, LoadFailure, report_to_presence
+
+log = logging.getLogger(__name__)
+
+
+class Child(Protocol):
+    pid: int | None
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+
+def how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+def wait_for_model(
+    failure: LoadFailure,
+    children: Callable[[], Iterable[Child]],
+    timeout: float,
+    stopping: Callable[[], bool],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Return once the pool process has loaded the model, or the worker is asked to stop; WorkerShutdown(3)
+    with the reason kept in `failure` when it cannot load."""
+    deadline = clock() + timeout
+    while not failure.loaded():
+        if failure.read() is not None:  # the pool process said why; the worker's main() prints it last
+            raise WorkerShutdown(LOAD_FAILED)
+        if stopping():
+            return
+        ended = [child.exitcode for child in children()]
+        if ended and all(code is not None for code in ended):
+            failure.record(f"the process loading the model {how_it_ended(ended[0] or 0)}")
+            raise WorkerShutdown(LOAD_FAILED)
+        if clock() > deadline:
+            failure.record(
+                f"the model was not loaded within SVDQ_LOAD_TIMEOUT={timeout:g}s; a first start that downloads or "
+                "compiles a real checkpoint can take longer: raise SVDQ_LOAD_TIMEOUT"
+            )
+            for child in children():
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            raise WorkerShutdown(LOAD_FAILED)
+        sleep(0.2)
+
+
+def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
+    """The consumer step, for a worker whose loads may take SVDQ_LOAD_TIMEOUT seconds."""
+    load_timeout = settings.load_timeout
+
+    class ModelGate(bootsteps.StartStopStep):
+        label = "model gate"
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, c: Any) -> None:
+            failure = LoadFailure.from_env()
+            # Solo and thread pools load in this process, at the first job; a consumer restarted after a
+            # broker outage finds the model loaded long ago.
+            if failure is None or failure.loaded() or not isinstance(c.pool, TaskPool):
+                return
+            log.info("waiting for the model to load before taking jobs (SVDQ_LOAD_TIMEOUT=%gs)", load_timeout)
+            try:
+                wait_for_model(
+                    failure,
+                    children=lambda: list(c.pool._pool._pool),
+                    timeout=load_timeout,
+                    stopping=lambda: state.should_stop is not None or state.should_terminate is not None,
+                )
+            except WorkerShutdown:
+                message = failure.read() or "unknown"
+                log.critical("svdq worker stops: the model failed to load: %s", message)
+                report_to_presence(connect_redis(settings, retry_for=1), c.hostname, settings.served_model(), message)
+                raise
+
+    return ModelGate
