@@ -278,7 +278,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise CliError("the gateway is not installed here: `pip install 'svdq[gateway]'`", EXIT_USAGE)
+        raise CliError("the gateway is not installed here: `pip install '.[gateway]'` in svdq's checkout", EXIT_USAGE)
     from producer import gateway
 
     settings = Settings()
@@ -309,14 +309,18 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_ping(args: argparse.Namespace) -> int:
     """Exit 0 once a worker answers (compose's healthcheck); 5 when none does within the timeout."""
+    from celery.utils.nodenames import host_format
+
+    # %h, %n and %d as `svdq worker --hostname` takes them: compose asks for gpu0@%h, its container's own worker.
+    name = host_format(args.hostname) if args.hostname else None
     celery = producer_celery(Settings())
     try:
-        replies = celery.control.ping(destination=[args.hostname] if args.hostname else None, timeout=args.timeout)
+        replies = celery.control.ping(destination=[name] if name else None, timeout=args.timeout)
     finally:
         celery.close()
     names = sorted(name for reply in replies for name in reply)
     if not names:
-        who = f"worker {args.hostname}" if args.hostname else "worker"
+        who = f"worker {name}" if name else "worker"
         raise CliError(
             f"no {who} answered within {args.timeout:g}s (starting, or down: see `svdq top`)", EXIT_UNAVAILABLE
         )
@@ -330,7 +334,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
 def run_worker_module(module: str, argv: list[str]) -> None:
     """Replace this process with one of the worker's entry points (the producer never imports it)."""
     if importlib.util.find_spec("worker") is None or importlib.util.find_spec("torch") is None:
-        raise CliError("the worker is not installed here: `pip install 'svdq[worker]'` (needs torch)", EXIT_USAGE)
+        raise CliError(
+            "the worker is not installed here: `pip install '.[worker]'` in svdq's checkout (needs torch)", EXIT_USAGE
+        )
     os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 
@@ -489,7 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     top.set_defaults(func=cmd_top)
 
     ping = sub.add_parser("ping", help="exit 0 if a worker (or the one named) answers; 5 if none does")
-    ping.add_argument("--hostname", metavar="NAME", help="the worker's node name, e.g. gpu0@host (default: any)")
+    ping.add_argument(
+        "--hostname",
+        metavar="NAME",
+        help="the worker's node name, e.g. gpu0@host or gpu0@%%h (this host's; default: any)",
+    )
     ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers (default: 5)")
     ping.add_argument("--json", action="store_true", help="print the names that answered as JSON")
     ping.set_defaults(func=cmd_ping)

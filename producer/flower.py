@@ -29,7 +29,7 @@ def flower_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start Flower."""
     if importlib.util.find_spec("flower") is None:
-        raise FlowerRefused("Flower is not installed here: `pip install 'svdq[flower]'`")
+        raise FlowerRefused("Flower is not installed here: `pip install '.[flower]'` in svdq's checkout")
     own = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
     auth = own or os.environ.get("FLOWER_BASIC_AUTH")
     if not auth and not unsafe_no_auth:

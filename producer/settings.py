@@ -22,7 +22,9 @@ def default_storage_url() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SVDQ_", extra="ignore")
+    # An empty variable counts as unset: compose's `${SVDQ_WEBHOOK_SECRET:-}` passes "" for "not given", which
+    # read literally is a secret that fails its check (a worker in a restart loop) or an endpoint URL of "".
+    model_config = SettingsConfigDict(env_prefix="SVDQ_", extra="ignore", env_ignore_empty=True)
 
     def check_caps(self, params: JobParams) -> None:
         check_caps(params, max_frames=self.max_frames, max_pixels=self.max_pixels, max_steps=self.max_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -156,6 +157,11 @@ def test_ping_answers_for_a_live_worker_and_exits_5_for_none(svdq_env: dict[str,
         timeout=30,
     )
     assert gone.returncode == 5 and "no worker nobody@nowhere answered" in gone.stderr, gone
+    # %h is this host, as `svdq worker --hostname gpu0@%h` names itself (compose's healthcheck asks so).
+    here = subprocess.run(
+        [SVDQ, "ping", "--hostname", "nobody@%h", "--timeout", "1"], env=svdq_env, capture_output=True, text=True
+    )
+    assert here.returncode == 5 and f"no worker nobody@{socket.gethostname()} answered" in here.stderr, here
 
 
 def test_top_into_a_pipe_prints_snapshots_one_after_another_without_screen_codes(svdq_env: dict[str, str]) -> None:

@@ -35,11 +35,11 @@ def need(tool: str) -> str:
     return found
 
 
-def compose_config(*args: str) -> dict[str, Any]:
+def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(
         [need("docker-compose"), *args, "config"],
         cwd=ROOT,
-        env={"PATH": os.environ["PATH"], **ENV},
+        env={"PATH": os.environ["PATH"], **ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,12 +69,11 @@ def test_compose_runs_svdq_on_an_nvidia_host() -> None:
     assert env["HF_TOKEN"] == "hf_test" and "SVDQ_WEBHOOK_SECRET" in env
     assert env["SVDQ_S3_PUBLIC_ENDPOINT_URL"].startswith("http://localhost")  # a browser can open result URLs
     assert env["SVDQ_S3_ENDPOINT_URL"] == "http://minio:9000"
-    # A stable node name, and a healthcheck that asks that node.
-    assert worker["hostname"] == "svdq-gpu0" and "--hostname=gpu0@svdq-gpu0" in worker["command"]
-    assert (
-        worker["healthcheck"]["test"][1:4] == ["svdq", "ping", "--hostname"]
-        and "gpu0@svdq-gpu0" in worker["healthcheck"]["test"]
-    )
+    # The container's own name (a fixed one was the same on every host sharing the Redis), and a healthcheck
+    # that asks that node; the first start may load for as long as the healthcheck waits.
+    assert "hostname" not in worker and "--hostname=gpu0@%h" in worker["command"]
+    assert worker["healthcheck"]["test"][1:5] == ["svdq", "ping", "--hostname", "gpu0@%h"]
+    assert worker["healthcheck"]["start_period"] == "30m" and env["SVDQ_LOAD_TIMEOUT"] == str(30 * 60)
     caches = {"/home/svdq/.cache/huggingface", "/home/svdq/.cache/svdq/compile", "/var/lib/svdq/spool"}
     assert set(mounts(worker)) == caches
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
@@ -93,6 +92,38 @@ def test_compose_runs_svdq_on_an_nvidia_host() -> None:
     assert gateway["environment"]["SVDQ_REDIS_URL"] == worker["environment"]["SVDQ_REDIS_URL"]
 
 
+def settings_in(service: dict[str, Any], cls: type, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The settings `cls` reads from a service's environment, as its process in the container would."""
+    for name in list(os.environ):
+        if name.startswith("SVDQ_"):
+            monkeypatch.delenv(name)
+    for name, value in service["environment"].items():
+        monkeypatch.setenv(name, "" if value is None else str(value))
+    return cls()
+
+
+def test_every_service_starts_with_the_operator_s_environment_as_documented(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose passes "" for a variable left unset (`${SVDQ_WEBHOOK_SECRET:-}`): read as a secret, it failed its
+    check and the worker exited 2 in a restart loop. Each shared setting can point at a Redis and store elsewhere
+    (a second host), and an empty SVDQ_S3_ENDPOINT_URL or SVDQ_MODEL_VARIANT clears it."""
+    from producer.settings import Settings
+    from worker.settings import WorkerSettings
+
+    services = compose_config()["services"]
+    worker = settings_in(services["worker-gpu0"], WorkerSettings, monkeypatch)
+    assert worker.webhook_secret is None and worker.model_variant == "fp16" and worker.load_timeout == 1800
+    assert settings_in(services["gateway"], Settings, monkeypatch).redis_url == "redis://redis:6379/0"
+    assert settings_in(services["flower"], Settings, monkeypatch).flower_basic_auth is not None
+
+    shared = {"SVDQ_REDIS_URL": "rediss://:pw@redis.internal:6380/2", "SVDQ_STORAGE_URL": "s3://renders/svdq"}
+    services = compose_config(env={**shared, "SVDQ_S3_ENDPOINT_URL": "", "SVDQ_MODEL_VARIANT": ""})["services"]
+    worker = settings_in(services["worker-gpu0"], WorkerSettings, monkeypatch)
+    assert (worker.redis_url, worker.storage_url) == (shared["SVDQ_REDIS_URL"], shared["SVDQ_STORAGE_URL"])
+    assert worker.s3_endpoint_url is None and worker.model_variant is None  # AWS itself; a checkpoint without fp16
+    for name in ("gateway", "flower"):
+        assert settings_in(services[name], Settings, monkeypatch).redis_url == shared["SVDQ_REDIS_URL"]
+
+
 def test_the_image_writes_where_compose_mounts_volumes() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     worker = compose_config()["services"]["worker-gpu0"]
@@ -102,6 +133,10 @@ def test_the_image_writes_where_compose_mounts_volumes() -> None:
         assert target in made.group(1).split(), f"{target} is not made (and owned) by the image's user"
     assert re.search(r"chown -R svdq:svdq .*/var/lib/svdq", dockerfile) and "USER svdq" in dockerfile
     assert "SVDQ_SPOOL_DIR=/var/lib/svdq/spool" in dockerfile
+    # The build context holds what the image copies and nothing else (a checkout's .venv is gigabytes).
+    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    copied = {p for line in dockerfile.splitlines() if line.startswith("COPY ") for p in line.split()[1:-1]}
+    assert ignore[0] == "*" and {line[1:].rstrip("/") for line in ignore if line[0] == "!"} == copied
 
 
 def test_monitoring_profile_scrapes_the_workers_and_provisions_the_dashboard() -> None:
@@ -115,10 +150,13 @@ def test_monitoring_profile_scrapes_the_workers_and_provisions_the_dashboard() -
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
     assert targets["svdq-workers"] == ["worker-gpu0:9100"]
     assert services["worker-gpu0"]["environment"]["SVDQ_METRICS_PORT"] == "9100"
-    # Flower's /metrics asks for credentials (svdq flower): the scrape sends them, filled in at start.
+    # Flower's /metrics asks for credentials (svdq flower): the scrape sends them, from files written at start.
     flower_job = next(job for job in scrape if job["job_name"] == "flower")
-    assert flower_job["basic_auth"] == {"username": "@FLOWER_USER@", "password": "@FLOWER_PASSWORD@"}
-    assert "@FLOWER_PASSWORD@" in " ".join(prometheus["command"])
+    files = {"username_file": "/tmp/flower-user", "password_file": "/tmp/flower-password"}
+    assert flower_job["basic_auth"] == files
+    assert prometheus["entrypoint"] == ["/bin/sh", "-c"]
+    assert "--config.file=/etc/prometheus/svdq.yml" in prometheus["command"][0]
+    assert mounts(prometheus)["/etc/prometheus/svdq.yml"] == str(ROOT / "deploy" / "prometheus.yml")
     assert Path(mounts(grafana)["/var/lib/grafana/dashboards/svdq.json"]) == ROOT / "docs" / "grafana-svdq.json"
     json.loads((ROOT / "docs" / "grafana-svdq.json").read_text())
     datasource = yaml.safe_load((ROOT / "deploy" / "grafana" / "datasource.yml").read_text())["datasources"][0]
@@ -176,3 +214,18 @@ def test_the_images_pins_resolve_together() -> None:
     }
     assert chosen["torch"].split("+")[0] == lock["torch"] and chosen["flower"] == lock["flower"]
     assert chosen["diffusers"] == lock["diffusers"] and chosen["transformers"] == lock["transformers"]
+
+
+def test_prometheus_gets_flower_s_first_user_and_password_whatever_they_hold(tmp_path: Path) -> None:
+    """The start command used to sed them into the config: a second user ended up in the password, and a password
+    with & or | came out mangled or stopped Prometheus from starting."""
+    auth = "ops:p&a|ss\\w:o:rd,viewer:other"
+    prometheus = compose_config("--profile", "monitoring", env={"FLOWER_BASIC_AUTH": auth})["services"]["prometheus"]
+    # The command as the container's shell runs it: compose's $$ is one $, and Prometheus itself is not here.
+    script = prometheus["command"][0].replace("$$", "$").replace("/tmp/", f"{tmp_path}/")
+    script = script.split("&& exec /bin/prometheus")[0]
+    done = subprocess.run(["sh", "-c", script], env={"FLOWER_BASIC_AUTH": auth}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "flower-user").read_text() == "ops"
+    assert (tmp_path / "flower-password").read_text() == "p&a|ss\\w:o:rd"
+    assert prometheus["environment"]["FLOWER_BASIC_AUTH"] == auth
