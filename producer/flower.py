@@ -38,7 +38,7 @@ def flower_command(
             "(or FLOWER_BASIC_AUTH), or pass --unsafe-no-auth on a network you trust"
         )
     env = {name: value for name, value in os.environ.items() if name != "SVDQ_FLOWER_BASIC_AUTH"}
-    env["CELERY_BROKER_URL"] = settings.redis_url
+    env["SVDQ_REDIS_URL"], env["SVDQ_SENTINEL_MASTER"] = settings.redis_url, settings.sentinel_master
     if auth:
         env["FLOWER_BASIC_AUTH"] = auth
     else:
@@ -59,11 +59,12 @@ def protect_monitoring() -> None:
 
 def main(argv: list[str]) -> None:
     """`python -m producer.flower [flower options]`: Flower with every path behind its authentication."""
-    from celery.bin.celery import main as celery_main
+    from producer.client import producer_celery
 
     protect_monitoring()
-    sys.argv = ["celery", "flower", *argv]
-    celery_main()
+    # svdq's app, not Celery's default one from CELERY_BROKER_URL: a Sentinel broker needs its master's name
+    # (SVDQ_SENTINEL_MASTER) in the transport options, which no URL carries.
+    sys.exit(producer_celery(Settings()).start(["flower", *argv]))
 
 
 if __name__ == "__main__":

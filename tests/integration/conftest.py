@@ -4,6 +4,7 @@ ports, the tiny model built once through the CLI, and real `svdq worker` process
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -226,8 +227,15 @@ def get(url: str, auth: str | None = None, method: str = "GET") -> Any:
 
 @pytest.fixture
 def flower(svdq_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    with start_flower(svdq_env, tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def start_flower(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`svdq flower` with FLOWER_AUTH, answering on the URL it yields."""
     port = free_port()
-    env = {**svdq_env, "SVDQ_FLOWER_BASIC_AUTH": FLOWER_AUTH}
+    env = {**env, "SVDQ_FLOWER_BASIC_AUTH": FLOWER_AUTH}
     with (tmp_path / "flower.log").open("wb") as log:
         proc = subprocess.Popen([SVDQ, "flower", f"--port={port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -239,9 +247,11 @@ def flower(svdq_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         except (OSError, urllib.error.HTTPError):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
             time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def probe(data: bytes, tmp_path: Path) -> tuple[int, dict[str, Any]]:

@@ -15,7 +15,7 @@ from producer import keys
 from producer.client import Client
 from producer.contract import JobState
 from producer.local_redis import LocalRedis, find_redis_server, free_port
-from tests.integration.conftest import SMALL
+from tests.integration.conftest import FLOWER_AUTH, SMALL, get, start_flower
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +48,16 @@ def sentinel_url(tmp_path: Path) -> Iterator[tuple[str, int]]:
     master.stop()
 
 
-def test_a_job_through_a_sentinel_url(sentinel_url: tuple[str, int], start_worker: Any, image_file: Path) -> None:
+def test_a_job_through_a_sentinel_url_and_flower_on_it(
+    sentinel_url: tuple[str, int], start_worker: Any, image_file: Path, svdq_env: dict[str, str], tmp_path: Path
+) -> None:
     url, master_port = sentinel_url
     worker = start_worker(env={"SVDQ_REDIS_URL": url})
     with Client.from_env(redis_url=url, queue=worker.queue) as client:
         final = client.submit(image_file, **SMALL).wait(timeout=120)
     assert final.state is JobState.SUCCEEDED, final.error
     assert redis.Redis(port=master_port).exists(keys.job(final.id))  # the record is on the master it found
+    # Flower ran on Celery's default app, which had no master name: "'master_name' transport option must be
+    # specified", and it saw no worker.
+    with start_flower({**svdq_env, "SVDQ_REDIS_URL": url}, tmp_path) as flower:
+        assert worker.hostname in get(flower + "/api/workers?refresh=true", FLOWER_AUTH)
