@@ -40,13 +40,15 @@ class Settings(BaseSettings):
         """Checked here so a typo is one line naming the variable, not redis-py's traceback at first use."""
         for part in url.split(";") if is_sentinel(url) else [url]:
             parts = urlsplit(part)
-            if parts.scheme not in ("redis", "rediss", "unix", "sentinel"):
-                raise ValueError("must be redis://HOST:PORT/DB (or rediss://, unix://, sentinel://)")
+            if parts.scheme == "unix":  # redis-py would take it, but Celery's broker has no transport for it
+                raise ValueError("a unix socket is not a broker Celery can use: listen on TCP, redis://HOST:PORT/DB")
+            if parts.scheme not in ("redis", "rediss", "sentinel"):
+                raise ValueError("must be redis://HOST:PORT/DB (or rediss://, sentinel://)")
             try:
                 parts.port  # noqa: B018  (raises on a port that is not a number or out of range)
             except ValueError as exc:
                 raise ValueError(f"bad port: {exc}") from None
-            database = parts.path.strip("/") if parts.scheme != "unix" else ""
+            database = parts.path.strip("/")
             if database and not database.isdigit():  # not repeated: with a slash missing, it holds the password
                 raise ValueError("the database (after the last /) must be a number")
         return url

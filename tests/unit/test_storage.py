@@ -141,6 +141,12 @@ def test_a_malformed_setting_never_repeats_a_password_or_a_secret(monkeypatch: p
         line = settings_error(refused.value)
         assert line.startswith("SVDQ_REDIS_URL: ") and "S3cretPassw0rd" not in line, line
     assert redact_url("redis://:S3cretPassw0rd@[::1/0") == "(a malformed URL, not shown)"
+    # redis-py takes a unix socket, Celery's broker does not ("No such transport: unix" at first use).
+    with pytest.raises(pydantic.ValidationError) as refused:
+        Settings(redis_url="unix:///run/redis/redis.sock")
+    assert settings_error(refused.value).startswith(
+        "SVDQ_REDIS_URL: a unix socket is not a broker Celery can use: listen on TCP, redis://HOST:PORT/DB"
+    )
     # A webhook secret that does not decode is refused at start (it failed every delivery, in a thread, silently),
     # and the line that says so does not repeat it.
     monkeypatch.setenv("SVDQ_WEBHOOK_SECRET", "whsec_abcde-NOT-BASE64")
