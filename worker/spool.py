@@ -6,13 +6,16 @@ lease kept alive by the heartbeat. One thread retries every pending upload with 
 takes it, or the job is canceled or taken over meanwhile. When the spool has no room, the job fails
 with `spool_full` at once: nothing silently waits in memory.
 
-Each process spools into a folder of its own; folders left by dead processes are removed at start (their
-jobs are recovered through their lapsed leases).
+Each process spools into a folder of its own, holding a lock on it while it lives; folders whose lock nobody
+holds were left by dead processes and are removed at start (their jobs are recovered through their lapsed
+leases). A lock, not the pid in the name: in a container a restarted worker's processes get the same small
+pids again, and a folder named after a live pid was kept, and filled the disk, for ever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -55,6 +58,9 @@ def default_spool_dir() -> Path:
     return Path(tempfile.gettempdir()) / "svdq-spool"
 
 
+OWNER = ".owner"  # the file in a spool folder its process keeps locked
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -63,6 +69,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the process that made `folder` still runs: it holds the lock on its owner file."""
+    try:
+        fd = os.open(folder / OWNER, os.O_RDONLY)
+    except FileNotFoundError:  # a folder made this instant, before its lock: the pid in its name tells
+        pid = folder.name.split("-", 1)[0]
+        return pid.isdigit() and _pid_alive(int(pid))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # which releases a lock this took
+    return False
 
 
 class Spool:
@@ -75,6 +97,8 @@ class Spool:
         root.mkdir(parents=True, exist_ok=True)
         self._clear_dead(root)
         self.dir = Path(tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-"))
+        self._owner = os.open(self.dir / OWNER, os.O_RDWR | os.O_CREAT, 0o600)  # released when this process ends
+        fcntl.flock(self._owner, fcntl.LOCK_EX)
         self._pending: dict[str, PendingUpload] = {}
         self._wake = threading.Condition()
         self._closed = False
@@ -84,9 +108,8 @@ class Spool:
     @staticmethod
     def _clear_dead(root: Path) -> None:
         for folder in root.iterdir():
-            pid = folder.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                log.warning("removing the upload spool of dead process %s: %s", pid, folder)
+            if folder.is_dir() and folder.name.split("-", 1)[0].isdigit() and not _owner_alive(folder):
+                log.warning("removing the upload spool of a process that ended: %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
     def used_bytes(self) -> int:
@@ -130,6 +153,8 @@ class Spool:
         if self._pending:
             log.warning("%d spooled uploads dropped at shutdown; their jobs are recovered by lease", len(self._pending))
         shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # closed by an earlier close
+            os.close(self._owner)
 
     def _delay(self, tries: int) -> float:
         return backoff(tries, self.backoff_base, self.backoff_max, random.random())

@@ -18,8 +18,14 @@ from producer.contract import JobState
 from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, wait_until
 from tests.integration.faults import CuttableProxy
 from tests.integration.test_webhooks import SECRET, Receiver
+from worker.spool import OWNER
 
 pytestmark = pytest.mark.integration
+
+
+def spooled(spool: Path) -> list[Path]:
+    """The videos waiting in a worker's spool (each process's folder also holds the lock it keeps)."""
+    return [p for p in spool.rglob("*") if p.is_file() and p.name != OWNER]
 
 
 @pytest.fixture
@@ -132,7 +138,7 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
         assert pending.state is JobState.STARTED and pending.attempts == 1
         assert pending.error is not None and pending.error.code == "storage_unavailable"
         assert "upload spool" in pending.error.message
-        assert [p.suffix for p in spool.rglob("*") if p.is_file()] == [".mp4"]
+        assert [p.suffix for p in spooled(spool)] == [".mp4"]
         time.sleep(3)  # a retry or two fail meanwhile
         assert job.status().state is JobState.STARTED
         s3_proxy.up()
@@ -140,7 +146,7 @@ def test_an_upload_outage_spools_the_video_and_uploads_it_when_storage_returns(
     assert final.state is JobState.SUCCEEDED and final.attempts == 1  # rendered once
     assert final.error is None and final.result is not None
     assert s3.head_object(Bucket=BUCKET, Key=final.result.key)["ContentLength"] == final.result.bytes
-    assert not [p for p in spool.rglob("*") if p.is_file()]
+    assert not spooled(spool)
     assert f"job {job.id} succeeded" in fresh.log_text()
 
 
@@ -230,7 +236,7 @@ def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_en
             "job.canceled",
         ]
         deadline = time.monotonic() + 30
-        while [p for p in spool.rglob("*") if p.is_file()]:  # dropped at its next try
+        while spooled(spool):  # dropped at its next try
             assert time.monotonic() < deadline, "the canceled job's video is still spooled"
             time.sleep(0.2)
     finally:

@@ -178,3 +178,42 @@ def test_inputs_are_read_up_to_the_limit_and_access_denied_is_the_job_s_input(tm
         raise denied
     with pytest.raises(StorageUnavailable), _s3_errors("job/video.mp4", reading=True):  # our own key: an outage
         raise denied
+
+
+HOLD_A_SPOOL = """
+import sys
+from pathlib import Path
+from producer.storage import FileStore
+from worker.spool import Spool
+spool = Spool(FileStore(Path(sys.argv[1])), Path(sys.argv[2]), 10)
+print(spool.dir, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_worker_s_spool_folder_goes_when_its_process_does_whatever_pid_it_is_named_after(tmp_path: Path) -> None:
+    """Folders were named after their process's pid and kept while that pid was alive: in a container, whose
+    restarted processes get the same small pids, a dead worker's folder then stayed for ever."""
+    import os
+    import subprocess
+    import sys
+
+    from worker.spool import Spool
+
+    store, root = tmp_path / "store", tmp_path / "spool"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_SPOOL, str(store), str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdout is not None
+    live = Path(holder.stdout.readline().decode().strip())
+    reused = root / f"{os.getpid()}-left-by-a-dead-worker"  # its pid is a live process's now: this one's
+    reused.mkdir()
+    (reused / ".owner").touch()
+    (reused / "job.mp4").write_bytes(b"a video nobody will upload")
+
+    Spool(FileStore(store), root, 10).close()
+    assert live.is_dir() and not reused.exists()
+    holder.communicate(timeout=30)
+    assert holder.returncode == 0
+    Spool(FileStore(store), root, 10).close()  # the next start after that process ended
+    assert not live.exists() and list(root.iterdir()) == []
