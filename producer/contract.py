@@ -304,6 +304,7 @@ class JobRecord(BaseModel):
     step: int | None = None  # denoising steps done, while denoising
     total_steps: int | None = None
     attempts: int = 0
+    handbacks: int = 0  # of those, executions a stopping worker handed back: not counted against the cap
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

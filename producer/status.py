@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 
 # KEYS: the job hash, its event channel, the event stream, its lease.
-# ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, now, id, event, maxlen, index_prefix,
-#          idem_key, idem_ttl, fence, unleased, holder, lease_ms, max_attempts, push}; ARGV[2]: a message
+# ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, handback, now, id, event, maxlen,
+#          index_prefix, idem_key, idem_ttl, fence, unleased, holder, lease_ms, max_attempts, push}; ARGV[2]: a message
 #          LPUSHed onto the list `push` when the transition applies (a creation and its Celery message
 #          land together or not at all); ARGV[3..]: field, value pairs.
 # Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
 # creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker;
-# {4, attempts} for a claim of an abandoned job that has used all its attempts; {5, attempts} when the
+# {4, attempts} for a claim of an abandoned job that has used all its attempts (handed-back executions do not
+# count: `handbacks`, incremented by a transition with `handback`); {5, attempts} when the
 # fence (the attempt number that may move a started job on) no longer matches.
 _TRANSITION_LUA = """
 local ctl = cjson.decode(ARGV[1])
@@ -51,8 +52,9 @@ if cur == 'started' then
   if ctl.unleased then
     local holder = redis.call('GET', KEYS[4])
     if holder then return {3, holder} end
-    if ctl.new == 'started' and ctl.max_attempts > 0 and attempts >= ctl.max_attempts then
-      return {4, attempts}
+    local counted = attempts - (tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0') or 0)
+    if ctl.new == 'started' and ctl.max_attempts > 0 and counted >= ctl.max_attempts then
+      return {4, counted}
     end
   end
 end
@@ -60,6 +62,7 @@ end
 if ctl.push ~= '' then redis.call('LPUSH', ctl.push, ARGV[2]) end
 redis.call('HSET', KEYS[1], 'state', ctl.new, unpack(ARGV, 3))
 if ctl.incr ~= '' then attempts = redis.call('HINCRBY', KEYS[1], ctl.incr, 1) end
+if ctl.handback then redis.call('HINCRBY', KEYS[1], 'handbacks', 1) end
 if ctl.new == 'started' then
   redis.call('SET', KEYS[4], ctl.holder, 'PX', ctl.lease_ms)
 else
@@ -163,7 +166,7 @@ class AttemptsExhausted(InvalidTransition):
     def __init__(self, job_id: str, attempts: int):
         super().__init__(job_id, JobState.STARTED, JobState.STARTED)
         self.attempts = attempts
-        self.args = (f"job {job_id}: its worker was lost on each of its {attempts} attempts",)
+        self.args = (f"job {job_id}: its worker was lost, and it has used its {attempts} attempts",)
 
 
 class DuplicateKey(Exception):
@@ -237,6 +240,7 @@ class Records:
         new: JobState,
         *,
         count_attempt: bool = False,
+        handback: bool = False,
         idempotency_key: str | None = None,
         fence: int | None = None,
         unleased: bool = False,
@@ -256,6 +260,7 @@ class Records:
             "sources": "-" if only_new else " ".join(s.value if s else "-" for s in sources_of(new)),
             "ttl": self.result_ttl if new.is_terminal() else 0,
             "incr": "attempts" if count_attempt else "",
+            "handback": handback,
             "now": self.clock().timestamp(),
             "id": job_id,
             "event": self._event(job_id, new.value, fields),
@@ -377,7 +382,8 @@ class StatusStore(Records):
         Entering `started` sets the lease to `lease` (holder, seconds); leaving it deletes the lease.
         `only_new`: applies only if the job has no record yet (creation). `push`: (list, message) to LPUSH
         when the transition applies, in the same script. `count_attempt`, `max_attempts` and
-        `idempotency_key`: see `claim` and `create`.
+        `idempotency_key`: see `claim` and `create`. `handback`: this execution ends handed back by a stopping
+        worker, and does not count against `max_attempts`.
         """
         script_keys, args = self.plan_transition(job_id, new, **options)
         return self.transition_outcome(job_id, new, self._transition(keys=script_keys, args=args))

@@ -32,6 +32,12 @@ class Attempt:
     job_id: str
     number: int
     holder: str
+    handbacks: int = 0  # earlier executions handed back by stopping workers: not counted against the cap
+
+    @property
+    def counted(self) -> int:
+        """Executions that count against SVDQ_MAX_ATTEMPTS, this one included."""
+        return self.number - self.handbacks
 
 
 @dataclass

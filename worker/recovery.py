@@ -69,9 +69,10 @@ class Recovery:
         if record.state is not JobState.STARTED:
             return None
         lost = f"worker {record.worker} stopped responding during attempt {record.attempts}"
+        counted = record.attempts - record.handbacks  # executions handed back by stopping workers do not count
         try:
-            if record.attempts >= self.max_attempts:
-                message = f"{lost}; its worker was lost on each of its {record.attempts} attempts"
+            if counted >= self.max_attempts:
+                message = f"{lost}; it has used its {counted} attempts (SVDQ_MAX_ATTEMPTS)"
                 error = {"code": ErrorCode.WORKER_LOST.value, "message": message}
                 self.status.transition(
                     job_id, JobState.FAILED, fence=record.attempts, unleased=True, error=error, stage=Stage.LOST

@@ -114,7 +114,7 @@ def _render_or_end(rt: Runtime, work: Work) -> PendingVideo | Outcome:
     except HandBack:
         return _hand_back(rt, attempt)
     except JobFailed as exc:
-        if exc.transient and (delay := _retry_delay(rt, attempt.number)) is not None:
+        if exc.transient and (delay := _retry_delay(rt, attempt.counted)) is not None:
             return _requeue(rt, attempt, exc, delay)
         return fail_work(rt, work, exc)
     except Exception as exc:
@@ -197,7 +197,7 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
         rt.status.update(job_id, fence=number, webhook_error=unsigned)
     rt.metrics.job_started(record)
     webhooks.notify_record(rt.webhooks, record)
-    return Attempt(job_id, number, holder)
+    return Attempt(job_id, number, holder, record.handbacks)
 
 
 def _render(rt: Runtime, work: Work) -> PendingVideo:
@@ -297,7 +297,12 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> Outcome:
     rt.heartbeat.release(attempt.job_id)
     try:
         rt.status.transition(
-            attempt.job_id, JobState.QUEUED, fence=attempt.number, stage=Stage.HANDED_BACK, progress=0.0
+            attempt.job_id,
+            JobState.QUEUED,
+            fence=attempt.number,
+            handback=True,  # a deploy's stop is not the job's failure: its attempt does not count
+            stage=Stage.HANDED_BACK,
+            progress=0.0,
         )
     except InvalidTransition:
         announce_end(rt, attempt.job_id)

@@ -55,7 +55,8 @@ class WorkerSettings(Settings):
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # Run one short render at start-up so the first real job is not the slow one.
     warmup: bool = True
-    # Transient failures (storage unreachable) are retried: every execution counts as an attempt, and
+    # Transient failures (storage unreachable) are retried: every execution counts as an attempt (but one a
+    # stopping worker handed back), and
     # the wait before the next doubles from `retry_backoff` up to `retry_backoff_max`, with jitter.
     max_attempts: int = 3
     retry_backoff: float = 2.0

@@ -116,9 +116,14 @@ def test_sigterm_lets_the_running_job_finish(start_worker: Any, image_file: Path
     assert final.state is JobState.SUCCEEDED and final.attempts == 1
 
 
-def test_sigterm_past_the_grace_period_hands_the_job_back(start_worker: Any, image_file: Path) -> None:
+def test_sigterm_past_the_grace_period_hands_the_job_back_without_using_an_attempt(
+    start_worker: Any, image_file: Path
+) -> None:
+    """A deploy's stop is not the job's fault: with SVDQ_MAX_ATTEMPTS=2, a job handed back once and then lost
+    with its worker still has an attempt left (a handed-back execution used one, and the job failed here)."""
     queue = f"test-{uuid.uuid4().hex[:8]}"
-    stopping = start_worker(queue=queue, env={"SVDQ_STOP_GRACE": "1", "SVDQ_LEASE_TTL": "2"})
+    env = {**FAST_RECOVERY, "SVDQ_MAX_ATTEMPTS": "2"}
+    stopping = start_worker(queue=queue, env={**env, "SVDQ_STOP_GRACE": "1"})
     with Client.from_env(queue=queue) as client:
         job = client.submit(image_file, **SLOW)
         wait_until(job, rendering(1))
@@ -126,12 +131,15 @@ def test_sigterm_past_the_grace_period_hands_the_job_back(start_worker: Any, ima
         stopping.proc.terminate()
         assert stopping.proc.wait(timeout=60) == 0
         handed_back = job.status()
-        assert (handed_back.state, handed_back.stage) == (JobState.QUEUED, "handed_back")
+        assert (handed_back.state, handed_back.stage, handed_back.handbacks) == (JobState.QUEUED, "handed_back", 1)
         assert time.monotonic() - stopped_at < 30
-        taker = start_worker(queue=queue)
+        lost = start_worker(queue=queue, env=env)
+        wait_until(job, rendering(2))
+        kill_all(lost)
+        taker = start_worker(queue=queue, env=env)
         final = job.wait(timeout=120)
     assert final.state is JobState.SUCCEEDED, final.error
-    assert final.attempts == 2 and final.worker == taker.hostname
+    assert (final.attempts, final.handbacks, final.worker) == (3, 1, taker.hostname)
 
 
 def test_sigquit_is_a_cold_shutdown_that_leaves_the_running_job_to_its_lease(
