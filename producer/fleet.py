@@ -36,8 +36,12 @@ class FleetStore:
         pipe.execute()
 
     def loaded_on(self, hostname: str, device: str) -> None:
-        """The node's model is loaded, on `device` ("cpu", "cuda:0 NVIDIA H100 ...")."""
-        self.redis.hset(keys.worker(hostname), "device", device)
+        """The node's model is loaded, on `device` ("cpu", "cuda:0 NVIDIA H100 ..."). Written before the node's
+        first presence, maybe: the TTL keeps a node that dies before it from being listed for ever."""
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.worker(hostname), "device", device)
+        pipe.expire(keys.worker(hostname), 120)  # the node's own refresh sets its TTL from then on
+        pipe.execute()
 
     def failed(self, hostname: str, model: str, message: str) -> None:
         """The node's model could not load: listed with `message` for an hour, though it answers no ping."""

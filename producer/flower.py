@@ -37,7 +37,12 @@ def flower_command(
             "Flower would be open to anyone who can reach it: set SVDQ_FLOWER_BASIC_AUTH=user:password "
             "(or FLOWER_BASIC_AUTH), or pass --unsafe-no-auth on a network you trust"
         )
-    env = {name: value for name, value in os.environ.items() if name != "SVDQ_FLOWER_BASIC_AUTH"}
+    # Celery's own broker variables would override the app's broker (SVDQ_REDIS_URL): Flower would watch another.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "SVDQ_FLOWER_BASIC_AUTH" and not name.startswith("CELERY_BROKER")
+    }
     env["SVDQ_REDIS_URL"], env["SVDQ_SENTINEL_MASTER"] = settings.redis_url, settings.sentinel_master
     if auth:
         env["FLOWER_BASIC_AUTH"] = auth

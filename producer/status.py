@@ -31,8 +31,8 @@ Clock = Callable[[], datetime]
 #          land together or not at all); ARGV[3..]: field, value pairs.
 # Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
 # creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker;
-# {4, attempts} for a claim of an abandoned job that has used all its attempts (handed-back executions do not
-# count: `handbacks`, incremented by a transition with `handback`); {5, attempts} when the
+# {4, attempts, counted} for a claim of an abandoned job that has used all its attempts (handed-back executions
+# do not count: `handbacks`, incremented by a transition with `handback`); {5, attempts} when the
 # fence (the attempt number that may move a started job on) no longer matches.
 _TRANSITION_LUA = """
 local ctl = cjson.decode(ARGV[1])
@@ -54,7 +54,7 @@ if cur == 'started' then
     if holder then return {3, holder} end
     local counted = attempts - (tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0') or 0)
     if ctl.new == 'started' and ctl.max_attempts > 0 and counted >= ctl.max_attempts then
-      return {4, counted}
+      return {4, attempts, counted}
     end
   end
 end
@@ -163,10 +163,10 @@ class Superseded(InvalidTransition):
 class AttemptsExhausted(InvalidTransition):
     """A claim of an abandoned job (its worker died) that has already used every attempt it had."""
 
-    def __init__(self, job_id: str, attempts: int):
+    def __init__(self, job_id: str, attempts: int, counted: int):
         super().__init__(job_id, JobState.STARTED, JobState.STARTED)
-        self.attempts = attempts
-        self.args = (f"job {job_id}: its worker was lost, and it has used its {attempts} attempts",)
+        self.attempts = attempts  # every execution: the fence of the next write
+        self.args = (f"job {job_id}: its worker was lost, and it has used its {counted} attempts",)
 
 
 class DuplicateKey(Exception):
@@ -294,7 +294,7 @@ class Records:
         if outcome == 3:
             raise Leased(job_id, new, as_text(value))
         if outcome == 4:
-            raise AttemptsExhausted(job_id, int(value))
+            raise AttemptsExhausted(job_id, int(value), int(rest[0]))
         if outcome == 5:
             raise Superseded(job_id, new, int(value))
         cur = as_text(value)

@@ -9,7 +9,6 @@ import os
 import time
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import (
     task_revoked,
@@ -91,11 +90,14 @@ def _load_model(settings: WorkerSettings, sender: str | None = None, **_: Any) -
     except BaseException as exc:  # Celery would log it and carry on with a process that has no model
         _load_failed(settings, sender, exc)
         return
-    if sender:  # what "auto" became, for `svdq top` (the main process never touches CUDA)
-        with contextlib.suppress(redis.RedisError), connect_redis(settings, retry_for=1) as client:
-            FleetStore(client).loaded_on(sender, describe_device(rt.renderer.device))
     if failure := LoadFailure.from_env():
         failure.mark_loaded()  # the main process starts taking jobs (worker.gate)
+    if sender:  # what "auto" became, for `svdq top` (the main process never touches CUDA); best effort
+        try:
+            with connect_redis(settings, retry_for=1) as client:
+                FleetStore(client).loaded_on(sender, describe_device(rt.renderer.device))
+        except Exception as exc:
+            log.warning("could not show the device in svdq top: %s", describe(exc))
 
 
 def _load_failed(settings: WorkerSettings, hostname: str | None, exc: BaseException) -> None:

@@ -42,10 +42,19 @@ class Child(Protocol):
 
 def how_it_ended(exitcode: int) -> str:
     if exitcode < 0:
-        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-exitcode}"
         hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
         return f"was killed by {name}{hint}"
     return f"exited with status {exitcode}"
+
+
+def _kill(children: Iterable[Child]) -> None:
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
 
 
 def wait_for_model(
@@ -53,17 +62,21 @@ def wait_for_model(
     children: Callable[[], Iterable[Child]],
     timeout: float,
     stopping: Callable[[], bool],
+    stopped: Callable[[], None],
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Return once the pool process has loaded the model, or the worker is asked to stop; WorkerShutdown(3)
-    with the reason kept in `failure` when it cannot load."""
+    """Return once the pool process has loaded the model; WorkerShutdown(3) with the reason kept in `failure`
+    when it cannot load. Asked to stop meanwhile, `stopped` (which raises Celery's shutdown) after ending the load:
+    it holds no job, and the pool would otherwise wait for the load to finish before it stops."""
     deadline = clock() + timeout
     while not failure.loaded():
         if failure.read() is not None:  # the pool process said why; the worker's main() prints it last
             raise WorkerShutdown(LOAD_FAILED)
         if stopping():
+            _kill(children())
+            stopped()
             return
         ended = [child.exitcode for child in children()]
         if ended and all(code is not None for code in ended):
@@ -74,9 +87,7 @@ def wait_for_model(
                 f"the model was not loaded within SVDQ_LOAD_TIMEOUT={timeout:g}s; a first start that downloads or "
                 "compiles a real checkpoint can take longer: raise SVDQ_LOAD_TIMEOUT"
             )
-            for child in children():
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            _kill(children())
             raise WorkerShutdown(LOAD_FAILED)
         sleep(0.2)
 
@@ -88,12 +99,12 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
     class ModelGate(bootsteps.StartStopStep):
         label = "model gate"
         requires = ("celery.worker.consumer.tasks:Tasks",)
+        opened = False  # once: a consumer restarted after a broker outage has long had its model
 
         def start(self, c: Any) -> None:
             failure = LoadFailure.from_env()
-            # Solo and thread pools load in this process, at the first job; a consumer restarted after a
-            # broker outage finds the model loaded long ago.
-            if failure is None or failure.loaded() or not isinstance(c.pool, TaskPool):
+            # Solo and thread pools load in this process, at the first job.
+            if ModelGate.opened or failure is None or not isinstance(c.pool, TaskPool):
                 return
             log.info("waiting for the model to load before taking jobs (SVDQ_LOAD_TIMEOUT=%gs)", load_timeout)
             try:
@@ -102,11 +113,14 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
                     children=lambda: list(c.pool._pool._pool),
                     timeout=load_timeout,
                     stopping=lambda: state.should_stop is not None or state.should_terminate is not None,
+                    stopped=state.maybe_shutdown,
                 )
             except WorkerShutdown:
-                message = failure.read() or "unknown"
-                log.critical("svdq worker stops: the model failed to load: %s", message)
-                report_to_presence(connect_redis(settings, retry_for=1), c.hostname, settings.served_model(), message)
+                if (message := failure.read()) is not None:  # not a stop asked for while loading
+                    log.critical("svdq worker stops: the model failed to load: %s", message)
+                    redis_client = connect_redis(settings, retry_for=1)
+                    report_to_presence(redis_client, c.hostname, settings.served_model(), message)
                 raise
+            ModelGate.opened = True
 
     return ModelGate

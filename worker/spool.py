@@ -61,23 +61,15 @@ def default_spool_dir() -> Path:
 OWNER = ".owner"  # the file in a spool folder its process keeps locked
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _owner_alive(folder: Path) -> bool:
+def _owner_alive(folder: Path, now: float) -> bool:
     """Whether the process that made `folder` still runs: it holds the lock on its owner file."""
     try:
         fd = os.open(folder / OWNER, os.O_RDONLY)
-    except FileNotFoundError:  # a folder made this instant, before its lock: the pid in its name tells
-        pid = folder.name.split("-", 1)[0]
-        return pid.isdigit() and _pid_alive(int(pid))
+    except FileNotFoundError:
+        # A folder made this instant, its lock not in place yet; or one an older svdq left, without a lock.
+        with contextlib.suppress(FileNotFoundError):
+            return now - folder.stat().st_mtime < 60
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -97,8 +89,11 @@ class Spool:
         root.mkdir(parents=True, exist_ok=True)
         self._clear_dead(root)
         self.dir = Path(tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-"))
-        self._owner = os.open(self.dir / OWNER, os.O_RDWR | os.O_CREAT, 0o600)  # released when this process ends
+        # Locked before it takes its name, so no other process sees the owner file unlocked: released when this
+        # process ends, however it ends.
+        self._owner = os.open(self.dir / f"{OWNER}.new", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._owner, fcntl.LOCK_EX)
+        os.rename(self.dir / f"{OWNER}.new", self.dir / OWNER)
         self._pending: dict[str, PendingUpload] = {}
         self._wake = threading.Condition()
         self._closed = False
@@ -107,8 +102,9 @@ class Spool:
 
     @staticmethod
     def _clear_dead(root: Path) -> None:
+        now = time.time()
         for folder in root.iterdir():
-            if folder.is_dir() and folder.name.split("-", 1)[0].isdigit() and not _owner_alive(folder):
+            if folder.is_dir() and folder.name.split("-", 1)[0].isdigit() and not _owner_alive(folder, now):
                 log.warning("removing the upload spool of a process that ended: %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 

@@ -14,7 +14,7 @@ import redis
 from producer import keys
 from producer.client import Client
 from producer.contract import JobState
-from producer.status import StatusStore
+from producer.status import AttemptsExhausted, StatusStore
 from tests.integration.conftest import SMALL, WorkerProcess
 from worker.errors import JobCanceled
 from worker.outcome import Attempt
@@ -96,3 +96,24 @@ def test_progress_is_written_at_most_every_interval_and_a_cancel_is_seen_at_the_
     now[0] = 0.32  # within the interval: nothing to write, but the record is read
     with pytest.raises(JobCanceled):
         progress("upload", 0.96)
+
+
+def test_a_handed_back_execution_is_not_counted_against_the_cap_and_the_cap_s_refusal_fences_on_every_one(
+    redis_url: str,
+) -> None:
+    """The claim of a dead worker's job is refused once it has used SVDQ_MAX_ATTEMPTS, counting attempts less
+    handbacks; the refusal carries the raw attempt number, which the job's final write is fenced on (with the
+    counted one it was refused as superseded, and the job stayed started until a sweep)."""
+    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
+    job_id = uuid.uuid4().hex
+    store.create(job_id, {"image": "x"})
+    assert store.claim(job_id, "w1/1", lease_seconds=60, max_attempts=1) == 1
+    store.transition(job_id, JobState.QUEUED, fence=1, handback=True)  # a stopping worker's hand-back
+    assert store.claim(job_id, "w2/1", lease_seconds=60, max_attempts=1) == 2  # still its first counted attempt
+    store.redis.delete(keys.lease(job_id))  # w2 died: its lease lapsed
+    with pytest.raises(AttemptsExhausted, match="it has used its 1 attempts") as refused:
+        store.claim(job_id, "w3/1", lease_seconds=60, max_attempts=1)
+    assert refused.value.attempts == 2
+    store.transition(job_id, JobState.FAILED, fence=refused.value.attempts, unleased=True)
+    record = store.get(job_id)
+    assert (record.state, record.attempts, record.handbacks) == (JobState.FAILED, 2, 1)

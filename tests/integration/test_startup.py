@@ -147,12 +147,15 @@ def test_a_hub_model_that_cannot_be_fetched_says_what_to_do(svdq_env: dict[str, 
 
 
 def pool_process(main_pid: int, timeout: float = 30.0) -> int:
-    """The worker's pool process, caught as soon as it is forked: it then loads the model for seconds."""
+    """The worker's pool process, caught as soon as it is forked: it then loads the model for seconds. A fork
+    of the main process, so its command line is the main process's (Celery's banner runs `uname` too)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        main = Path(f"/proc/{main_pid}/cmdline").read_bytes()  # `svdq worker` execs `python -m worker` first
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError):
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main_pid:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if parent == main_pid and (stat.parent / "cmdline").read_bytes() == main:
                     return int(stat.parent.name)
         time.sleep(0.01)
     raise AssertionError("the worker forked no pool process")
@@ -227,11 +230,27 @@ def test_a_load_too_slow_or_killed_ends_the_worker_with_the_reason(
             os.kill(child, end)
         assert proc.wait(timeout=60) == LOAD_FAILED
     finally:
-        with contextlib.suppress(ProcessLookupError):
+        if proc.poll() is None:  # else the child is gone, and its pid maybe another process's
             os.kill(child, signal.SIGKILL)
-        if proc.poll() is None:
             proc.kill()
     last = (tmp_path / "w.log").read_text().strip().splitlines()[-1]
     assert last.startswith(f"svdq worker: the model failed to load: {says}"), last
     shown = top_entry(svdq_env, hostname)
     assert shown["stage"] == "failed" and shown["error"].startswith(says)
+
+
+def test_a_worker_stopped_while_loading_stops_at_once(svdq_env: dict[str, str], tmp_path: Path) -> None:
+    """It holds no job yet: the load is ended, not waited for (a deploy would otherwise wait out the grace
+    period and then SIGKILL it). No load failure is reported: it was asked to stop."""
+    hostname = f"loading{uuid.uuid4().hex[:6]}@test"
+    proc, child = start_loading_worker(svdq_env, f"q-{uuid.uuid4().hex[:6]}", hostname, tmp_path / "w.log")
+    try:
+        time.sleep(2)  # in the gate's wait
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(child, signal.SIGKILL)
+            proc.kill()
+    log = (tmp_path / "w.log").read_text()
+    assert "failed to load" not in log and " ready." not in log, log[-3000:]

@@ -115,13 +115,20 @@ def test_every_service_starts_with_the_operator_s_environment_as_documented(monk
     assert settings_in(services["gateway"], Settings, monkeypatch).redis_url == "redis://redis:6379/0"
     assert settings_in(services["flower"], Settings, monkeypatch).flower_basic_auth is not None
 
-    shared = {"SVDQ_REDIS_URL": "rediss://:pw@redis.internal:6380/2", "SVDQ_STORAGE_URL": "s3://renders/svdq"}
-    services = compose_config(env={**shared, "SVDQ_S3_ENDPOINT_URL": "", "SVDQ_MODEL_VARIANT": ""})["services"]
+    # What a shell on the host exports for the CLI stays out of the containers (localhost is nothing there).
+    cli = {"SVDQ_REDIS_URL": "redis://localhost:6379/0", "SVDQ_S3_ENDPOINT_URL": "http://localhost:9000"}
+    worker = settings_in(compose_config(env=cli)["services"]["worker-gpu0"], WorkerSettings, monkeypatch)
+    assert (worker.redis_url, worker.s3_endpoint_url) == ("redis://redis:6379/0", "http://minio:9000")
+
+    shared = {"FLEET_REDIS_URL": "rediss://:pw@redis.internal:6380/2", "FLEET_STORAGE_URL": "s3://renders/svdq"}
+    cleared = {"FLEET_S3_ENDPOINT_URL": "", "SVDQ_MODEL_VARIANT": "", "SVDQ_S3_PUBLIC_ENDPOINT_URL": ""}
+    services = compose_config(env={**cli, **shared, **cleared})["services"]
     worker = settings_in(services["worker-gpu0"], WorkerSettings, monkeypatch)
-    assert (worker.redis_url, worker.storage_url) == (shared["SVDQ_REDIS_URL"], shared["SVDQ_STORAGE_URL"])
-    assert worker.s3_endpoint_url is None and worker.model_variant is None  # AWS itself; a checkpoint without fp16
+    assert (worker.redis_url, worker.storage_url) == (shared["FLEET_REDIS_URL"], shared["FLEET_STORAGE_URL"])
+    assert worker.model_variant is None  # a checkpoint without fp16 weights
+    assert worker.s3_endpoint_url is worker.s3_public_endpoint_url is None  # AWS S3 itself, for both
     for name in ("gateway", "flower"):
-        assert settings_in(services[name], Settings, monkeypatch).redis_url == shared["SVDQ_REDIS_URL"]
+        assert settings_in(services[name], Settings, monkeypatch).redis_url == shared["FLEET_REDIS_URL"]
 
 
 def test_the_image_writes_where_compose_mounts_volumes() -> None:

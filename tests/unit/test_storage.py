@@ -197,6 +197,7 @@ def test_a_worker_s_spool_folder_goes_when_its_process_does_whatever_pid_it_is_n
     import os
     import subprocess
     import sys
+    import time
 
     from worker.spool import Spool
 
@@ -210,9 +211,15 @@ def test_a_worker_s_spool_folder_goes_when_its_process_does_whatever_pid_it_is_n
     reused.mkdir()
     (reused / ".owner").touch()
     (reused / "job.mp4").write_bytes(b"a video nobody will upload")
+    unlocked = root / f"{os.getpid()}-left-by-an-older-svdq"  # no owner file, made an hour ago
+    unlocked.mkdir()
+    os.utime(unlocked, (time.time() - 3600, time.time() - 3600))
+    just_made = root / f"{os.getpid()}-made-this-instant"  # its owner's lock not in place yet
+    just_made.mkdir()
 
     Spool(FileStore(store), root, 10).close()
-    assert live.is_dir() and not reused.exists()
+    assert live.is_dir() and just_made.is_dir() and not reused.exists() and not unlocked.exists()
+    just_made.rmdir()
     holder.communicate(timeout=30)
     assert holder.returncode == 0
     Spool(FileStore(store), root, 10).close()  # the next start after that process ended
