@@ -37,7 +37,7 @@ from producer.contract import (
     shown,
 )
 from producer.netguard import UnsafeURL, check_url
-from producer.settings import Settings, is_sentinel, parse_sentinel_url, sentinel_options
+from producer.settings import Settings, broker_transport_options, is_sentinel, parse_sentinel_url
 from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore, as_text
 from producer.storage import ObjectStore, content_name, not_readable, open_store
 
@@ -72,7 +72,7 @@ def producer_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options=sentinel_options(settings),
+        broker_transport_options=broker_transport_options(settings),
     )
     return app
 

@@ -18,6 +18,9 @@ from producer.status import as_text
 
 # How long `svdq top` keeps listing a worker whose model failed to load.
 FAILED_TTL = 3600
+# Index entries outlive their hash this long before they are trimmed: the hash is the truth, and hosts' clocks
+# (which score the entries) may differ by this much from the reader's.
+CLOCK_SLACK = 300
 
 
 class FleetStore:
@@ -33,6 +36,7 @@ class FleetStore:
         pipe.hset(keys.worker(hostname), mapping=info)
         pipe.hsetnx(keys.worker(hostname), "device", device)
         pipe.expire(keys.worker(hostname), ttl)
+        pipe.zadd(keys.WORKERS, {hostname: time.time() + ttl})
         pipe.execute()
 
     def loaded_on(self, hostname: str, device: str) -> None:
@@ -41,6 +45,7 @@ class FleetStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.worker(hostname), "device", device)
         pipe.expire(keys.worker(hostname), 120)  # the node's own refresh sets its TTL from then on
+        pipe.zadd(keys.WORKERS, {hostname: time.time() + 120})
         pipe.execute()
 
     def failed(self, hostname: str, model: str, message: str) -> None:
@@ -50,6 +55,7 @@ class FleetStore:
         pipe.delete(key)
         pipe.hset(key, mapping={"model": model, "error": message, "failed_at": str(int(time.time()))})
         pipe.expire(key, FAILED_TTL)
+        pipe.zadd(keys.WORKERS, {hostname: time.time() + FAILED_TTL})
         pipe.execute()
 
     def started(self, hostname: str) -> None:
@@ -60,18 +66,29 @@ class FleetStore:
         pipe.execute()
 
     def gone(self, hostname: str) -> None:
-        self.redis.delete(keys.worker(hostname))
+        pipe = self.redis.pipeline()
+        pipe.delete(keys.worker(hostname))
+        pipe.zrem(keys.WORKERS, hostname)
+        pipe.execute()
 
     def node(self, hostname: str) -> dict[str, str]:
         return {as_text(k): as_text(v) for k, v in self.redis.hgetall(keys.worker(hostname)).items()}
 
     def nodes(self) -> dict[str, dict[str, str]]:
-        """Every node with a presence hash (up, or failed within the hour)."""
-        found = {}
-        for key in self.redis.scan_iter(match=keys.worker("*"), count=500):
-            name = as_text(key).removeprefix(keys.worker(""))
-            found[name] = {as_text(k): as_text(v) for k, v in self.redis.hgetall(key).items()}
-        return found
+        """Every node with a presence hash (up, or failed within the hour): two round trips, whatever else
+        Redis holds."""
+        pipe = self.redis.pipeline()
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", time.time() - CLOCK_SLACK)
+        pipe.zrange(keys.WORKERS, 0, -1)
+        names = [as_text(name) for name in pipe.execute()[1]]
+        pipe = self.redis.pipeline()
+        for name in names:
+            pipe.hgetall(keys.worker(name))
+        return {
+            name: {as_text(k): as_text(v) for k, v in info.items()}
+            for name, info in zip(names, pipe.execute(), strict=True)
+            if info  # its hash expired: gone, until the index entry is trimmed
+        }
 
     # -- a warm shutdown's deadline, read by the node's running job ----------------------------------------
 

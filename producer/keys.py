@@ -56,6 +56,11 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+# Sorted set of the worker nodes' names, scored by when each one's hash expires: `svdq top` finds the nodes
+# here, where a SCAN for their hashes walked every key in Redis (every job's) on each refresh.
+WORKERS = f"{PREFIX}:workers"
+
+
 def owner_index(name: str) -> str:
     """Sorted set of the job ids an API key submitted through the gateway, scored by submission time."""
     return f"{PREFIX}:owner:{name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError, field_validator
@@ -33,6 +34,10 @@ class Settings(BaseSettings):
     # `sentinel://HOST:26379;sentinel://HOST2:26379/DB` finds the master through Redis Sentinel.
     redis_url: str = "redis://localhost:6379/0"
     sentinel_master: str = "mymaster"
+    # Seconds before the broker hands an unacknowledged message to another worker. Leases already keep a
+    # job from running twice; set this above the longest job so its message is not redelivered needlessly.
+    # Every Celery client restores overdue messages (kombu), `svdq ping` and `top` too: all must agree on it.
+    visibility_timeout: int = 3600
 
     @field_validator("redis_url")
     @classmethod
@@ -128,6 +133,13 @@ def sentinel_options(settings: Settings) -> dict[str, str]:
     return {"master_name": settings.sentinel_master} if is_sentinel(settings.redis_url) else {}
 
 
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's options every svdq Celery client shares: a producer's or `svdq ping`'s app also restores
+    messages unacknowledged past the visibility timeout (with kombu's default of an hour, a render running
+    longer than that was redelivered whatever SVDQ_VISIBILITY_TIMEOUT said)."""
+    return {**sentinel_options(settings), "visibility_timeout": settings.visibility_timeout}
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs and messages (each part of a Sentinel list). Safe on any
     text: a URL too malformed to split is not shown at all."""
@@ -156,7 +168,7 @@ WORKER_SETTINGS = frozenset(
         "compile_vae", "decode_chunk_size", "device", "dtype", "fetch_timeout", "fetch_wait", "lease_ttl",
         "load_timeout", "low_vram", "max_attempts", "max_vram_gib", "metrics_port", "model", "model_name",
         "model_variant", "retry_backoff", "retry_backoff_max", "spool_dir", "spool_max_bytes", "stop_grace",
-        "visibility_timeout", "warmup", "webhook_max_attempts", "webhook_secret", "webhook_timeout", "x264_crf",
+        "warmup", "webhook_max_attempts", "webhook_secret", "webhook_timeout", "x264_crf",
         "x264_params", "x264_preset",
     }
 )  # fmt: skip

@@ -68,7 +68,9 @@ if ctl.new == 'started' then
 else
   redis.call('DEL', KEYS[4])
 end
-if ctl.idem_key ~= '' then redis.call('SET', ctl.idem_key, ctl.id, 'EX', ctl.idem_ttl) end
+-- An idempotency key lives as long as its job: no TTL until the job ends (a 1M-row bulk run drains for weeks,
+-- and a key that lapsed while its job waited let a re-run submit it again).
+if ctl.idem_key ~= '' then redis.call('SET', ctl.idem_key, ctl.id) end
 if cur ~= '-' then redis.call('ZREM', ctl.index_prefix .. cur, ctl.id) end
 redis.call('ZADD', ctl.index_prefix .. ctl.new, ctl.now, ctl.id)
 if ctl.ttl > 0 then

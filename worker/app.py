@@ -21,7 +21,7 @@ from celery.signals import (
 
 from producer.client import connect_redis
 from producer.fleet import FleetStore
-from producer.settings import redact_url, sentinel_options
+from producer.settings import broker_transport_options, redact_url
 from worker import revoke, runtime, tasks
 from worker.gate import gate
 from worker.node import Node
@@ -34,10 +34,9 @@ log = logging.getLogger(__name__)
 
 def broker_options(settings: WorkerSettings) -> dict[str, Any]:
     return {
-        **sentinel_options(settings),
+        **broker_transport_options(settings),
         # Read the priority queues in the order given ({queue}.high, {queue}, {queue}.low), not round robin.
         "queue_order_strategy": "priority",
-        "visibility_timeout": settings.visibility_timeout,
         # kombu looks for abandoned messages every interval x throttle seconds: 10 x 10 by default, which
         # left a killed worker's message unseen for ~100 s past its visibility timeout. One scan per interval.
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),

@@ -78,9 +78,6 @@ class WorkerSettings(Settings):
     # dies, the lease lapses and any live worker puts the job back on its queue (or fails it with
     # `worker_lost` once it has used SVDQ_MAX_ATTEMPTS), so a dead worker's job waits about this long.
     lease_ttl: float = 30.0
-    # Seconds before the broker hands an unacknowledged message to another worker. Leases already keep a
-    # job from running twice; set this above the longest job so its message is not redelivered needlessly.
-    visibility_timeout: int = 3600
     # On SIGTERM the running job may finish for this many seconds; then it is handed back to its queue.
     stop_grace: float = 300.0
     # Videos rendered while storage is down wait here (bounded) and are uploaded when it returns.

@@ -14,7 +14,8 @@ import redis
 from producer import keys
 from producer.client import Client
 from producer.contract import JobState
-from producer.status import AttemptsExhausted, StatusStore
+from producer.fleet import FleetStore
+from producer.status import AttemptsExhausted, DuplicateKey, StatusStore
 from tests.integration.conftest import SMALL, WorkerProcess
 from worker.errors import JobCanceled
 from worker.outcome import Attempt
@@ -53,11 +54,16 @@ def test_terminal_records_expire(client: Client, worker: WorkerProcess, image_fi
     assert 0 < ttl <= client.settings.result_ttl
 
 
-def test_an_ended_jobs_idempotency_key_expires_with_its_record(redis_url: str) -> None:
-    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
+def test_an_idempotency_key_lives_while_its_job_waits_and_expires_with_its_record(redis_url: str) -> None:
+    """The key once took SVDQ_RESULT_TTL from its creation: a job still queued after that lost it, and a re-run
+    of the same bulk submitted the job again."""
+    store = StatusStore(redis.Redis.from_url(redis_url), result_ttl=1)
     job_id, key = uuid.uuid4().hex, f"order-{uuid.uuid4().hex}"
     assert store.create(job_id, {"image": "x"}, idempotency_key=key) is True
-    time.sleep(1.5)  # the key was set for 60 s at creation; the job's end must give it 60 s from then on
+    time.sleep(1.5)  # past the TTL, still queued
+    with pytest.raises(DuplicateKey):
+        store.create(uuid.uuid4().hex, {"image": "x"}, idempotency_key=key)
+    store = StatusStore(store.redis, result_ttl=60)
     store.transition(job_id, JobState.CANCELED)
     record_ms, key_ms = store.redis.pttl(keys.job(job_id)), store.redis.pttl(keys.idempotency(key))
     assert record_ms > 59_000 and abs(record_ms - key_ms) < 500, (record_ms, key_ms)
@@ -117,3 +123,21 @@ def test_a_handed_back_execution_is_not_counted_against_the_cap_and_the_cap_s_re
     store.transition(job_id, JobState.FAILED, fence=refused.value.attempts, unleased=True)
     record = store.get(job_id)
     assert (record.state, record.attempts, record.handbacks) == (JobState.FAILED, 2, 1)
+
+
+def test_the_fleet_s_nodes_are_found_without_a_scan_of_every_key(redis_url: str) -> None:
+    """`svdq top` found the nodes with SCAN, which walks every key in Redis (every job's) on each refresh: at a
+    fleet's half a million records, seconds of Redis's one thread a refresh."""
+    client = redis.Redis.from_url(redis_url)
+    fleet = FleetStore(client)
+    alive, failed, gone = (f"{what}-{uuid.uuid4().hex[:6]}@test" for what in ("alive", "failed", "gone"))
+    fleet.present(alive, {"model": "tiny", "pid": 1}, ttl=30, device="cpu")
+    fleet.failed(failed, "tiny", "OSError: no weights")
+    fleet.present(gone, {"model": "tiny", "pid": 2}, ttl=30, device="cpu")
+    fleet.gone(gone)
+    scans = client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+    nodes = fleet.nodes()
+    assert client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == scans
+    assert nodes[alive]["device"] == "cpu" and nodes[failed]["error"] == "OSError: no weights" and gone not in nodes
+    client.delete(keys.worker(alive))  # expired: not listed, and its index entry goes once it is old
+    assert alive not in fleet.nodes()

@@ -122,6 +122,20 @@ def test_a_sentinel_url_gives_its_nodes_password_and_db_and_is_redacted_in_logs(
     assert sentinel_options(Settings(redis_url="redis://localhost:6379/0")) == {}
 
 
+def test_every_celery_client_restores_overdue_messages_at_the_same_visibility_timeout() -> None:
+    """kombu restores messages unacknowledged past the visibility timeout from any client that consumes,
+    `svdq ping`'s reply queue included: the producers' apps used kombu's hour, so a render longer than that was
+    redelivered whatever SVDQ_VISIBILITY_TIMEOUT the workers had."""
+    from producer.client import producer_celery
+    from worker.app import broker_options
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(visibility_timeout=7200, redis_url="sentinel://10.0.0.1:26379/0")
+    producer = producer_celery(settings)
+    assert producer.conf.broker_transport_options == {"master_name": "mymaster", "visibility_timeout": 7200}
+    assert broker_options(settings)["visibility_timeout"] == 7200
+
+
 @pytest.mark.parametrize(
     "bad",
     [12345, 1.5, None, True, [1], {"a": 1}, "", "a/../b", "../../x", "x\nFAKE", "a" * 65, "nul\x00", "sp ace", "é"],

@@ -78,6 +78,9 @@ def test_compose_runs_svdq_on_an_nvidia_host() -> None:
     assert set(mounts(worker)) == caches
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    redis_args = services["redis"]["command"]
+    assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "noeviction"  # an evicted key is a lost job
+    assert redis_args[redis_args.index("--maxmemory") + 1] == "0"  # REDIS_MAXMEMORY unset: no limit
     # Every long-running service says when it is healthy.
     for name in ("redis", "minio", "worker-gpu0", "flower", "gateway"):
         assert services[name].get("healthcheck", {}).get("test"), name
