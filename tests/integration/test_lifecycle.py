@@ -160,7 +160,8 @@ def test_one_idempotency_key_gives_one_job_under_concurrent_submits(svdq_env: di
         assert client.redis.llen(queue) == 1
         record = client.job(ids[0]).status()
         assert record.idempotency_key == key
-        assert client.redis.ttl(keys.idempotency(key)) > 0  # never kept forever (its end: test_records.py)
+        # As long as its job: no TTL while it waits, its record's once it ends (test_records.py).
+        assert client.redis.ttl(keys.idempotency(key)) == client.redis.ttl(keys.job(ids[0])) == -1
 
 
 def test_a_key_reused_for_another_render_is_refused_naming_what_differs(
