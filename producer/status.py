@@ -409,6 +409,11 @@ class StatusStore(Records):
         """Extend the job's lease if `holder` still holds it; False when it was lost or released."""
         return bool(self._renew(keys=[keys.lease(job_id)], args=[holder, int(lease_seconds * 1000)]))
 
+    def unindex(self, job_id: str, state: JobState) -> None:
+        """Drop a job whose record is gone from a state's index (transitions keep it right while the record is
+        there): every recovery sweep on every worker would otherwise look at it again, for ever."""
+        self.redis.zrem(keys.state_index(state.value), job_id)
+
     def holder(self, job_id: str) -> str | None:
         """Who holds the job's lease now, if anyone."""
         raw = self.redis.get(keys.lease(job_id))

@@ -64,7 +64,8 @@ class Recovery:
             return None
         try:
             record = self.status.get(job_id)
-        except JobNotFound:
+        except JobNotFound:  # deleted by hand, or never there: only its index entry is left
+            self.status.unindex(job_id, JobState.STARTED)
             return None
         if record.state is not JobState.STARTED:
             return None

@@ -142,6 +142,8 @@ def test_a_lease_whose_record_is_gone_is_skipped_and_the_sweep_goes_on(store: St
     assert (next_one, "requeued") in done and all(job_id != gone for job_id, _ in done)
     sent_ids = [m[0] for m in sent]  # (other tests' abandoned jobs on this Redis may be swept too)
     assert next_one in sent_ids and gone not in sent_ids
+    # Its index entry goes too: every worker's sweep looked at it again every few seconds, for ever.
+    assert store.redis.zscore(keys.state_index(JobState.STARTED.value), gone) is None
 
 
 def test_a_sweeper_that_hits_an_error_logs_it_and_sweeps_again(
