@@ -173,7 +173,12 @@ def start_loading_worker(
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
-    child = pool_process(proc.pid)
+    try:
+        child = pool_process(proc.pid)
+    except BaseException:
+        proc.kill()  # else a worker stays behind, loading, after the test
+        proc.wait()
+        raise
     os.kill(child, signal.SIGSTOP)
     return proc, child
 
