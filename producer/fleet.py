@@ -23,6 +23,12 @@ FAILED_TTL = 3600
 CLOCK_SLACK = 300
 
 
+def _keep(pipe: redis.client.Pipeline, hostname: str, ttl: float) -> None:
+    """The node's hash lives `ttl` seconds more, and the index that `nodes` reads says so."""
+    pipe.expire(keys.worker(hostname), int(ttl))
+    pipe.zadd(keys.WORKERS, {hostname: time.time() + ttl})
+
+
 class FleetStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
@@ -35,8 +41,7 @@ class FleetStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.worker(hostname), mapping=info)
         pipe.hsetnx(keys.worker(hostname), "device", device)
-        pipe.expire(keys.worker(hostname), ttl)
-        pipe.zadd(keys.WORKERS, {hostname: time.time() + ttl})
+        _keep(pipe, hostname, ttl)
         pipe.execute()
 
     def loaded_on(self, hostname: str, device: str) -> None:
@@ -44,8 +49,7 @@ class FleetStore:
         first presence, maybe: the TTL keeps a node that dies before it from being listed for ever."""
         pipe = self.redis.pipeline()
         pipe.hset(keys.worker(hostname), "device", device)
-        pipe.expire(keys.worker(hostname), 120)  # the node's own refresh sets its TTL from then on
-        pipe.zadd(keys.WORKERS, {hostname: time.time() + 120})
+        _keep(pipe, hostname, 120)  # the node's own refresh sets its TTL from then on
         pipe.execute()
 
     def failed(self, hostname: str, model: str, message: str) -> None:
@@ -54,8 +58,7 @@ class FleetStore:
         pipe = self.redis.pipeline()
         pipe.delete(key)
         pipe.hset(key, mapping={"model": model, "error": message, "failed_at": str(int(time.time()))})
-        pipe.expire(key, FAILED_TTL)
-        pipe.zadd(keys.WORKERS, {hostname: time.time() + FAILED_TTL})
+        _keep(pipe, hostname, FAILED_TTL)
         pipe.execute()
 
     def started(self, hostname: str) -> None:

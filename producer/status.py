@@ -26,7 +26,7 @@ Clock = Callable[[], datetime]
 
 # KEYS: the job hash, its event channel, the event stream, its lease.
 # ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, handback, now, id, event, maxlen,
-#          index_prefix, idem_key, idem_ttl, fence, unleased, holder, lease_ms, max_attempts, push}; ARGV[2]: a message
+#          index_prefix, idem_key, fence, unleased, holder, lease_ms, max_attempts, push}; ARGV[2]: a message
 #          LPUSHed onto the list `push` when the transition applies (a creation and its Celery message
 #          land together or not at all); ARGV[3..]: field, value pairs.
 # Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
@@ -269,7 +269,6 @@ class Records:
             "maxlen": keys.EVENTS_STREAM_LENGTH,
             "index_prefix": keys.STATE_INDEX_PREFIX,
             "idem_key": keys.idempotency(idempotency_key) if idempotency_key else "",
-            "idem_ttl": self.result_ttl,
             "idem_prefix": keys.IDEMPOTENCY_PREFIX,
             "fence": -1 if fence is None else fence,
             "unleased": unleased or new is JobState.STARTED,  # one live worker per job

@@ -63,14 +63,11 @@ def wait_for_model(
     timeout: float,
     stopping: Callable[[], bool],
     stopped: Callable[[], None],
-    *,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Return once the pool process has loaded the model; WorkerShutdown(3) with the reason kept in `failure`
     when it cannot load. Asked to stop meanwhile, `stopped` (which raises Celery's shutdown) after ending the load:
     it holds no job, and the pool would otherwise wait for the load to finish before it stops."""
-    deadline = clock() + timeout
+    deadline = time.monotonic() + timeout
     while not failure.loaded():
         if failure.read() is not None:  # the pool process said why; the worker's main() prints it last
             raise WorkerShutdown(LOAD_FAILED)
@@ -82,14 +79,14 @@ def wait_for_model(
         if ended and all(code is not None for code in ended):
             failure.record(f"the process loading the model {how_it_ended(ended[0] or 0)}")
             raise WorkerShutdown(LOAD_FAILED)
-        if clock() > deadline:
+        if time.monotonic() > deadline:
             failure.record(
                 f"the model was not loaded within SVDQ_LOAD_TIMEOUT={timeout:g}s; a first start that downloads or "
                 "compiles a real checkpoint can take longer: raise SVDQ_LOAD_TIMEOUT"
             )
             _kill(children())
             raise WorkerShutdown(LOAD_FAILED)
-        sleep(0.2)
+        time.sleep(0.2)
 
 
 def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
