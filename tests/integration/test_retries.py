@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from standardwebhooks.webhooks import Webhook
 
 from producer import keys
@@ -67,6 +68,47 @@ def test_a_storage_outage_is_retried_and_then_succeeds(
         final = job.wait(timeout=120)
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.attempts == 2 and final.worker == fresh.hostname
+
+
+def test_a_retry_whose_message_the_broker_refuses_loses_no_job(
+    svdq_env: dict[str, str],
+    start_worker: Any,
+    s3_proxy: CuttableProxy,
+    s3: Any,
+    image_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Celery drops the delivered message when it cannot send the retry's: the record, already `queued`, then
+    waited for ever for a message that no longer existed. Here Redis refuses the worker's LPUSH (an ACL: how a
+    message is sent) once it is up. The message must survive, for a worker that can run it."""
+    admin = redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"])
+    user, password = f"retry-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"], commands=["+@all"])
+    parts = urlsplit(svdq_env["SVDQ_REDIS_URL"])
+    refused = parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}").geturl()
+    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
+    monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
+    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")
+    monkeypatch.setitem(svdq_env, "SVDQ_VISIBILITY_TIMEOUT", "10")  # for the case where the message stays unacked
+    first = start_worker(env={"SVDQ_REDIS_URL": refused})
+    image = uploaded_image(s3, image_file)
+    try:
+        admin.acl_setuser(user, enabled=True, commands=["-lpush"])  # not before: its ping answers need LPUSH
+        s3_proxy.down()
+        with Client.from_env(queue=first.queue) as client:
+            job = client.submit(image, **SMALL)
+            deadline = time.monotonic() + 60
+            while "could not re-send its message" not in first.log_text():
+                assert time.monotonic() < deadline and not job.status().state.is_terminal(), first.log_text()
+                time.sleep(0.1)
+            assert job.status().state is JobState.QUEUED
+            s3_proxy.up()
+            start_worker(queue=first.queue)  # a worker the broker serves
+            final = job.wait(timeout=90)
+    finally:
+        admin.acl_deluser(user)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert final.attempts == 2
 
 
 def test_retries_stop_at_max_attempts_with_the_last_error(
