@@ -108,6 +108,11 @@ class FleetStore:
         """One sweeper per abandoned job at a time, across hosts; the lock outlives a sweep, not the job."""
         return bool(self.redis.set(keys.recovering(job_id), "1", nx=True, ex=max(1, int(seconds))))
 
+    def take_sweep_turn(self, lease_ttl: float, seconds: float) -> bool:
+        """Whether the asking sweeper sweeps now: one sweep every `seconds` across the fleet. Each sweep reads
+        every running job's lease, so W workers each sweeping read W x W leases a round."""
+        return bool(self.redis.set(keys.sweep_turn(lease_ttl), "1", nx=True, px=max(1, int(seconds * 1000))))
+
     # -- queues --------------------------------------------------------------------------------------------
 
     def queues_of_waiting_jobs(self, limit: int = 200) -> set[str]:

@@ -51,6 +51,12 @@ def recovering(job_id: str) -> str:
     return f"{PREFIX}:recovering:{job_id}"
 
 
+def sweep_turn(lease_ttl: float) -> str:
+    """String held by the one worker whose turn it is to sweep for dead workers' jobs. Per lease setting: a
+    sweeper looks for leases older than its own, so sweepers set up differently do not stand in for each other."""
+    return f"{PREFIX}:sweep-turn:{lease_ttl:g}"
+
+
 def worker(name: str) -> str:
     """Hash describing a live worker node (model, device, queues); expires unless its main process refreshes it."""
     return f"{PREFIX}:worker:{name}"

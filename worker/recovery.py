@@ -6,7 +6,8 @@ acknowledges when the GPU work ends, before the upload), so the record, which ho
 is the source of truth: the first sweeper to see it sends a new message to the job's queue and marks it
 `queued` again, or fails it with `worker_lost` once it has used SVDQ_MAX_ATTEMPTS. The claim in
 worker.render drops any duplicate message, so sweepers on many hosts need no coordination beyond a
-short Redis lock that keeps them from sending one message each.
+short Redis lock that keeps them from sending one message each, and a turn that keeps a fleet to one sweep
+per interval (each sweep reads every running job's lease).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class Recovery:
 
 
 class Sweeper:
-    """Runs `Recovery.sweep` (and `also`, e.g. the worker's presence) every `interval` seconds, until stopped."""
+    """Runs `also` (e.g. the worker's presence) every `interval` seconds until stopped, and `Recovery.sweep` when
+    it is this sweeper's turn: one sweep per interval across all the workers on the Redis, whichever asks first."""
 
     def __init__(self, recovery: Recovery, interval: float, also: Callable[[], None] = lambda: None):
         self.recovery, self.interval, self.also = recovery, interval, also
@@ -122,7 +124,9 @@ class Sweeper:
         while not self._stop.wait(self.interval):
             try:
                 self.also()
-                self.recovery.sweep()
+                # A little under the interval, so that the sweeper that took the last turn may take the next.
+                if self.recovery.fleet.take_sweep_turn(self.recovery.lease_ttl, self.interval * 0.9):
+                    self.recovery.sweep()
             except (redis.RedisError, OSError) as exc:  # Redis restarting: sweep again next time
                 log.warning("recovery sweep: %s", exc)
             except Exception:

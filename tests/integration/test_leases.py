@@ -169,6 +169,29 @@ def test_a_sweeper_that_hits_an_error_logs_it_and_sweeps_again(
     assert sent[0][0] == job_id and "presence failed once" in caplog.text
 
 
+def test_a_fleet_sweeps_once_per_interval_however_many_workers_it_has(store: StatusStore) -> None:
+    """Each sweep reads the lease of every running job: with every worker sweeping each interval, a fleet of W
+    workers read W x W leases a round."""
+    sweeps: list[str] = []
+
+    class Counted(Recovery):
+        def __init__(self, name: str):
+            # A lease setting of its own: no other test's sweeper on this Redis shares these turns.
+            super().__init__(store, lambda *m: None, lease_ttl=0.0123, max_attempts=3, default_queue="unused")
+            self.name = name
+
+        def sweep(self) -> list[tuple[str, str]]:
+            sweeps.append(self.name)
+            return []
+
+    sweepers = [Sweeper(Counted(f"w{i}"), interval=0.2).start() for i in range(4)]
+    time.sleep(3)
+    for sweeper in sweepers:
+        sweeper.stop()
+    # About 15 rounds: one sweep each, where every one of the four sweepers swept before (about 60).
+    assert 8 <= len(sweeps) <= 20, len(sweeps)
+
+
 def test_a_canceled_job_s_lease_is_logged_once_as_a_cancel_not_a_loss(
     store: StatusStore, caplog: pytest.LogCaptureFixture
 ) -> None:
