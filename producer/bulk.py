@@ -268,7 +268,8 @@ UNSUBMITTED = "unsubmitted"  # a report's state for an input the run never submi
 class Outcome:
     item: Item
     job: Job | None = None
-    record: JobRecord | None = None  # the latest seen, until the input ends
+    record: JobRecord | None = None  # read once the job has ended (or been canceled), until the input ends
+    seen: JobState | None = None  # the state at the latest poll while it runs
     error: dict[str, str] | None = None
     new: bool = False
     downloaded: bool = False
@@ -283,7 +284,9 @@ class Outcome:
             return JobState.FAILED.value
         if self.job is None:  # the run stopped before it was submitted
             return UNSUBMITTED
-        return self.record.state.value if self.record else JobState.QUEUED.value
+        if self.record is not None:
+            return self.record.state.value
+        return (self.seen or JobState.QUEUED).value
 
     def line(self, out: Path) -> dict[str, Any]:
         record = self.record
@@ -364,8 +367,9 @@ class Run:
             outcome.job, outcome.new = submitted.job, not submitted.existed
 
     def follow(self, poll: float = 0.5, window: int = 2000) -> None:
-        """Until every input has ended: read the records of the oldest `window` unfinished jobs, in one round
-        trip a poll (jobs of one priority start in the order they were sent, so those end first)."""
+        """Until every input has ended: read the states of the oldest `window` unfinished jobs, in one round
+        trip a poll (jobs of one priority start in the order they were sent, so those end first), and the whole
+        records of those that ended. Whole records each poll were a few MB a second out of Redis per run."""
         while len(self.ended) < len(self.outcomes):
             waiting: dict[int, str] = {}
             for i, outcome in enumerate(self.outcomes):
@@ -373,9 +377,14 @@ class Run:
                     waiting[i] = outcome.job.id
                     if len(waiting) == window:
                         break
-            records = self.client.records.get_many(sorted(set(waiting.values())))
+            states = self.client.records.states(sorted(set(waiting.values())))
+            ended = [job_id for job_id, state in states.items() if state is None or state.is_terminal()]
+            records = self.client.records.get_many(ended) if ended else {}
             for i, job_id in waiting.items():
-                self._update(i, records.get(job_id))
+                if job_id in records:
+                    self._update(i, records[job_id])
+                else:
+                    self.outcomes[i].seen = states[job_id]
             self.on_poll(Counter(self.outcomes[i].state for i in waiting if i not in self.ended))
             if len(self.ended) < len(self.outcomes):
                 time.sleep(poll)
@@ -398,6 +407,7 @@ class Run:
                 if not again.existed:
                     self.retried.add(i)
                 outcome.job, outcome.record, outcome.new = again.job, None, outcome.new or not again.existed
+                outcome.seen = None
                 return
         if record.state is JobState.SUCCEEDED:
             self._download(outcome)

@@ -450,6 +450,19 @@ class StatusStore(Records):
         raw = self.redis.hget(keys.job(job_id), "state")
         return None if raw is None else JobState(as_text(raw))
 
+    def states(self, job_ids: list[str]) -> dict[str, JobState | None]:
+        """Many jobs' states alone, in one round trip; None for a job with no record or an unknown state."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "state")
+        found: dict[str, JobState | None] = {}
+        for job_id, raw in zip(job_ids, pipe.execute(), strict=True):
+            try:
+                found[job_id] = None if raw is None else JobState(as_text(raw))
+            except ValueError:  # a malformed record: get_many reports it
+                found[job_id] = None
+        return found
+
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.hgetall(keys.job(job_id))
         if not raw:

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,8 +26,10 @@ import redis
 from PIL import Image
 
 from producer import keys, wire
+from producer.bulk import Run, read_inputs
 from producer.client import Client, Submission, send_job
-from producer.local_redis import free_port
+from producer.contract import JobState
+from producer.local_redis import LocalRedis, free_port
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
 from tests.integration.test_image_urls import IMAGE, Site
 
@@ -320,6 +323,41 @@ def test_cancel_on_interrupt_cancels_what_is_unfinished(svdq_env: dict[str, str]
     assert {line["state"] for line in lines} == {"canceled"}
     with Client.from_env(queue=queue) as client:
         assert {client.job(line["job_id"]).status().state.value for line in lines} == {"canceled"}
+
+
+def test_following_reads_a_job_s_whole_record_once_it_has_ended(svdq_env: dict[str, str], tmp_path: Path) -> None:
+    """While jobs wait and run, a poll reads their states alone: polls read up to 2,000 whole records every half
+    second, megabytes a second out of Redis for each run. A Redis of its own, to count its commands."""
+    server = LocalRedis(tmp_path / "redis")
+    try:
+        with Client.from_env(redis_url=server.start()) as client:
+            src, out = tmp_path / "src", tmp_path / "out"
+            for n in range(20):
+                picture(src / f"p{n}.png", 10 * n)
+            out.mkdir()
+            run = Run(client, read_inputs(src), out, priority="low", retry_failed=False)
+            for outcome in run.outcomes:
+                job_id = uuid.uuid4().hex
+                client.records.create(job_id, {"image": "x"})
+                outcome.job = client.job(job_id)
+
+            def cancel_later() -> None:
+                time.sleep(1)  # about 20 polls
+                for outcome in run.outcomes:
+                    assert outcome.job is not None
+                    client.records.transition(outcome.job.id, JobState.CANCELED)
+
+            hgetalls = lambda: client.redis.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)  # noqa: E731
+            before = hgetalls()
+            canceler = threading.Thread(target=cancel_later)
+            canceler.start()
+            run.follow(poll=0.05)
+            canceler.join()
+            read = hgetalls() - before
+    finally:
+        server.stop()
+    assert {line["state"] for line in report(out).values()} == {"canceled"}
+    assert read == 20
 
 
 def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
