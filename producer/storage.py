@@ -26,6 +26,15 @@ class StorageUnavailable(RuntimeError):
     """The store could not be reached or refused a well-formed request; worth retrying later."""
 
 
+class StorageRefused(StorageUnavailable):
+    """The store answered and said no (credentials, permissions, no such bucket). A job retries it (an operator
+    may fix it meanwhile); a worker that meets it at start does not start (worker.startup.check_storage)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 class ObjectNotFound(LookupError):
     pass
 
@@ -348,7 +357,7 @@ def _s3_errors(key: str, *, reading: bool = False, denied_is_missing: bool = Fal
             raise ObjectNotFound(f"no object {key}") from None
         if reading and code in _INVALID:
             raise InvalidReference(f"not a readable object name ({code})") from None
-        raise StorageUnavailable(f"storage refused {key}: {code}") from None
+        raise StorageRefused(f"storage refused {key}: {code}", code) from None
     except ParamValidationError as exc:  # rejected by boto3 before sending: a bad bucket name, say
         raise InvalidReference(f"not a valid object reference: {exc}") from None
     except BotoCoreError as exc:

@@ -14,7 +14,7 @@ import pydantic
 from producer.contract import MODEL_NAME_PATTERN, worker_queues
 from producer.settings import settings_error
 from worker.settings import WorkerSettings
-from worker.startup import LOAD_FAILED, LoadFailure, check_model, report_to_presence
+from worker.startup import LOAD_FAILED, LoadFailure, check_model, check_storage, report_to_presence
 
 
 def svdq_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,8 @@ def print_help() -> None:
 
 def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSettings:
     """The worker's settings, with --model and --model-name applied, or exit with one line saying what is wrong:
-    2 for a setting that does not parse, 3 (LOAD_FAILED) for a model that cannot load."""
+    2 for a setting that does not parse or a store the worker cannot use, 3 (LOAD_FAILED) for a model that
+    cannot load."""
     # Options become settings (and reach supervised children through the environment).
     if ours.model:
         os.environ["SVDQ_MODEL"] = ours.model
@@ -79,6 +80,10 @@ def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSetting
         _report_early(settings, rest, problem)
         print(f"svdq worker: the model cannot load: {problem}", file=sys.stderr)
         sys.exit(LOAD_FAILED)
+    if problem := check_storage(settings):
+        _report_early(settings, rest, f"storage: {problem}")
+        print(f"svdq worker: storage: {problem}", file=sys.stderr)
+        sys.exit(2)
     return settings
 
 

@@ -10,7 +10,11 @@ Two checks, one before and one after the fork:
    prints the error last. Without this, Celery logs the exception, keeps the process, and every job it takes
    fails, or the pool restarts it in a loop while a job waits unseen.
 
-In both cases the worker's presence key (`svdq:worker:NAME`) keeps the error for an hour: `svdq top` shows it.
+A third check, `check_storage`, before Celery starts too: a worker that cannot write its videos to the store
+and read them back (wrong credentials, no such bucket, a read-only folder) would fail every job it took, and
+quickly, so it would take most of the queue. It stops instead, with exit 2 and the store's answer.
+
+In every case the worker's presence key (`svdq:worker:NAME`) keeps the error for an hour: `svdq top` shows it.
 A message the worker had reserved goes back to its queue when the broker connection closes (kombu restores
 unacknowledged messages on close), so another worker takes the job at once.
 """
@@ -27,6 +31,8 @@ import tempfile
 from pathlib import Path
 
 import redis
+
+from producer.settings import ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +141,39 @@ class LoadFailure:
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
         self._loaded_path.unlink(missing_ok=True)
+
+
+# Written and read back under the store's prefix at each start; not a job id (a dot), so never a job's folder.
+STORAGE_PROBE = ".svdq-worker-probe"
+# Answers of a store that is there but busy or failing on its side: an outage, waited out job by job.
+STORE_BUSY = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+
+
+def check_storage(settings: Settings) -> str | None:
+    """Why this worker could not store a video, or None. A store that does not answer is no reason not to
+    start: jobs wait out an outage (and this check must not keep a fleet down behind one)."""
+    from producer.storage import ObjectNotFound, StorageRefused, StorageUnavailable, open_store
+
+    where = f"SVDQ_STORAGE_URL={settings.storage_url}"
+    try:
+        store = open_store(settings)
+        stored = store.put(STORAGE_PROBE, b"svdq worker start-up check\n", "text/plain")
+        store.read_key(stored.key)
+    except StorageRefused as exc:
+        if exc.code in STORE_BUSY:
+            log.warning("the store at %s is failing (%s): starting anyway", where, exc)
+            return None
+        return f"{where}: {exc} (check the bucket, the worker's S3 credentials and what they may do: write, read)"
+    except StorageUnavailable as exc:
+        log.warning("the store at %s does not answer (%s): starting anyway", where, exc)
+        return None
+    except ObjectNotFound:
+        return f"{where}: a test file written there could not be read back"
+    except ConfigurationError as exc:
+        return str(exc)
+    except OSError as exc:  # a file:// store this user may not write
+        return f"{where}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    return None
 
 
 def load_hint(model: str) -> str:

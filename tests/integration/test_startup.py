@@ -259,3 +259,38 @@ def test_a_worker_stopped_while_loading_stops_at_once(svdq_env: dict[str, str], 
             proc.kill()
     log = (tmp_path / "w.log").read_text()
     assert "failed to load" not in log and " ready." not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("store", ["no-bucket", "not-a-folder"])
+def test_a_worker_that_cannot_store_videos_does_not_start(svdq_env: dict[str, str], tmp_path: Path, store: str) -> None:
+    """It would fail every job it took, and quickly, so it would take most of the queue."""
+    if store == "no-bucket":
+        url, says = "s3://svdq-no-such-bucket/renders", "NoSuchBucket"
+    else:
+        (tmp_path / "a-file").write_text("")
+        url, says = f"file://{tmp_path}/a-file/store", "Not a directory"
+    hostname = f"w{uuid.uuid4().hex[:6]}@test"
+    started = time.monotonic()
+    done = subprocess.run(
+        [SVDQ, "worker", f"--hostname={hostname}", f"--queues=q-{uuid.uuid4().hex[:6]}"],
+        env={**svdq_env, "SVDQ_STORAGE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < 20
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("svdq worker: storage:") and url in last and says in last, last
+    assert "worker process loading" not in done.stderr + done.stdout  # refused before the model's minutes
+    shown = top_entry(svdq_env, hostname)
+    assert shown["stage"] == "failed" and says in shown["error"]
+
+
+def test_a_worker_starts_while_its_store_does_not_answer(
+    svdq_env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """An outage is waited out job by job: a start-up check must not keep a fleet down behind one."""
+    down = free_port()  # nothing listens there
+    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{down}"})
+    assert "does not answer" in fresh.log_text()
