@@ -23,7 +23,9 @@ PUBLISH_RETRY = {"max_retries": 60, "interval_start": 0, "interval_step": 0.5, "
 
 def register(app: Celery, settings: WorkerSettings) -> None:
     # Request: Flower hears the job's state from svdq's record, not from this function's return (worker.events).
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, Request=Request)
+    # max_retries=None: svdq counts attempts itself (SVDQ_MAX_ATTEMPTS; hand-backs not counted). Celery's own
+    # cap (3) ended the fourth re-send with MaxRetriesExceededError and the job's record `queued`, message gone.
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, Request=Request, max_retries=None)
     def generate_video(self: Any, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
         queue = (self.request.delivery_info or {}).get("routing_key")
         hostname = self.request.hostname or "unknown"
@@ -33,8 +35,8 @@ def register(app: Celery, settings: WorkerSettings) -> None:
         outcome = run_job(rt, job_id, request, worker=hostname, queue=queue, task_id=self.request.id)
         if outcome.retry_in is not None:
             try:
-                # Same id, same queue (so the same priority); svdq counts attempts itself, hence no max here.
-                raise self.retry(countdown=outcome.retry_in, max_retries=None, retry_policy=PUBLISH_RETRY)
+                # Same id, same queue (so the same priority).
+                raise self.retry(countdown=outcome.retry_in, retry_policy=PUBLISH_RETRY)
             except Reject as exc:
                 # Celery could not send the new message and would drop this one: the record already says
                 # `queued`, so the job would wait for ever for a message that no longer exists. This one goes
