@@ -113,6 +113,9 @@ class FleetStore:
         every running job's lease, so W workers each sweeping read W x W leases a round."""
         return bool(self.redis.set(keys.sweep_turn(lease_ttl), "1", nx=True, px=max(1, int(seconds * 1000))))
 
+    def give_back_sweep_turn(self, lease_ttl: float) -> None:
+        self.redis.delete(keys.sweep_turn(lease_ttl))
+
     # -- queues --------------------------------------------------------------------------------------------
 
     def queues_of_waiting_jobs(self, limit: int = 200) -> set[str]:

@@ -12,7 +12,9 @@ per interval (each sweep reads every running job's lease).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -43,10 +45,12 @@ class Recovery:
         self.status, self.send, self.notify, self.requeued = status, send, notify, requeued
         self.fleet = FleetStore(status.redis)
         self.lease_ttl, self.max_attempts, self.default_queue = lease_ttl, max_attempts, default_queue
+        self.unsent = 0  # jobs the last sweep could not send back: another sweeper should try them next
 
     def sweep(self) -> list[tuple[str, str]]:
         """Recover every abandoned job once; returns (job id, what was done) for each."""
         done = []
+        self.unsent = 0
         for job_id in self.status.abandoned(older_than=self.lease_ttl):
             try:
                 outcome = self.recover(job_id)
@@ -84,7 +88,11 @@ class Recovery:
                 return "failed"
             # The message first: if the record cannot be written after it, the claim takes the job over anyway.
             queue = record.queue or queue_for(self.default_queue, record.priority)
-            self.send(job_id, record.request, queue)
+            try:
+                self.send(job_id, record.request, queue)
+            except Exception:
+                self.unsent += 1
+                raise
             error = {"code": ErrorCode.WORKER_LOST.value, "message": f"{lost}; requeued"}
             self.status.transition(
                 job_id,
@@ -121,13 +129,20 @@ class Sweeper:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        fleet, lease_ttl = self.recovery.fleet, self.recovery.lease_ttl
+        # Jitter, so that the turn moves around the fleet rather than staying with whoever took it first.
+        while not self._stop.wait(self.interval * random.uniform(0.9, 1.1)):
+            turn = done = False
             try:
                 self.also()
                 # A little under the interval, so that the sweeper that took the last turn may take the next.
-                if self.recovery.fleet.take_sweep_turn(self.recovery.lease_ttl, self.interval * 0.9):
+                if turn := fleet.take_sweep_turn(lease_ttl, self.interval * 0.8):
                     self.recovery.sweep()
+                    done = self.recovery.unsent == 0
             except (redis.RedisError, OSError) as exc:  # Redis restarting: sweep again next time
                 log.warning("recovery sweep: %s", exc)
             except Exception:
                 log.exception("recovery sweep")
+            if turn and not done:  # it could not do its turn's work (its broker connection, say): another may
+                with contextlib.suppress(Exception):
+                    fleet.give_back_sweep_turn(lease_ttl)
