@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import redis
+
 from producer.client import Client, Job, NotCancelable, Submission
 from producer.contract import (
     InvalidParameter,
@@ -459,9 +461,26 @@ class Run:
 
     def finish_report(self, *, announce: bool = True) -> None:
         """Lines for the inputs that have not ended (--no-wait, Ctrl-C): their state as last seen."""
-        for i in range(len(self.outcomes)):
-            if i not in self.ended:
-                self._end(i, announce=announce)
+        unfinished = [i for i in range(len(self.outcomes)) if i not in self.ended]
+        self._read_unfinished(unfinished)
+        for i in unfinished:
+            self._end(i, announce=announce)
+
+    def _read_unfinished(self, indexes: list[int], batch: int = 2000) -> None:
+        """The whole records of jobs still waiting or running, for their lines (a retry's error, timings so far);
+        polls read their states alone. One that has ended meanwhile keeps its last seen state: it is neither
+        downloaded nor counted yet, and a re-run finishes it."""
+        jobs = {i: o.job.id for i in indexes if (o := self.outcomes[i]).job is not None and o.record is None}
+        ids = sorted(set(jobs.values()))
+        records: dict[str, JobRecord | None] = {}
+        try:
+            for start in range(0, len(ids), batch):
+                records.update(self.client.records.get_many(ids[start : start + batch]))
+        except redis.RedisError:  # Redis gone: the lines say what was seen last
+            return
+        for i, job_id in jobs.items():
+            if (record := records.get(job_id)) is not None and not record.state.is_terminal():
+                self.outcomes[i].record = record
 
     def cancel_unfinished(self) -> int:
         canceled = 0

@@ -360,6 +360,29 @@ def test_following_reads_a_job_s_whole_record_once_it_has_ended(svdq_env: dict[s
     assert read == 20
 
 
+def test_an_interrupted_run_reports_what_its_unfinished_jobs_last_said(client: Client, tmp_path: Path) -> None:
+    """Polls read states alone: the report of a run stopped by Ctrl-C still gives a retrying job's error."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    picture(src / "p.png", 99)
+    out.mkdir()
+    job_id = uuid.uuid4().hex
+    client.records.create(job_id, {"image": "x"})
+    client.records.claim(job_id, "w/1", lease_seconds=30)
+    error = {"code": "storage_unavailable", "message": "storage unreachable"}
+    client.records.transition(job_id, JobState.QUEUED, fence=1, error=error, stage="retrying")
+
+    def interrupt(waiting: Any) -> None:
+        raise KeyboardInterrupt
+
+    run = Run(client, read_inputs(src), out, priority="low", retry_failed=False, on_poll=interrupt)
+    run.outcomes[0].job = client.job(job_id)
+    with pytest.raises(KeyboardInterrupt):
+        run.follow(poll=0.05)
+    run.finish_report()
+    [line] = report(out).values()
+    assert line["state"] == "queued" and line["error"] == error
+
+
 def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
     """submit_many pushes messages it builds itself (producer.wire): they must stay what Celery would send."""
     queue = f"wire-{uuid.uuid4().hex[:8]}"
