@@ -30,9 +30,17 @@ class StorageRefused(StorageUnavailable):
     """The store answered and said no (credentials, permissions, no such bucket). A job retries it (an operator
     may fix it meanwhile); a worker that meets it at start does not start (worker.startup.check_storage)."""
 
-    def __init__(self, message: str, code: str):
+    def __init__(self, message: str, code: str, status: int | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.status = code, status
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Celery's pool) whole
+        return (type(self), (str(self), self.code, self.status))
+
+    @property
+    def busy(self) -> bool:
+        """The store is there but failing on its side, or asks to slow down: an outage, not a refusal."""
+        return (self.status or 0) >= 500 or self.status == 429 or self.code in _BUSY
 
 
 class ObjectNotFound(LookupError):
@@ -326,6 +334,9 @@ class S3Store:
 # Answers to a read that no retry can change: the input is wrong, not the store away.
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _INVALID = {"InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidURI", "400"}
+# Refusals that pass: a store starting up or overloaded, a clock not yet synchronised (the code sometimes comes
+# without its HTTP status, which says the rest: 5xx, 429).
+_BUSY = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling"}
 
 
 def _read_file(path: Path, ref: str, limit: int | None = None) -> bytes:
@@ -343,7 +354,13 @@ def _read_file(path: Path, ref: str, limit: int | None = None) -> bytes:
 @contextmanager
 def _s3_errors(key: str, *, reading: bool = False, denied_is_missing: bool = False) -> Iterator[None]:
     """Turn botocore's exceptions into the store's kinds: missing, invalid (reads), refused, unreachable."""
-    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
 
     try:
         yield
@@ -357,7 +374,10 @@ def _s3_errors(key: str, *, reading: bool = False, denied_is_missing: bool = Fal
             raise ObjectNotFound(f"no object {key}") from None
         if reading and code in _INVALID:
             raise InvalidReference(f"not a readable object name ({code})") from None
-        raise StorageRefused(f"storage refused {key}: {code}", code) from None
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        raise StorageRefused(f"storage refused {key}: {code}", code, status) from None
+    except (NoCredentialsError, PartialCredentialsError) as exc:  # nothing to retry until someone sets them
+        raise StorageRefused(f"storage refused {key}: {exc}", type(exc).__name__) from None
     except ParamValidationError as exc:  # rejected by boto3 before sending: a bad bucket name, say
         raise InvalidReference(f"not a valid object reference: {exc}") from None
     except BotoCoreError as exc:

@@ -22,6 +22,7 @@ unacknowledged messages on close), so another worker takes the job at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -145,34 +146,39 @@ class LoadFailure:
 
 # Written and read back under the store's prefix at each start; not a job id (a dot), so never a job's folder.
 STORAGE_PROBE = ".svdq-worker-probe"
-# Answers of a store that is there but busy or failing on its side: an outage, waited out job by job.
-STORE_BUSY = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+# A file:// store's errors that only someone can fix; others (EIO, ENOSPC, a stale NFS handle) may pass.
+FOLDER_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
 
 
 def check_storage(settings: Settings) -> str | None:
-    """Why this worker could not store a video, or None. A store that does not answer is no reason not to
-    start: jobs wait out an outage (and this check must not keep a fleet down behind one)."""
-    from producer.storage import ObjectNotFound, StorageRefused, StorageUnavailable, open_store
+    """Why this worker could not store a video, or None. A store that does not answer, or answers that it is
+    busy, is no reason not to start: jobs wait out an outage (and this check must not keep a fleet down)."""
+    from producer.storage import InvalidReference, ObjectNotFound, StorageRefused, StorageUnavailable, open_store
 
     where = f"SVDQ_STORAGE_URL={settings.storage_url}"
     try:
         store = open_store(settings)
         stored = store.put(STORAGE_PROBE, b"svdq worker start-up check\n", "text/plain")
-        store.read_key(stored.key)
     except StorageRefused as exc:
-        if exc.code in STORE_BUSY:
-            log.warning("the store at %s is failing (%s): starting anyway", where, exc)
+        if exc.busy:
+            log.warning("the store at %s is busy (%s): starting anyway", where, exc)
             return None
-        return f"{where}: {exc} (check the bucket, the worker's S3 credentials and what they may do: write, read)"
+        return f"{where}: {exc} (check the bucket, and the worker's S3 credentials and what they may write)"
     except StorageUnavailable as exc:
         log.warning("the store at %s does not answer (%s): starting anyway", where, exc)
         return None
-    except ObjectNotFound:
-        return f"{where}: a test file written there could not be read back"
-    except ConfigurationError as exc:
-        return str(exc)
-    except OSError as exc:  # a file:// store this user may not write
+    except (ConfigurationError, InvalidReference) as exc:
+        return f"{where}: {exc}"
+    except OSError as exc:  # a file:// store
+        if exc.errno not in FOLDER_REFUSED:
+            log.warning("the store at %s failed (%s): starting anyway", where, exc)
+            return None
         return f"{where}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    try:
+        store.read_key(stored.key)
+    except (StorageUnavailable, ObjectNotFound, OSError) as exc:
+        # Workers read inputs, which a policy may allow apart from the rest: the write is what must work.
+        log.warning("the store at %s took a test file but did not give it back (%s)", where, exc)
     return None
 
 

@@ -261,11 +261,13 @@ def test_a_worker_stopped_while_loading_stops_at_once(svdq_env: dict[str, str], 
     assert "failed to load" not in log and " ready." not in log, log[-3000:]
 
 
-@pytest.mark.parametrize("store", ["no-bucket", "not-a-folder"])
+@pytest.mark.parametrize("store", ["no-bucket", "bad-bucket-name", "not-a-folder"])
 def test_a_worker_that_cannot_store_videos_does_not_start(svdq_env: dict[str, str], tmp_path: Path, store: str) -> None:
     """It would fail every job it took, and quickly, so it would take most of the queue."""
     if store == "no-bucket":
         url, says = "s3://svdq-no-such-bucket/renders", "NoSuchBucket"
+    elif store == "bad-bucket-name":
+        url, says = "s3://svdq!bucket/renders", "not a valid object reference"
     else:
         (tmp_path / "a-file").write_text("")
         url, says = f"file://{tmp_path}/a-file/store", "Not a directory"

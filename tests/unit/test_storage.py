@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError, NoCredentialsError
 
 from producer.settings import Settings, redact_url
-from producer.storage import FileStore, InvalidReference, ObjectNotFound, S3Store, content_name, open_store
+from producer.storage import (
+    FileStore,
+    InvalidReference,
+    ObjectNotFound,
+    S3Store,
+    StorageRefused,
+    _s3_errors,
+    content_name,
+    open_store,
+)
 
 
 def test_content_name_is_stable_and_content_addressed() -> None:
@@ -224,3 +235,24 @@ def test_a_worker_s_spool_folder_goes_when_its_process_does_whatever_pid_it_is_n
     assert holder.returncode == 0
     Spool(FileStore(store), root, 10).close()  # the next start after that process ended
     assert not live.exists() and list(root.iterdir()) == []
+
+
+def refusal(code: str, status: int | None) -> StorageRefused:
+    with pytest.raises(StorageRefused) as caught, _s3_errors("renders/x"):
+        raise ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return caught.value
+
+
+def test_a_store_s_refusal_says_whether_it_passes() -> None:
+    """A worker does not start on a refusal (worker.startup.check_storage) but does on a busy store: MinIO while
+    it starts, throttling, a clock not yet synchronised. The code is the body's, so the status decides too."""
+    for code, status in [("AccessDenied", 403), ("NoSuchBucket", 404), ("InvalidAccessKeyId", 403)]:
+        assert not refusal(code, status).busy, code
+    for code, status in [("XMinioServerNotInitialized", 503), ("SlowDownWrite", 503), ("TooManyRequests", 429)]:
+        assert refusal(code, status).busy, code
+    assert refusal("RequestTimeTooSkewed", 403).busy and refusal("ServiceUnavailable", None).busy
+    with pytest.raises(StorageRefused) as caught, _s3_errors("renders/x"):
+        raise NoCredentialsError()  # not an outage: nothing changes until someone sets them
+    assert not caught.value.busy and caught.value.code == "NoCredentialsError"
+    copy = pickle.loads(pickle.dumps(refusal("AccessDenied", 403)))  # as Celery's pool hands it over
+    assert (str(copy), copy.code, copy.status) == ("storage refused renders/x: AccessDenied", "AccessDenied", 403)
