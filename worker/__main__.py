@@ -81,6 +81,7 @@ def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSetting
         print(f"svdq worker: the model cannot load: {problem}", file=sys.stderr)
         sys.exit(LOAD_FAILED)
     if problem := check_storage(settings):
+        problem = " ".join(problem.split())  # one line, the last of the output (botocore's run to several)
         _report_early(settings, rest, f"storage: {problem}")
         print(f"svdq worker: storage: {problem}", file=sys.stderr)
         sys.exit(2)
