@@ -21,7 +21,7 @@ SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 
 
 def test_a_short_soak_loses_nothing(tmp_path: Path, tiny_model: Path) -> None:
-    command = [sys.executable, str(SOAK), "--jobs", "30", "--workers", "2", "--minutes", "2", "--seed", "3"]
+    command = [sys.executable, str(SOAK), "--jobs", "30", "--workers", "2", "--minutes", "1.3", "--seed", "3"]
     soak = subprocess.Popen(
         [*command, "--drain-minutes", "1.5", "--model", str(tiny_model), "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE,
