@@ -57,6 +57,13 @@ class Child:
     failures: int = 0
 
 
+# Exit codes a worker gives a reason for, as the last line of its output (worker.__main__).
+WHY = {
+    LOAD_FAILED: "its model failed to load (the reason ends its log)",
+    2: "it refused its settings or its store refused it (the reason ends its log)",
+}
+
+
 class Supervisor:
     """Runs `command(gpu)` for each GPU, restarts children that exit on their own, stops them on request."""
 
@@ -104,7 +111,7 @@ class Supervisor:
                 # A child that ran a while before dying starts afresh; one that keeps dying waits longer.
                 child.failures = 1 if now - child.started > self.stable_after else child.failures + 1
                 delay = min(self.backoff_max, 2.0 ** (child.failures - 1))
-                why = "its model failed to load (the reason ends its log)" if code == LOAD_FAILED else f"exit {code}"
+                why = WHY.get(code, f"exit {code}")
                 log.error(
                     "gpu%d: worker stopped, %s; failure %d in a row, restarting in %.0fs (backing off up to %.0fs)",
                     child.gpu,

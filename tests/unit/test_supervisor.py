@@ -61,11 +61,12 @@ def test_a_crashed_child_is_restarted_and_stop_ends_them_all() -> None:
     assert all(c.proc is not None and c.proc.returncode == -signal.SIGTERM for c in supervisor.children)
 
 
+@pytest.mark.parametrize(("code", "says"), [(LOAD_FAILED, "its model failed to load"), (2, "its store refused it")])
 def test_a_child_whose_model_cannot_load_is_retried_with_growing_waits_and_named(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, code: int, says: str
 ) -> None:
     def failing(gpu: int) -> tuple[list[str], dict[str, str]]:
-        return [sys.executable, "-c", f"raise SystemExit({LOAD_FAILED})"], dict(os.environ)
+        return [sys.executable, "-c", f"raise SystemExit({code})"], dict(os.environ)
 
     supervisor = Supervisor([0], failing, backoff_max=2)
     runner = threading.Thread(target=lambda: supervisor.run(poll=0.05))
@@ -75,7 +76,7 @@ def test_a_child_whose_model_cannot_load_is_retried_with_growing_waits_and_named
         supervisor.stop()
         runner.join(20)
     messages = [r.getMessage() for r in caplog.records]
-    assert all("its model failed to load" in m for m in messages)
+    assert all(says in m for m in messages)
     assert "restarting in 1s" in messages[0] and "restarting in 2s" in messages[1]  # backs off, capped at 2
     assert "failure 2 in a row" in messages[1]
 
