@@ -36,6 +36,15 @@ def s3_proxy(svdq_env: dict[str, str]) -> Iterator[CuttableProxy]:
     proxy.close()
 
 
+@pytest.fixture
+def worker_s3(svdq_env: dict[str, str], s3_proxy: CuttableProxy, monkeypatch: pytest.MonkeyPatch) -> CuttableProxy:
+    """Workers started from here reach S3 through the proxy, and an input they cannot reach fails the attempt at
+    once (the retry path, not the wait within an attempt)."""
+    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
+    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")
+    return s3_proxy
+
+
 def uploaded_image(s3: Any, image_file: Path) -> str:
     key = f"{PREFIX}/uploads/{uuid.uuid4().hex}.png"
     s3.put_object(Bucket=BUCKET, Key=key, Body=image_file.read_bytes())
@@ -45,18 +54,16 @@ def uploaded_image(s3: Any, image_file: Path) -> str:
 def test_a_storage_outage_is_retried_and_then_succeeds(
     svdq_env: dict[str, str],
     start_worker: Any,
-    s3_proxy: CuttableProxy,
+    worker_s3: CuttableProxy,
     s3: Any,
     image_file: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)  # the worker reaches S3 through the proxy
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "3")
-    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")  # the retry path at once, not the wait below
     fresh = start_worker()
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
-        s3_proxy.down()
+        worker_s3.down()
         job = client.submit(image, **SMALL)
         deadline = time.monotonic() + 60
         while (record := job.status()).attempts < 1 or record.state is not JobState.QUEUED:
@@ -64,7 +71,7 @@ def test_a_storage_outage_is_retried_and_then_succeeds(
             time.sleep(0.05)
         assert record.error is not None and record.error.code == "storage_unavailable"
         assert record.stage == "retrying"
-        s3_proxy.up()
+        worker_s3.up()
         final = job.wait(timeout=120)
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.attempts == 2 and final.worker == fresh.hostname
@@ -73,7 +80,7 @@ def test_a_storage_outage_is_retried_and_then_succeeds(
 def test_a_retry_whose_message_the_broker_refuses_loses_no_job(
     svdq_env: dict[str, str],
     start_worker: Any,
-    s3_proxy: CuttableProxy,
+    worker_s3: CuttableProxy,
     s3: Any,
     image_file: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -86,15 +93,13 @@ def test_a_retry_whose_message_the_broker_refuses_loses_no_job(
     admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"], commands=["+@all"])
     parts = urlsplit(svdq_env["SVDQ_REDIS_URL"])
     refused = parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}").geturl()
-    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
-    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")
     monkeypatch.setitem(svdq_env, "SVDQ_VISIBILITY_TIMEOUT", "10")  # for the case where the message stays unacked
     first = start_worker(env={"SVDQ_REDIS_URL": refused})
     image = uploaded_image(s3, image_file)
     try:
         admin.acl_setuser(user, enabled=True, commands=["-lpush"])  # not before: its ping answers need LPUSH
-        s3_proxy.down()
+        worker_s3.down()
         with Client.from_env(queue=first.queue) as client:
             job = client.submit(image, **SMALL)
             deadline = time.monotonic() + 60
@@ -102,7 +107,7 @@ def test_a_retry_whose_message_the_broker_refuses_loses_no_job(
                 assert time.monotonic() < deadline and not job.status().state.is_terminal(), first.log_text()
                 time.sleep(0.1)
             assert job.status().state is JobState.QUEUED
-            s3_proxy.up()
+            worker_s3.up()
             start_worker(queue=first.queue)  # a worker the broker serves
             final = job.wait(timeout=90)
     finally:
@@ -114,19 +119,17 @@ def test_a_retry_whose_message_the_broker_refuses_loses_no_job(
 def test_retries_stop_at_max_attempts_with_the_last_error(
     svdq_env: dict[str, str],
     start_worker: Any,
-    s3_proxy: CuttableProxy,
+    worker_s3: CuttableProxy,
     s3: Any,
     image_file: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(svdq_env, "SVDQ_S3_ENDPOINT_URL", s3_proxy.url)
     # Five: past Celery's own cap of three retries, which left the record `queued` with no message.
     monkeypatch.setitem(svdq_env, "SVDQ_MAX_ATTEMPTS", "5")
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
-    monkeypatch.setitem(svdq_env, "SVDQ_FETCH_WAIT", "0")
     fresh = start_worker()
     image = uploaded_image(s3, image_file)
-    s3_proxy.down()
+    worker_s3.down()
     with Client.from_env(queue=fresh.queue) as client:
         final = client.submit(image, **SMALL).wait(timeout=120)
     assert final.state is JobState.FAILED
