@@ -136,10 +136,13 @@ def spool_video(
         announce_if_canceled(rt, attempt)
         return False
 
+    def lost(why: str) -> None:
+        fail_work(rt, work, JobFailed(ErrorCode.SPOOL_FULL, f"storage unreachable ({exc}) and {why}"))
+
     try:
-        rt.spool.add(job_id, name, data, content_type, still_wanted, succeed)
-    except SpoolFull as full:
-        fail_work(rt, work, JobFailed(ErrorCode.SPOOL_FULL, f"storage unreachable ({exc}) and {full}"))
+        rt.spool.add(job_id, name, data, content_type, still_wanted, succeed, lost)
+    except SpoolFull as full:  # or the disk would not take it
+        lost(str(full))
         return
     log.warning("job %s: storage unreachable (%s); the video waits in the upload spool", job_id, exc)
     with contextlib.suppress(redis.RedisError):

@@ -3,8 +3,10 @@
 A render is the expensive part of a job; an upload is cheap to repeat. So when storage is unreachable
 after a render, the video goes to this spool and the job stays `started` (stage `upload_pending`), its
 lease kept alive by the heartbeat. One thread retries every pending upload with backoff until storage
-takes it, or the job is canceled or taken over meanwhile. When the spool has no room, the job fails
-with `spool_full` at once: nothing silently waits in memory.
+takes it, or the job is canceled or taken over meanwhile. When the spool has no room, or its disk will not
+take the video (full below the cap, the folder removed), the job fails with `spool_full` at once: nothing
+silently waits in memory. A spooled video removed before its upload fails its job too: its lease, renewed
+for as long as the upload was pending, would otherwise keep it `started` for ever.
 
 Each process spools into a folder of its own, holding a lock on it while it lives; folders whose lock nobody
 holds were left by dead processes and are removed at start (their jobs are recovered through their lapsed
@@ -40,6 +42,11 @@ class SpoolFull(Exception):
         )
 
 
+class SpoolUnwritable(SpoolFull):
+    def __init__(self, exc: OSError):
+        Exception.__init__(self, f"the upload spool could not keep the video: {exc}")
+
+
 @dataclass
 class PendingUpload:
     job_id: str
@@ -50,6 +57,8 @@ class PendingUpload:
     still_wanted: Callable[[int], bool]
     # Called once the video is stored.
     done: Callable[[Stored], None]
+    # Called, with why, if the spooled video is gone before its upload.
+    lost: Callable[[str], None]
     tries: int = 1  # the finisher's own try failed first
     next_at: float = 0.0
 
@@ -124,14 +133,21 @@ class Spool:
         content_type: str,
         still_wanted: Callable[[int], bool],
         done: Callable[[Stored], None],
+        lost: Callable[[str], None] = lambda why: None,
     ) -> None:
-        """Keep `data` on disk and upload it as `name` once storage answers; SpoolFull when there is no room."""
+        """Keep `data` on disk and upload it as `name` once storage answers; SpoolFull when there is no room
+        (SpoolUnwritable when the disk will not take it)."""
         used = self.used_bytes()
         if used + len(data) > self.max_bytes:
             raise SpoolFull(len(data), used, self.max_bytes)
         path = self.dir / f"{job_id}{Path(name).suffix}"
-        path.write_bytes(data)
-        upload = PendingUpload(job_id, name, path, content_type, still_wanted, done)
+        try:
+            path.write_bytes(data)
+        except OSError as exc:  # a disk full below the cap, the folder removed by a /tmp cleaner
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise SpoolUnwritable(exc) from exc
+        upload = PendingUpload(job_id, name, path, content_type, still_wanted, done, lost)
         upload.next_at = time.monotonic() + self._delay(upload.tries)
         with self._wake:
             self._pending[job_id] = upload
@@ -177,7 +193,13 @@ class Spool:
                 log.info("job %s: spooled upload dropped (canceled or taken over)", upload.job_id)
                 self._forget(upload)
                 return
-            stored = self.store.put(upload.name, upload.path.read_bytes(), upload.content_type)
+            try:
+                data = upload.path.read_bytes()
+            except FileNotFoundError:
+                self._forget(upload)
+                upload.lost(f"the rendered video was removed from the upload spool ({upload.path}) before its upload")
+                return
+            stored = self.store.put(upload.name, data, upload.content_type)
         except StorageUnavailable as exc:
             upload.tries += 1
             delay = self._delay(upload.tries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -290,20 +291,40 @@ def test_a_job_canceled_while_its_video_waits_in_the_spool_is_dropped_and_its_en
         s3_proxy.up()
 
 
-def test_a_full_spool_fails_the_job_clearly(
+@pytest.mark.parametrize("trouble", ["full", "folder-removed", "video-removed"])
+def test_a_spool_that_cannot_keep_the_video_fails_the_job_clearly(
     svdq_env: dict[str, str],
     start_worker: Any,
     s3_proxy: CuttableProxy,
     s3: Any,
     image_file: Path,
+    tmp_path: Path,
+    trouble: str,
 ) -> None:
-    fresh = start_worker(env={"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_SPOOL_MAX_BYTES": "100"})
+    """Full, or its folder or the video removed under it (a /tmp cleaner): the job stayed `started` for ever,
+    its lease renewed while the upload could never happen."""
+    spool = tmp_path / "spool"
+    env = {"SVDQ_S3_ENDPOINT_URL": s3_proxy.url, "SVDQ_SPOOL_DIR": str(spool), "SVDQ_RETRY_BACKOFF": "0.5"}
+    if trouble == "full":
+        env["SVDQ_SPOOL_MAX_BYTES"] = "100"
+    fresh = start_worker(env=env)
     image = uploaded_image(s3, image_file)
     with Client.from_env(queue=fresh.queue) as client:
         job = client.submit(image, **SLOW)
         wait_until(job, lambda r: r.stage == "denoise")
         s3_proxy.down()
-        final = job.wait(timeout=120)
+        if trouble == "folder-removed":
+            shutil.rmtree(spool)
+        elif trouble == "video-removed":
+            wait_until(job, lambda r: r.stage == "upload_pending")
+            for video in spooled(spool):
+                video.unlink()
+        final = job.wait(timeout=60)
     assert final.state is JobState.FAILED and final.attempts == 1
     assert final.error is not None and final.error.code == "spool_full"
-    assert "SVDQ_SPOOL_MAX_BYTES=100" in final.error.message
+    says = {
+        "full": "SVDQ_SPOOL_MAX_BYTES=100",
+        "folder-removed": "could not keep the video: [Errno 2] No such file or directory",
+        "video-removed": "removed from the upload spool",
+    }[trouble]
+    assert says in final.error.message, final.error.message
