@@ -139,14 +139,36 @@ def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> Jo
         request = check_inputs(body, JobRequest)
     except InvalidParameter as exc:
         if not status.create(job_id, body, queue=queue):
-            log.warning("job %s: dropped a message with an invalid request (%s); its record stands", job_id, exc)
-            return Outcome(job_id, None, detail="dropped: invalid request")
+            return _unreadable(rt, job_id, exc)
         log.warning("job %s has an invalid request: %s", job_id, exc)
         return fail_job(rt, Attempt(job_id, 0, ""), JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))
     if not status.create(job_id, request.model_dump(), queue=queue) and (refused := _refused(status, job_id, request)):
         log.warning("job %s: message dropped: %s", job_id, refused)
         return Outcome(job_id, None, detail=f"dropped: {refused}")
     return request
+
+
+def _unreadable(rt: Runtime, job_id: str, exc: InvalidParameter) -> Outcome:
+    """A message this worker cannot read, for a job that has a record. When it cannot read the record either,
+    a newer svdq wrote it (a parameter this worker does not know, say): the job fails saying so, where it
+    waited `queued` for ever. Otherwise the message is not the record's (any sender's): dropped."""
+    try:
+        record = rt.status.get(job_id)
+        check_inputs(record.request, JobRequest)
+    except InvalidParameter as unknown:
+        if record.state is JobState.QUEUED:
+            log.error("job %s: this worker cannot read its request: %s", job_id, unknown)
+            newer = JobFailed(
+                ErrorCode.INVALID_INPUT,
+                f"this worker cannot read the job's request ({unknown}): it was sent by a newer svdq than the "
+                "worker's? Upgrade workers before producers",
+            )
+            # unleased: never over an attempt running on a worker that can read it
+            return fail_job(rt, Attempt(job_id, 0, ""), newer, unleased=True)
+    except (JobNotFound, MalformedRecord):
+        pass
+    log.warning("job %s: dropped a message with an invalid request (%s); its record stands", job_id, exc)
+    return Outcome(job_id, None, detail="dropped: invalid request")
 
 
 def _refused(status: StatusStore, job_id: str, request: JobRequest) -> str | None:

@@ -92,6 +92,24 @@ def test_a_message_cannot_take_over_a_job_that_has_a_record(
     idle_client.close()
 
 
+def test_a_job_from_a_newer_producer_fails_saying_so_and_the_worker_goes_on(
+    start_worker: Callable[..., WorkerProcess], celery_control: Celery, image_file: Path
+) -> None:
+    """A rolling deploy that upgrades producers first: the old worker reads neither the message nor the record
+    (a parameter it does not know). The job stayed `queued` for ever, its message dropped."""
+    worker = start_worker()
+    with Client.from_env(queue=worker.queue) as client:
+        stored = client.submit(image_file, **SMALL).wait(timeout=120)  # for a request this worker reads
+        newer = {**stored.request, "seed": 5, "future_parameter": 1}
+        job_id = uuid.uuid4().hex
+        client.records.create(job_id, newer, queue=worker.queue)
+        celery_control.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": newer}, queue=worker.queue)
+        final = client.job(job_id).wait(timeout=60)
+        assert client.submit(image_file, **SMALL).wait(timeout=120).state is JobState.SUCCEEDED  # it goes on
+    assert final.state is JobState.FAILED and final.error is not None and final.error.code == "invalid_input"
+    assert "future_parameter" in final.error.message and "Upgrade workers before producers" in final.error.message
+
+
 def test_a_malformed_record_never_stops_a_sweep_a_listing_or_a_status(svdq_env: dict[str, str]) -> None:
     settings = Settings()
     with Client.from_env() as client:
