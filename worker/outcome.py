@@ -96,11 +96,23 @@ def end_job(rt: Runtime, attempt: Attempt, state: JobState, *, unleased: bool = 
     try:
         rt.status.transition(job_id, state, fence=fence, unleased=unleased, **fields)
     except InvalidTransition as exc:  # canceled while it ran (the cancel stands), or taken over
+        if exc.current is state and _written_by(rt, attempt):  # this write, repeated after its reply was lost
+            announce_end(rt, job_id)
+            return Outcome(job_id, state)
         log.info("job %s: result dropped, %s", job_id, exc)
         announce_if_canceled(rt, attempt)
         return Outcome(job_id, exc.current)
     announce_end(rt, job_id)
     return Outcome(job_id, state)
+
+
+def _written_by(rt: Runtime, attempt: Attempt) -> bool:
+    """Whether the job's final state is this attempt's: Redis ran the write, then its connection dropped before
+    the reply, and the client's retry found the job ended (by itself)."""
+    with contextlib.suppress(JobNotFound, MalformedRecord, redis.RedisError):
+        record = rt.status.get(attempt.job_id)
+        return record.attempts == attempt.number  # an attempt that took over would have counted one more
+    return False
 
 
 def announce_if_canceled(rt: Runtime, attempt: Attempt) -> None:

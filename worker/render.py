@@ -287,6 +287,11 @@ def _stops(checkpoint: Callable[[], None]) -> bool:
     return False
 
 
+# Why a job this attempt is requeueing may be `queued` already: the message is what it needs either way (a
+# second one is dropped by the claim).
+AGAIN = "this write repeated after its reply was lost in a Redis restart, or a sweeper's"
+
+
 def _retry_delay(rt: Runtime, attempts: int) -> float | None:
     """Seconds to wait before the next attempt, or None when this was the last one allowed."""
     if attempts >= rt.settings.max_attempts:
@@ -306,9 +311,11 @@ def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> Out
             stage=Stage.RETRYING,
             progress=0.0,
         )
-    except InvalidTransition:  # canceled meanwhile: no retry
-        announce_end(rt, attempt.job_id)
-        return Outcome(attempt.job_id, JobState.CANCELED)
+    except InvalidTransition as refused:  # (not `exc`: that is the job's error, used below)
+        if refused.current is not JobState.QUEUED:  # canceled meanwhile: no retry
+            announce_end(rt, attempt.job_id)
+            return Outcome(attempt.job_id, JobState.CANCELED)
+        log.info("job %s was queued already (%s): sending its message", attempt.job_id, AGAIN)
     rt.events.requeued(attempt.job_id, exc.as_error(), "retrying")
     return Outcome(attempt.job_id, JobState.QUEUED, retry_in=round(delay, 3))
 
@@ -326,9 +333,11 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> Outcome:
             stage=Stage.HANDED_BACK,
             progress=0.0,
         )
-    except InvalidTransition:
-        announce_end(rt, attempt.job_id)
-        return Outcome(attempt.job_id, None)
+    except InvalidTransition as refused:
+        if refused.current is not JobState.QUEUED:
+            announce_end(rt, attempt.job_id)
+            return Outcome(attempt.job_id, None)
+        log.info("job %s was queued already (%s): sending its message", attempt.job_id, AGAIN)
     rt.events.requeued(attempt.job_id, None, "handed back: its worker is stopping")
     return Outcome(attempt.job_id, JobState.QUEUED, retry_in=0.0)
 
