@@ -7,9 +7,12 @@ import logging
 import os
 import re
 import sys
+from typing import Any
 
 import click
 import pydantic
+from celery.signals import celeryd_init
+from celery.worker import state as celery_worker_state
 
 from producer.contract import MODEL_NAME_PATTERN, worker_queues
 from producer.settings import settings_error
@@ -123,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         "--without-mingle",
         "--without-gossip",
     ]
+    # worker_main drops the worker's exit code (Celery's app.start does not return click's): an "Unrecoverable
+    # error" or a cold shutdown exited 0, so a restart policy that acts on failures (systemd's on-failure,
+    # Kubernetes' OnFailure) left the worker down.
+    workers: list[Any] = []
+    celeryd_init.connect(lambda instance=None, **_: workers.append(instance), weak=False)
     try:
         app.worker_main([*defaults, *rest])
     except click.ClickException as exc:  # a Celery option mistyped: one line, as svdq's own options get
@@ -135,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
             # sys.stderr is still Celery's logging proxy here: write to the real one, last.
             print(f"svdq worker: the model failed to load: {error}", file=sys.__stderr__, flush=True)
             sys.exit(LOAD_FAILED)
+    code = workers[0].exitcode if workers else None
+    # A cold shutdown (SIGQUIT, a second SIGTERM) leaves its code (1) where the worker's loop read it.
+    terminated = celery_worker_state.should_terminate
+    if not code and type(terminated) is int:
+        code = terminated
+    sys.exit(code or 0)
 
 
 def _report_early(settings: WorkerSettings, argv: list[str], problem: str) -> None:
