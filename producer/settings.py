@@ -136,8 +136,15 @@ def sentinel_options(settings: Settings) -> dict[str, str]:
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """kombu's options every svdq Celery client shares: a producer's or `svdq ping`'s app also restores
     messages unacknowledged past the visibility timeout (with kombu's default of an hour, a render running
-    longer than that was redelivered whatever SVDQ_VISIBILITY_TIMEOUT said)."""
-    return {**sentinel_options(settings), "visibility_timeout": settings.visibility_timeout}
+    longer than that was redelivered whatever SVDQ_VISIBILITY_TIMEOUT said). A socket timeout as svdq's own Redis
+    clients have: kombu's default is none, so a publish to a broker that vanished without closing the connection
+    (a failover, a NAT timeout) waited for ever, past any retry policy."""
+    return {
+        **sentinel_options(settings),
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 10,
+    }
 
 
 def redact_url(url: str) -> str:

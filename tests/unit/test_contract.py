@@ -132,7 +132,12 @@ def test_every_celery_client_restores_overdue_messages_at_the_same_visibility_ti
 
     settings = WorkerSettings(visibility_timeout=7200, redis_url="sentinel://10.0.0.1:26379/0")
     producer = producer_celery(settings)
-    assert producer.conf.broker_transport_options == {"master_name": "mymaster", "visibility_timeout": 7200}
+    assert producer.conf.broker_transport_options == {
+        "master_name": "mymaster",
+        "visibility_timeout": 7200,
+        "socket_timeout": 30,  # kombu's default is none: a publish to a vanished broker waited for ever
+        "socket_connect_timeout": 10,
+    }
     assert broker_options(settings)["visibility_timeout"] == 7200
 
 
