@@ -67,7 +67,7 @@ CANCELLER = Canceller()
 
 
 def install(canceller: Canceller = CANCELLER) -> None:
-    """Replace Celery's `revoke` control command in this process (a worker's main process)."""
+    """Replace Celery's `revoke` and `terminate` control commands in this process (a worker's main process)."""
 
     @control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")
     def revoke(state: Any, task_id: Any, terminate: bool = False, signal: str | None = None, **_: Any) -> Any:
@@ -76,6 +76,12 @@ def install(canceller: Canceller = CANCELLER) -> None:
         why = "revoked and terminated (Flower or celery control)" if terminate else "revoked (Flower or celery control)"
         done = canceller.cancel(ids, why)
         return ok(f"svdq canceled {', '.join(done) or 'nothing'}; the worker process is not signalled")
+
+    # `celery control terminate SIG ID` is a command of its own, calling Celery's revoke, not the one above.
+    @control_command(variadic="task_id", args=[("signal", str)], signature="<signal> [id1 [id2 [... [idN]]]]")
+    def terminate(state: Any, signal: str, task_id: Any, **_: Any) -> Any:
+        """Cancel svdq jobs by id: a revoke that terminates, so the worker process is not signalled either."""
+        return revoke(state, task_id, terminate=True, signal=signal)
 
 
 def on_task_revoked(request: Any = None, **_: Any) -> None:

@@ -72,6 +72,12 @@ def test_flower_shows_outcomes_progress_and_counts_and_revoke_is_a_cancel(
         get(f"{flower}/api/task/revoke/{behind.id}", FLOWER_AUTH, method="POST")
         assert terminated.wait(timeout=60).state is JobState.CANCELED
         assert behind.wait(timeout=60).state is JobState.CANCELED
+        # `celery control terminate SIGKILL ID` is a command of its own, which called Celery's revoke directly.
+        killed = client.submit(image_file, **SLOW)
+        rendering(killed)
+        arguments = {"signal": "SIGKILL", "task_id": [killed.id]}
+        celery_control.control.broadcast("terminate", arguments=arguments, destination=[worker.hostname])
+        assert killed.wait(timeout=60).state is JobState.CANCELED
         after = client.submit(image_file, **SMALL).wait(timeout=120)
         assert after.state is JobState.SUCCEEDED and after.timings["load"] == 0, after  # the same warm process
         assert "Terminating" not in worker.log_text()
