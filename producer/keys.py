@@ -57,6 +57,12 @@ def sweep_turn(lease_ttl: float) -> str:
     return f"{PREFIX}:sweep-turn:{lease_ttl:g}"
 
 
+# Sorted set of the jobs waiting out a retry's backoff, scored by the epoch second each is due: the workers'
+# sweepers send each one's message when it is. (Celery's countdown messages were held in the memory of whichever
+# worker fetched them: a Redis restart could end that worker with the message in hand, for an hour.)
+RETRY_DUE = f"{PREFIX}:retry-due"
+
+
 def worker(name: str) -> str:
     """Hash describing a live worker node (model, device, queues); expires unless its main process refreshes it."""
     return f"{PREFIX}:worker:{name}"

@@ -26,9 +26,10 @@ Clock = Callable[[], datetime]
 
 # KEYS: the job hash, its event channel, the event stream, its lease.
 # ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, handback, now, id, event, maxlen,
-#          index_prefix, idem_key, fence, unleased, holder, lease_ms, max_attempts, push}; ARGV[2]: a message
-#          LPUSHed onto the list `push` when the transition applies (a creation and its Celery message
-#          land together or not at all); ARGV[3..]: field, value pairs.
+#          index_prefix, idem_key, fence, unleased, holder, lease_ms, max_attempts, push, due, due_key}; ARGV[2]:
+#          a message LPUSHed onto the list `push` when the transition applies (a creation and its Celery message
+#          land together or not at all); ARGV[3..]: field, value pairs. `due` (epoch seconds, 0: none) enters
+#          the job in the retry schedule `due_key`, with the requeue that waits for it.
 # Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
 # creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker;
 # {4, attempts, counted} for a claim of an abandoned job that has used all its attempts (handed-back executions
@@ -60,6 +61,7 @@ if cur == 'started' then
 end
 -- First of the writes: a script that fails midway keeps what it wrote, and this one can fail (a wrong type).
 if ctl.push ~= '' then redis.call('LPUSH', ctl.push, ARGV[2]) end
+if ctl.due > 0 then redis.call('ZADD', ctl.due_key, ctl.due, ctl.id) end
 redis.call('HSET', KEYS[1], 'state', ctl.new, unpack(ARGV, 3))
 if ctl.incr ~= '' then attempts = redis.call('HINCRBY', KEYS[1], ctl.incr, 1) end
 if ctl.handback then redis.call('HINCRBY', KEYS[1], 'handbacks', 1) end
@@ -107,6 +109,21 @@ return 1
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
+"""
+
+# KEYS: the retry schedule, the job hash, its queue. ARGV: job id, now (epoch seconds), its message. Once per
+# due job, whoever asks: its message goes onto its queue if it is still `queued` (a cancel meanwhile: not),
+# then it leaves the schedule. The push first: a script that fails midway (a refused LPUSH) keeps what it wrote.
+_RELEASE_LUA = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
+local sent = 0
+if redis.call('HGET', KEYS[2], 'state') == 'queued' then
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  sent = 1
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return sent
 """
 
 # Fields that travel in events, besides id, state and time.
@@ -250,6 +267,7 @@ class Records:
         max_attempts: int = 0,
         only_new: bool = False,
         push: tuple[str, str] | None = None,
+        due: float | None = None,
         **fields: Any,
     ) -> tuple[list[str], list[str]]:
         """The transition script's keys and arguments (see StatusStore.transition)."""
@@ -276,6 +294,8 @@ class Records:
             "lease_ms": int(lease[1] * 1000) if lease else 0,
             "max_attempts": max_attempts,
             "push": push[0] if push else "",
+            "due": due or 0,
+            "due_key": keys.RETRY_DUE,
         }
         if new is JobState.STARTED and lease is None:
             raise ValueError("entering started needs a lease")
@@ -309,6 +329,7 @@ class StatusStore(Records):
         self._transition = client.register_script(_TRANSITION_LUA)
         self._update = client.register_script(_UPDATE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
 
     def create(
         self,
@@ -384,7 +405,8 @@ class StatusStore(Records):
         `only_new`: applies only if the job has no record yet (creation). `push`: (list, message) to LPUSH
         when the transition applies, in the same script. `count_attempt`, `max_attempts` and
         `idempotency_key`: see `claim` and `create`. `handback`: this execution ends handed back by a stopping
-        worker, and does not count against `max_attempts`.
+        worker, and does not count against `max_attempts`. `due`: the epoch second a requeued job's retry is
+        due; a worker's sweeper sends its message then (`release`).
         """
         script_keys, args = self.plan_transition(job_id, new, **options)
         return self.transition_outcome(job_id, new, self._transition(keys=script_keys, args=args))
@@ -403,6 +425,17 @@ class StatusStore(Records):
             max_attempts=max_attempts,
             **fields,
         )
+
+    def due(self, limit: int = 200) -> list[str]:
+        """Jobs whose retry is due now (the longest due first)."""
+        now = self.clock().timestamp()
+        return [as_text(m) for m in self.redis.zrangebyscore(keys.RETRY_DUE, "-inf", now, start=0, num=limit)]
+
+    def release(self, job_id: str, queue: str, message: str) -> bool:
+        """Send a due job's message onto `queue` and take it off the schedule, at most once across workers;
+        False (and only taken off) when it is no longer queued, or no longer due."""
+        now = self.clock().timestamp()
+        return bool(self._release(keys=[keys.RETRY_DUE, keys.job(job_id), queue], args=[job_id, now, message]))
 
     def renew(self, job_id: str, holder: str, lease_seconds: float) -> bool:
         """Extend the job's lease if `holder` still holds it; False when it was lost or released."""

@@ -54,17 +54,16 @@ class Work:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one delivery of a job's message came to. The task sends the message again when `retry_in` is set;
-    the rest is what Celery logs as the task's return value."""
+    """What one delivery of a job's message came to: what Celery logs as the task's return value. (A job sent
+    back to its queue waits in the retry schedule, svdq.keys.RETRY_DUE: no message is sent from here.)"""
 
     job_id: str | None
     state: JobState | None
-    retry_in: float | None = None
-    detail: str | None = None  # "finishing", "dropped: why", "running on HOLDER"
+    detail: str | None = None  # "finishing", "dropped: why", "running on HOLDER", "retry due in 2.0s"
 
     def as_dict(self) -> dict[str, Any]:
         shown = {"job_id": self.job_id, "state": self.state.value if self.state else None}
-        return shown | {k: v for k, v in (("retry_in", self.retry_in), ("detail", self.detail)) if v is not None}
+        return shown | ({"detail": self.detail} if self.detail is not None else {})
 
 
 def error_of(job_id: str, exc: BaseException) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Puts a dead worker's jobs back on their queues. Runs in every worker's main process.
+"""Puts a dead worker's jobs back on their queues, and sends the messages of jobs whose retry is due. Runs in
+every worker's main process.
 
 A job whose worker died (SIGKILL, the OOM killer, a lost host) is left `started` with a lapsed lease.
 Its message may be gone already (Celery acknowledges a late-ack task whose pool process died; svdq
@@ -16,11 +17,13 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from producer import wire
 from producer.contract import ErrorCode, JobState, Stage, queue_for, shown
 from producer.fleet import FleetStore
 from producer.status import InvalidTransition, JobNotFound, StatusStore
@@ -46,6 +49,25 @@ class Recovery:
         self.fleet = FleetStore(status.redis)
         self.lease_ttl, self.max_attempts, self.default_queue = lease_ttl, max_attempts, default_queue
         self.unsent = 0  # jobs the last sweep could not send back: another sweeper should try them next
+
+    def release_due(self) -> int:
+        """Send the message of every job whose retry is due (worker.render schedules them: svdq.keys.RETRY_DUE);
+        returns how many were sent. Any worker may: each is sent once."""
+        due = self.status.due()
+        if not due:
+            return 0
+        records = self.status.get_many(due)
+        sent = 0
+        for job_id in due:
+            record = records.get(job_id)
+            if record is None or record.state is not JobState.QUEUED:  # canceled meanwhile, or gone
+                self.status.release(job_id, "", "")
+                continue
+            queue = record.queue or queue_for(self.default_queue, record.priority)
+            if self.status.release(job_id, queue, wire.message(job_id, record.request, queue)):
+                log.info("job %s: retry due, sent to %s", job_id, queue)
+                sent += 1
+        return sent
 
     def sweep(self) -> list[tuple[str, str]]:
         """Recover every abandoned job once; returns (job id, what was done) for each."""
@@ -112,8 +134,9 @@ class Recovery:
 
 
 class Sweeper:
-    """Runs `also` (e.g. the worker's presence) every `interval` seconds until stopped, and `Recovery.sweep` when
-    it is this sweeper's turn: one sweep per interval across all the workers on the Redis, whichever asks first."""
+    """Until stopped: sends due retries every second (`Recovery.release_due`), runs `also` (e.g. the worker's
+    presence) every `interval` seconds, and `Recovery.sweep` when it is this sweeper's turn: one sweep per
+    interval across all the workers on the Redis, whichever asks first."""
 
     def __init__(self, recovery: Recovery, interval: float, also: Callable[[], None] = lambda: None):
         self.recovery, self.interval, self.also = recovery, interval, also
@@ -130,8 +153,18 @@ class Sweeper:
 
     def _run(self) -> None:
         fleet, lease_ttl = self.recovery.fleet, self.recovery.lease_ttl
-        # Jitter, so that the turn moves around the fleet rather than staying with whoever took it first.
-        while not self._stop.wait(self.interval * random.uniform(0.9, 1.1)):
+        # Due retries are sent within a second (or the interval, if shorter); sweeps come every interval, with
+        # jitter, so that the turn moves around the fleet rather than staying with whoever took it first.
+        tick = min(1.0, self.interval)
+        next_sweep = time.monotonic() + self.interval * random.uniform(0.9, 1.1)
+        while not self._stop.wait(tick):
+            try:
+                self.recovery.release_due()
+            except Exception as exc:  # Redis away, or refusing: the schedule keeps them for the next tick
+                log.warning("sending due retries: %s", exc)
+            if time.monotonic() < next_sweep:
+                continue
+            next_sweep = time.monotonic() + self.interval * random.uniform(0.9, 1.1)
             turn = done = False
             try:
                 self.also()

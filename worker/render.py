@@ -287,8 +287,8 @@ def _stops(checkpoint: Callable[[], None]) -> bool:
     return False
 
 
-# Why a job this attempt is requeueing may be `queued` already: the message is what it needs either way (a
-# second one is dropped by the claim).
+# Why a job this attempt is requeueing or handing back may be `queued` already: its own write, repeated after
+# its reply was lost, or a sweeper's (which sent a message). A second message would be dropped by the claim.
 AGAIN = "this write repeated after its reply was lost in a Redis restart, or a sweeper's"
 
 
@@ -310,14 +310,17 @@ def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> Out
             error=exc.as_error(),
             stage=Stage.RETRYING,
             progress=0.0,
+            # Its message is sent when due, by a worker's sweeper (worker.recovery): not a Celery countdown,
+            # which an idle worker would hold in memory until then (and lose to a Redis restart).
+            due=rt.status.clock().timestamp() + delay,
         )
     except InvalidTransition as refused:  # (not `exc`: that is the job's error, used below)
         if refused.current is not JobState.QUEUED:  # canceled meanwhile: no retry
             announce_end(rt, attempt.job_id)
             return Outcome(attempt.job_id, JobState.CANCELED)
-        log.info("job %s was queued already (%s): sending its message", attempt.job_id, AGAIN)
+        log.info("job %s was queued already (%s)", attempt.job_id, AGAIN)
     rt.events.requeued(attempt.job_id, exc.as_error(), "retrying")
-    return Outcome(attempt.job_id, JobState.QUEUED, retry_in=round(delay, 3))
+    return Outcome(attempt.job_id, JobState.QUEUED, detail=f"retry due in {delay:.1f}s")
 
 
 def _hand_back(rt: Runtime, attempt: Attempt) -> Outcome:
@@ -332,14 +335,15 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> Outcome:
             handback=True,  # a deploy's stop is not the job's failure: its attempt does not count
             stage=Stage.HANDED_BACK,
             progress=0.0,
+            due=rt.status.clock().timestamp(),  # at once, by any worker's sweeper: see _requeue
         )
     except InvalidTransition as refused:
         if refused.current is not JobState.QUEUED:
             announce_end(rt, attempt.job_id)
             return Outcome(attempt.job_id, None)
-        log.info("job %s was queued already (%s): sending its message", attempt.job_id, AGAIN)
+        log.info("job %s was queued already (%s)", attempt.job_id, AGAIN)
     rt.events.requeued(attempt.job_id, None, "handed back: its worker is stopping")
-    return Outcome(attempt.job_id, JobState.QUEUED, retry_in=0.0)
+    return Outcome(attempt.job_id, JobState.QUEUED, detail="handed back")
 
 
 @contextmanager

@@ -20,6 +20,7 @@ import redis
 import torch
 from PIL import Image
 
+from producer import keys
 from producer.client import Client
 from producer.contract import JobState
 from producer.status import StatusStore
@@ -183,7 +184,8 @@ def test_a_job_canceled_while_its_retry_is_being_scheduled_stays_canceled(rt: Ru
     image = render_input(rt)
     rt.store.on_read = cancel_then_fail  # type: ignore[attr-defined]
     outcome = run_job(rt, job_id, {"image": image, **REQUEST}, "w@test")
-    assert (outcome.state, outcome.retry_in) == (JobState.CANCELED, None)  # no retry is sent
+    assert outcome.state is JobState.CANCELED
+    assert rt.status.redis.zscore(keys.RETRY_DUE, job_id) is None  # no retry is scheduled
     record = rt.status.get(job_id)
     assert record.state is JobState.CANCELED and rt.status.holder(job_id) is None
 
@@ -198,7 +200,8 @@ def test_a_job_canceled_as_its_stopping_worker_hands_it_back_stays_canceled(rt: 
     image = render_input(rt)
     rt.store.on_read = cancel_and_stop  # type: ignore[attr-defined]
     outcome = run_job(rt, job_id, {"image": image, **REQUEST}, "w@test")
-    assert (outcome.state, outcome.retry_in) == (None, None)  # not sent back to the queue
+    assert outcome.state is None
+    assert rt.status.redis.zscore(keys.RETRY_DUE, job_id) is None  # not sent back to the queue
     assert rt.status.get(job_id).state is JobState.CANCELED and rt.status.holder(job_id) is None
 
 
