@@ -114,6 +114,8 @@ def test_a_retry_whose_message_the_broker_refuses_is_sent_once_it_takes_it(
             admin.acl_setuser(user, enabled=True, commands=["+lpush"])
             final = job.wait(timeout=60)
     finally:
+        fresh.proc.terminate()  # first: a worker whose user is gone spent 30 s failing to stop
+        fresh.proc.wait(timeout=30)
         admin.acl_deluser(user)
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.attempts == 2 and final.worker == fresh.hostname  # the same worker, alive throughout
@@ -140,6 +142,8 @@ def test_a_requeue_whose_reply_was_lost_still_sends_the_job_s_message(
             assert lost.wait(60), fresh.log_text()[-3000:]
             worker_s3.up()
             final = job.wait(timeout=90)
+        fresh.proc.terminate()  # first: a worker whose Redis is gone spent 30 s failing to stop
+        fresh.proc.wait(timeout=30)
     finally:
         redis_proxy.close()
     assert final.state is JobState.SUCCEEDED, final.error
