@@ -119,6 +119,8 @@ local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
 local sent = 0
 if redis.call('HGET', KEYS[2], 'state') == 'queued' then
+  -- Queued after all (the caller saw it otherwise, moments ago): it stays for a caller with its message.
+  if ARGV[3] == '' then return 0 end
   redis.call('LPUSH', KEYS[3], ARGV[3])
   sent = 1
 end
@@ -426,15 +428,20 @@ class StatusStore(Records):
             **fields,
         )
 
+    def server_time(self) -> float:
+        """Redis's clock, in epoch seconds: the retry schedule's, so that no worker's clock moves a retry."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
     def due(self, limit: int = 200) -> list[str]:
         """Jobs whose retry is due now (the longest due first)."""
-        now = self.clock().timestamp()
+        now = self.server_time()
         return [as_text(m) for m in self.redis.zrangebyscore(keys.RETRY_DUE, "-inf", now, start=0, num=limit)]
 
     def release(self, job_id: str, queue: str, message: str) -> bool:
-        """Send a due job's message onto `queue` and take it off the schedule, at most once across workers;
-        False (and only taken off) when it is no longer queued, or no longer due."""
-        now = self.clock().timestamp()
+        """Send a due job's message onto `queue` and take it off the schedule, at most once across workers.
+        With no message (the caller found it no longer queued): only taken off, if it is indeed not queued."""
+        now = self.server_time()
         return bool(self._release(keys=[keys.RETRY_DUE, keys.job(job_id), queue], args=[job_id, now, message]))
 
     def renew(self, job_id: str, holder: str, lease_seconds: float) -> bool:

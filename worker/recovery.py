@@ -60,13 +60,18 @@ class Recovery:
         sent = 0
         for job_id in due:
             record = records.get(job_id)
-            if record is None or record.state is not JobState.QUEUED:  # canceled meanwhile, or gone
-                self.status.release(job_id, "", "")
-                continue
-            queue = record.queue or queue_for(self.default_queue, record.priority)
-            if self.status.release(job_id, queue, wire.message(job_id, record.request, queue)):
-                log.info("job %s: retry due, sent to %s", job_id, queue)
-                sent += 1
+            try:
+                if record is None or record.state is not JobState.QUEUED:  # canceled meanwhile, or gone
+                    self.status.release(job_id, "", "")
+                    continue
+                queue = record.queue or queue_for(self.default_queue, record.priority)
+                if self.status.release(job_id, queue, wire.message(job_id, record.request, queue)):
+                    log.info("job %s: retry due, sent to %s", job_id, queue)
+                    sent += 1
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # Redis away: the next tick
+            except Exception as exc:  # one job's trouble (a refused push, say) must not hold the others up
+                log.error("job %s: could not send its due retry: %s: %s", shown(job_id), type(exc).__name__, exc)
         return sent
 
     def sweep(self) -> list[tuple[str, str]]:

@@ -312,7 +312,7 @@ def _requeue(rt: Runtime, attempt: Attempt, exc: JobFailed, delay: float) -> Out
             progress=0.0,
             # Its message is sent when due, by a worker's sweeper (worker.recovery): not a Celery countdown,
             # which an idle worker would hold in memory until then (and lose to a Redis restart).
-            due=rt.status.clock().timestamp() + delay,
+            due=rt.status.server_time() + delay,
         )
     except InvalidTransition as refused:  # (not `exc`: that is the job's error, used below)
         if refused.current is not JobState.QUEUED:  # canceled meanwhile: no retry
@@ -335,7 +335,7 @@ def _hand_back(rt: Runtime, attempt: Attempt) -> Outcome:
             handback=True,  # a deploy's stop is not the job's failure: its attempt does not count
             stage=Stage.HANDED_BACK,
             progress=0.0,
-            due=rt.status.clock().timestamp(),  # at once, by any worker's sweeper: see _requeue
+            due=rt.status.server_time(),  # at once, by any worker's sweeper: see _requeue
         )
     except InvalidTransition as refused:
         if refused.current is not JobState.QUEUED:

@@ -3,9 +3,11 @@ takeover of a dead worker's job, the poison cap, and recovery from the record.""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ import redis
 
 from producer import keys
 from producer.contract import JobState
+from producer.local_redis import LocalRedis
 from producer.status import AttemptsExhausted, Leased, StatusStore, Superseded
 from worker.heartbeat import Heartbeat
 from worker.recovery import Recovery, Sweeper
@@ -236,3 +239,43 @@ def test_a_canceled_job_s_lease_is_logged_once_as_a_cancel_not_a_loss(
     assert said.count(f"job {canceled}: canceled; its render stops at the next check") == 1
     assert said.count(f"job {lost}: lease lost (expired or taken over); its result will be dropped") == 1
     assert not any(canceled in m and "lease lost" in m for m in said)
+
+
+@pytest.fixture
+def own_store(tmp_path: Any) -> Iterator[StatusStore]:
+    """On a Redis of its own: no other test's worker sends these jobs' messages meanwhile."""
+    server = LocalRedis(tmp_path / "redis")
+    client = redis.Redis.from_url(server.start())
+    yield StatusStore(client, result_ttl=60)
+    client.close()
+    server.stop()
+
+
+def scheduled_job(store: StatusStore, due_in: float) -> str:
+    """A job sent back to its queue, its retry due in `due_in` seconds (as worker.render schedules it)."""
+    job_id = new_job(store)
+    store.claim(job_id, "a/1", lease_seconds=30)
+    store.transition(job_id, JobState.QUEUED, fence=1, stage="retrying", due=store.server_time() + due_in)
+    return job_id
+
+
+def test_a_scheduled_retry_is_sent_once_when_due_and_not_after_a_cancel(own_store: StatusStore) -> None:
+    store = own_store
+    recovery = Recovery(store, lambda *m: None, lease_ttl=30, max_attempts=3, default_queue="unused")
+    later, canceled = scheduled_job(store, 3600), scheduled_job(store, 0)
+    store.transition(canceled, JobState.CANCELED)
+    due = scheduled_job(store, 0)
+    recovery.release_due()
+    recovery.release_due()  # another worker's sweeper, a moment later
+    sent = [json.loads(m)["headers"]["id"] for m in store.redis.lrange("q-test", 0, -1)]
+    assert sent == [due]  # once; not the canceled one, nor the one due in an hour
+    assert store.redis.zscore(keys.RETRY_DUE, later) is not None
+    assert store.redis.zscore(keys.RETRY_DUE, canceled) is None and store.redis.zscore(keys.RETRY_DUE, due) is None
+
+
+def test_a_due_job_seen_otherwise_but_queued_by_then_keeps_its_place(own_store: StatusStore) -> None:
+    """A sweeper read it as not queued (claimed by a duplicate message, say); by its release it was handed back:
+    taking it off the schedule without its message would leave it queued for ever."""
+    job_id = scheduled_job(own_store, 0)
+    assert own_store.release(job_id, "", "") is False
+    assert own_store.redis.zscore(keys.RETRY_DUE, job_id) is not None

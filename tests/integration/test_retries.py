@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook
 from producer import keys
 from producer.client import Client
 from producer.contract import JobState
+from producer.local_redis import LocalRedis
 from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, wait_until
 from tests.integration.faults import CuttableProxy
 from tests.integration.test_webhooks import SECRET, Receiver
@@ -84,16 +85,20 @@ def test_a_retry_whose_message_the_broker_refuses_is_sent_once_it_takes_it(
     worker_s3: CuttableProxy,
     s3: Any,
     image_file: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A retry waits in svdq's schedule, not in a message: Celery dropped the delivered message when it could not
     send the retry's (the record, already `queued`, then waited for ever), and an idle worker held a countdown
     message in memory, where a Redis restart could end the worker with it. Here Redis refuses the worker's LPUSH
-    (an ACL: how a message is sent) once it is up, then takes it again."""
-    admin = redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"])
+    (an ACL: how a message is sent) once it is up, then takes it again. A Redis of its own: no other test's
+    worker may send the job's message meanwhile."""
+    server = LocalRedis(tmp_path / "redis")
+    admin_url = server.start()
+    admin = redis.Redis.from_url(admin_url)
     user, password = f"retry-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"], commands=["+@all"])
-    parts = urlsplit(svdq_env["SVDQ_REDIS_URL"])
+    parts = urlsplit(admin_url)
     refused = parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}").geturl()
     monkeypatch.setitem(svdq_env, "SVDQ_RETRY_BACKOFF", "0.2")
     fresh = start_worker(env={"SVDQ_REDIS_URL": refused})
@@ -101,10 +106,10 @@ def test_a_retry_whose_message_the_broker_refuses_is_sent_once_it_takes_it(
     try:
         admin.acl_setuser(user, enabled=True, commands=["-lpush"])  # not before: its ping answers need LPUSH
         worker_s3.down()
-        with Client.from_env(queue=fresh.queue) as client:
+        with Client.from_env(queue=fresh.queue, redis_url=admin_url) as client:
             job = client.submit(image, **SMALL)
             deadline = time.monotonic() + 60
-            while "sending due retries" not in fresh.log_text():
+            while "could not send its due retry" not in fresh.log_text():
                 assert time.monotonic() < deadline and not job.status().state.is_terminal(), fresh.log_text()
                 time.sleep(0.1)
             record = job.status()
@@ -113,13 +118,13 @@ def test_a_retry_whose_message_the_broker_refuses_is_sent_once_it_takes_it(
             worker_s3.up()
             admin.acl_setuser(user, enabled=True, commands=["+lpush"])
             final = job.wait(timeout=60)
+        assert admin.zscore(keys.RETRY_DUE, job.id) is None
     finally:
-        fresh.proc.terminate()  # first: a worker whose user is gone spent 30 s failing to stop
+        fresh.proc.terminate()  # first: a worker whose Redis is gone spent 30 s failing to stop
         fresh.proc.wait(timeout=30)
-        admin.acl_deluser(user)
+        server.stop()
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.attempts == 2 and final.worker == fresh.hostname  # the same worker, alive throughout
-    assert admin.zscore(keys.RETRY_DUE, job.id) is None
 
 
 def test_a_requeue_whose_reply_was_lost_still_sends_the_job_s_message(
