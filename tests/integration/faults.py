@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 from producer.local_redis import free_port
 
@@ -24,9 +23,6 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._closed = False
-        self._lose_after: bytes | None = None
-        self._lost = threading.Event()
-        self._muted: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -66,28 +62,12 @@ class CuttableProxy:
             with self._lock:
                 self._open.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b, a is client), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    def lose_reply_to(self, request: bytes) -> threading.Event:
-        """Once: pass on the first request containing `request`, then drop its connection instead of the reply, as
-        a Redis restart or a failover does after running a command. The event is set when that has happened."""
-        self._lose_after, self._lost = request, threading.Event()
-        return self._lost
-
-    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                if source in self._muted:  # the reply to the doomed request: it goes nowhere
-                    break
-                doomed = from_client and self._lose_after is not None and self._lose_after in data
-                if doomed:
-                    self._lose_after = None
-                    self._muted.add(sink)
                 sink.sendall(data)
-                if doomed:
-                    time.sleep(0.5)  # the server runs it and answers, and its answer is dropped
-                    self._lost.set()
-                    break
         except OSError:
             pass
         finally:

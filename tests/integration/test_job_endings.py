@@ -22,7 +22,7 @@ from PIL import Image
 
 from producer import keys
 from producer.client import Client
-from producer.contract import JobState
+from producer.contract import ErrorCode, JobState
 from producer.status import StatusStore
 from producer.storage import FileStore, InvalidReference, StorageUnavailable, Stored
 from tests.integration.conftest import SMALL
@@ -233,3 +233,27 @@ def render_input(rt: Runtime) -> str:
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (9, 9, 9)).save(png, format="PNG")
     return rt.store.put(f"inputs/{uuid.uuid4().hex}.png", png.getvalue(), "image/png").ref
+
+
+def test_a_requeue_or_an_end_whose_reply_was_lost_is_taken_as_done(rt: Runtime) -> None:
+    """Redis ran the write, then the connection dropped before its answer (a restart, a failover); redis-py ran
+    it again and was told the job was there already. The requeue took that for a cancel (nothing scheduled: the
+    job waited `queued` for ever), and a final write announced nothing."""
+    from worker.errors import JobFailed
+    from worker.outcome import Attempt, end_job
+    from worker.render import _requeue
+
+    requeued, ended = uuid.uuid4().hex, uuid.uuid4().hex
+    for job_id in (requeued, ended):
+        rt.status.create(job_id, {"image": "x", **REQUEST})
+        rt.status.claim(job_id, "w@test/1", lease_seconds=30)
+    error = JobFailed(ErrorCode.STORAGE_UNAVAILABLE, "storage unreachable")
+    due = rt.status.server_time() + 60
+    rt.status.transition(requeued, JobState.QUEUED, fence=1, error=error.as_error(), stage="retrying", due=due)
+    outcome = _requeue(rt, Attempt(requeued, 1, "w@test/1"), error, 60)  # the repeat
+    assert outcome.state is JobState.QUEUED
+    assert rt.status.get(requeued).state is JobState.QUEUED
+    assert rt.status.redis.zscore(keys.RETRY_DUE, requeued) is not None  # the first run's schedule stands
+
+    rt.status.transition(ended, JobState.SUCCEEDED, fence=1)
+    assert end_job(rt, Attempt(ended, 1, "w@test/1"), JobState.SUCCEEDED).state is JobState.SUCCEEDED

@@ -127,34 +127,6 @@ def test_a_retry_whose_message_the_broker_refuses_is_sent_once_it_takes_it(
     assert final.attempts == 2 and final.worker == fresh.hostname  # the same worker, alive throughout
 
 
-def test_a_requeue_whose_reply_was_lost_still_sends_the_job_s_message(
-    svdq_env: dict[str, str], start_worker: Any, worker_s3: CuttableProxy, s3: Any, image_file: Path
-) -> None:
-    """Redis ran the requeue, then the connection dropped before its answer (a restart, a failover); the client
-    ran it again and was told the job was `queued` already. The worker took that for a cancel and sent no
-    message: the job waited for ever."""
-    redis_port = urlsplit(svdq_env["SVDQ_REDIS_URL"]).port or 0
-    redis_proxy = CuttableProxy(redis_port)
-    try:
-        fresh = start_worker(
-            env={"SVDQ_REDIS_URL": f"redis://127.0.0.1:{redis_proxy.port}/0", "SVDQ_RETRY_BACKOFF": "2"}
-        )
-        lost = redis_proxy.lose_reply_to(b"retrying")  # the requeue's script: the only request with that stage
-        image = uploaded_image(s3, image_file)
-        worker_s3.down()
-        with Client.from_env(queue=fresh.queue) as client:
-            job = client.submit(image, **SMALL)
-            assert lost.wait(60), fresh.log_text()[-3000:]
-            worker_s3.up()
-            final = job.wait(timeout=90)
-        fresh.proc.terminate()  # first: a worker whose Redis is gone spent 30 s failing to stop
-        fresh.proc.wait(timeout=30)
-    finally:
-        redis_proxy.close()
-    assert final.state is JobState.SUCCEEDED, final.error
-    assert final.attempts == 2 and "was queued already" in fresh.log_text()
-
-
 def test_retries_stop_at_max_attempts_with_the_last_error(
     svdq_env: dict[str, str],
     start_worker: Any,
