@@ -433,15 +433,13 @@ class StatusStore(Records):
         seconds, micros = self.redis.time()
         return seconds + micros / 1e6
 
-    def due(self, limit: int = 200) -> list[str]:
-        """Jobs whose retry is due now (the longest due first)."""
-        now = self.server_time()
+    def due(self, now: float, limit: int = 200) -> list[str]:
+        """Jobs whose retry is due at `now` (server_time; the longest due first)."""
         return [as_text(m) for m in self.redis.zrangebyscore(keys.RETRY_DUE, "-inf", now, start=0, num=limit)]
 
-    def release(self, job_id: str, queue: str, message: str) -> bool:
+    def release(self, job_id: str, queue: str, message: str, now: float) -> bool:
         """Send a due job's message onto `queue` and take it off the schedule, at most once across workers.
         With no message (the caller found it no longer queued): only taken off, if it is indeed not queued."""
-        now = self.server_time()
         return bool(self._release(keys=[keys.RETRY_DUE, keys.job(job_id), queue], args=[job_id, now, message]))
 
     def renew(self, job_id: str, holder: str, lease_seconds: float) -> bool:

@@ -53,7 +53,8 @@ class Recovery:
     def release_due(self) -> int:
         """Send the message of every job whose retry is due (worker.render schedules them: svdq.keys.RETRY_DUE);
         returns how many were sent. Any worker may: each is sent once."""
-        due = self.status.due()
+        now = self.status.server_time()  # one clock for the whole schedule: Redis's
+        due = self.status.due(now)
         if not due:
             return 0
         records = self.status.get_many(due)
@@ -62,10 +63,10 @@ class Recovery:
             record = records.get(job_id)
             try:
                 if record is None or record.state is not JobState.QUEUED:  # canceled meanwhile, or gone
-                    self.status.release(job_id, "", "")
+                    self.status.release(job_id, "", "", now)
                     continue
                 queue = record.queue or queue_for(self.default_queue, record.priority)
-                if self.status.release(job_id, queue, wire.message(job_id, record.request, queue)):
+                if self.status.release(job_id, queue, wire.message(job_id, record.request, queue), now):
                     log.info("job %s: retry due, sent to %s", job_id, queue)
                     sent += 1
             except (redis.ConnectionError, redis.TimeoutError):

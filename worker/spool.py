@@ -133,7 +133,7 @@ class Spool:
         content_type: str,
         still_wanted: Callable[[int], bool],
         done: Callable[[Stored], None],
-        lost: Callable[[str], None] = lambda why: None,
+        lost: Callable[[str], None],
     ) -> None:
         """Keep `data` on disk and upload it as `name` once storage answers; SpoolFull when there is no room
         (SpoolUnwritable when the disk will not take it)."""

@@ -221,7 +221,9 @@ def test_a_spooled_upload_that_fails_otherwise_keeps_its_video_and_tries_again(
     spool = Spool(store, tmp_path / "spool", 10**6, backoff_base=0.1, backoff_max=0.2)
     stored: list[Stored] = []
     try:
-        spool.add("job-1", "job-1/video.mp4", b"video bytes", "video/mp4", lambda tries: True, stored.append)
+        spool.add(
+            "job-1", "job-1/video.mp4", b"video bytes", "video/mp4", lambda tries: True, stored.append, lambda why: None
+        )
     finally:
         spool.close(timeout=10)  # waits for the pending upload
     assert [s.key for s in stored] == ["job-1/video.mp4"]

@@ -277,5 +277,5 @@ def test_a_due_job_seen_otherwise_but_queued_by_then_keeps_its_place(own_store: 
     """A sweeper read it as not queued (claimed by a duplicate message, say); by its release it was handed back:
     taking it off the schedule without its message would leave it queued for ever."""
     job_id = scheduled_job(own_store, 0)
-    assert own_store.release(job_id, "", "") is False
+    assert own_store.release(job_id, "", "", own_store.server_time()) is False
     assert own_store.redis.zscore(keys.RETRY_DUE, job_id) is not None
