@@ -115,6 +115,8 @@ class ErrorCode(str, enum.Enum):
     WORKER_LOST = "worker_lost"
     # Storage was unreachable after the render and the worker's local upload spool had no room for it.
     SPOOL_FULL = "spool_full"
+    # The attempt ran past its worker's SVDQ_JOB_TIMEOUT (stopped at a check, or its stuck process killed).
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
 

@@ -64,6 +64,8 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         # start worker.gate ends a load past SVDQ_LOAD_TIMEOUT itself, with the reason: Celery's timer (which
         # kills the process and forks another) only covers a process replaced later.
         worker_proc_alive_timeout=settings.load_timeout + 60,
+        # A job's own checks stop it at SVDQ_JOB_TIMEOUT; this kills a process stuck past it (worker.timelimit).
+        task_time_limit=settings.time_limit(),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a Redis restart must never end a worker
         # Nor the job it is rendering: the render goes on through a reconnect (its lease and fenced writes

@@ -9,12 +9,14 @@ for the encoder unless it is that many chunks ahead; memory stays bounded by the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,10 @@ FORMATS = {
 
 class EncodeError(RuntimeError):
     pass
+
+
+class EncodeTimeout(EncodeError):
+    """ffmpeg was still busy at the writer's deadline (a wedged encoder must not hold the job, or the GPU)."""
 
 
 # BT.601 limited range, the matrix both ffmpeg's conversion and worker.decode.to_yuv420p use. Tagged so
@@ -144,7 +150,10 @@ class VideoWriter:
         preset: str = "veryfast",
         x264_params: str = "",
         queue_chunks: int = 2,
+        deadline: float = math.inf,
     ):
+        """`deadline`, in time.monotonic() seconds: past it, write() and finish() raise EncodeTimeout rather than
+        wait for ffmpeg."""
         args = codec_args(fmt, crf=crf, preset=preset, x264_params=x264_params)
         if pix_fmt not in ("rgb24", "yuv420p"):
             raise ValueError(f"pix_fmt must be rgb24 or yuv420p, not {pix_fmt!r}")
@@ -152,6 +161,7 @@ class VideoWriter:
         # One frame as write() takes it: (H, W, 3) pixels, or the three planes of 4:2:0 laid end to end.
         self.frame_shape = (height, width, 3) if pix_fmt == "rgb24" else (height * width * 3 // 2,)
         self.frames = 0
+        self.deadline = deadline
         self._out = _Output()
         self._log = _Output()
         cmd = [
@@ -206,7 +216,10 @@ class VideoWriter:
         if self._proc is None:
             raise EncodeError("writer already finished")
         self._raise_if_failed()
-        self._queue.put(frames)
+        try:
+            self._queue.put(frames, timeout=self._left())
+        except queue.Full:
+            raise EncodeTimeout("stopped taking frames") from None
         self.frames += len(frames)
 
     def finish(self) -> bytes:
@@ -214,14 +227,23 @@ class VideoWriter:
         try:
             if self._proc is None:
                 raise EncodeError("writer already finished")
-            self._queue.put(None)
-            self._feeder.join()
-            code = self._proc.wait()
+            try:
+                self._queue.put(None, timeout=self._left())
+                self._feeder.join(timeout=self._left())
+                code = self._proc.wait(timeout=self._left())
+            except (queue.Full, subprocess.TimeoutExpired):
+                raise EncodeTimeout("was still encoding") from None
+            if self._feeder.is_alive():
+                raise EncodeTimeout("was still taking frames")
             self._proc = None
             self._raise_if_failed(code)
             return self._out.read()
         finally:
             self.close()
+
+    def _left(self) -> float | None:
+        """Seconds to the deadline for a blocking wait (None: no deadline); 0 once it is past."""
+        return None if self.deadline == math.inf else max(0.0, self.deadline - time.monotonic())
 
     def _raise_if_failed(self, code: int | None = None) -> None:
         if self._failure is not None or code:

@@ -22,6 +22,15 @@ class JobFailed(Exception):
         return {"code": self.code.value, "message": self.message}
 
 
+def timed_out(detail: str) -> JobFailed:
+    """Not transient: a render too long for the limit would be too long on every attempt."""
+    return JobFailed(
+        ErrorCode.TIMEOUT,
+        f"the attempt ran past the job's time limit (SVDQ_JOB_TIMEOUT on its worker): {detail}; it is not "
+        "retried (raise SVDQ_JOB_TIMEOUT on the workers for renders this long)",
+    )
+
+
 class JobCanceled(Exception):
     """The job's record was canceled while it ran: stop, free the GPU, take the next job."""
 

@@ -31,6 +31,7 @@ from celery import Celery
 from celery.worker.request import Request as CeleryRequest
 
 from producer.contract import JobRecord, JobState, Stage
+from worker import timelimit
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ class Request(CeleryRequest):
     def send_event(self, type: str, **fields: Any) -> None:
         if type not in SVDQ_SENDS:
             super().send_event(type, **fields)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """Celery's hard time limit: the pool process is killed next; its job's record says so (worker.timelimit)."""
+        super().on_timeout(soft, timeout)
+        if not soft:
+            job_id = self.args[0] if self.args else (self.kwargs or {}).get("job_id")
+            timelimit.HARD.exceeded(job_id, f"{self.hostname}/{self.worker_pid}", timeout)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:

@@ -21,7 +21,7 @@ import redis
 from producer.client import connect_redis, producer_celery, send_job
 from producer.fleet import FleetStore
 from producer.status import StatusStore
-from worker import revoke
+from worker import revoke, timelimit
 from worker.backoff import backoff
 from worker.events import TaskEvents
 from worker.recovery import Recovery, Sweeper
@@ -89,6 +89,7 @@ class Node:
             requeued=lambda job_id, error: events.requeued(job_id, error, "recovered"),
         )
         revoke.CANCELLER.attach(status, events, notify=lambda job_id: notify(status, webhooks, job_id))
+        timelimit.HARD.attach(status, notify=ended)
         interval = max(0.5, settings.lease_ttl / 2)
         self.hostname, self.status, self.events, self.fleet = hostname, status, events, fleet
         self._presence_ttl = int(interval * 3) + 1

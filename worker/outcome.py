@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,8 @@ from producer.contract import ErrorCode, JobRequest, JobState, Stage
 from producer.status import InvalidTransition, JobNotFound, MalformedRecord
 from worker import webhooks
 from worker.decode import OutOfMemory
-from worker.errors import JobFailed
+from worker.encode import EncodeTimeout
+from worker.errors import JobFailed, timed_out
 
 if TYPE_CHECKING:
     from worker.runtime import Runtime
@@ -33,6 +35,7 @@ class Attempt:
     number: int
     holder: str
     handbacks: int = 0  # earlier executions handed back by stopping workers: not counted against the cap
+    deadline: float = math.inf  # time.monotonic() past which it fails `timeout` (SVDQ_JOB_TIMEOUT)
 
     @property
     def counted(self) -> int:
@@ -71,6 +74,8 @@ def error_of(job_id: str, exc: BaseException) -> dict[str, str]:
     if isinstance(exc, JobFailed):
         log.warning("job %s failed: %s", job_id, exc)
         return exc.as_error()
+    if isinstance(exc, EncodeTimeout):
+        return error_of(job_id, timed_out(f"the encoder (ffmpeg) {exc}"))
     if isinstance(exc, OutOfMemory):
         log.warning("job %s ran out of device memory", job_id)
         message = "the GPU ran out of memory, even with forward chunking and a decode chunk of 1"

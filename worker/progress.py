@@ -11,7 +11,7 @@ import redis
 
 from producer.contract import JobState
 from producer.status import StatusStore
-from worker.errors import HandBack, JobCanceled
+from worker.errors import HandBack, JobCanceled, timed_out
 from worker.events import TaskEvents
 from worker.outcome import Attempt
 
@@ -21,7 +21,8 @@ log = logging.getLogger("worker.render")
 class Progress:
     """Writes stage and progress to the record, at most every `interval` seconds unless forced, and
     raises JobCanceled as soon as the record is no longer this attempt's `started` (checked on every call),
-    or HandBack once `hand_back()` says the worker's stop grace period is over."""
+    HandBack once `hand_back()` says the worker's stop grace period is over, or JobFailed (`timeout`) once the
+    attempt's deadline has passed."""
 
     def __init__(
         self,
@@ -40,8 +41,7 @@ class Progress:
     def check(self) -> None:
         """Between the UNet's blocks, inside a step (a step at the caps takes seconds on a GPU): the same stop
         conditions as a step's, with the record read at most every `interval` seconds."""
-        if self.hand_back():
-            raise HandBack(self.attempt.job_id)
+        self._stop_if_due()
         if self._ended:
             raise JobCanceled(self.attempt.job_id)
         now = self.clock()
@@ -55,9 +55,14 @@ class Progress:
         if self._ended:
             raise JobCanceled(self.attempt.job_id)
 
-    def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
+    def _stop_if_due(self) -> None:
         if self.hand_back():
             raise HandBack(self.attempt.job_id)
+        if self.clock() >= self.attempt.deadline:
+            raise timed_out("stopped at the render's next check")
+
+    def __call__(self, stage: str, progress: float, *, force: bool = False, **extra: Any) -> None:
+        self._stop_if_due()
         now = self.clock()
         job_id = self.attempt.job_id
         try:

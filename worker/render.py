@@ -15,6 +15,7 @@ cut off) can never overwrite the attempt that took the job over.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import secrets
@@ -185,6 +186,7 @@ def _refused(status: StatusStore, job_id: str, request: JobRequest) -> str | Non
 def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attempt | Outcome:
     """This process's attempt at the job, or the outcome when it must not run here."""
     holder = f"{worker}/{os.getpid()}"
+    claimed = time.monotonic()  # the time limit counts from here
     try:
         number = rt.status.claim(
             job_id,
@@ -219,7 +221,8 @@ def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attemp
         rt.status.update(job_id, fence=number, webhook_error=unsigned)
     rt.metrics.job_started(record)
     webhooks.notify_record(rt.webhooks, record)
-    return Attempt(job_id, number, holder, record.handbacks)
+    limit = rt.settings.job_timeout
+    return Attempt(job_id, number, holder, record.handbacks, deadline=claimed + limit if limit else math.inf)
 
 
 def _render(rt: Runtime, work: Work) -> PendingVideo:
@@ -242,6 +245,7 @@ def _render(rt: Runtime, work: Work) -> PendingVideo:
         memory=work.memory,
         progress=progress,
         checkpoint=progress.check,
+        deadline=work.attempt.deadline,
     )
 
 
@@ -282,7 +286,7 @@ def _stops(checkpoint: Callable[[], None]) -> bool:
     """Whether `checkpoint` would end the attempt (asked from a download's watch thread, which cannot raise)."""
     try:
         checkpoint()
-    except (JobCanceled, HandBack):
+    except (JobCanceled, HandBack, JobFailed):  # JobFailed: the attempt's time limit
         return True
     return False
 

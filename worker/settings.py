@@ -78,6 +78,10 @@ class WorkerSettings(Settings):
     # dies, the lease lapses and any live worker puts the job back on its queue (or fails it with
     # `worker_lost` once it has used SVDQ_MAX_ATTEMPTS), so a dead worker's job waits about this long.
     lease_ttl: float = 30.0
+    # The longest one attempt may run, from its claim until its video is encoded; past it the job fails `timeout`.
+    # The render stops at its next check (as for a cancel); a process stuck where no check runs (a hung device
+    # call) is killed by Celery's hard time limit, `time_limit()`, and the pool starts another. 0: no limit.
+    job_timeout: Annotated[float, Field(ge=0)] = 1800.0
     # On SIGTERM the running job may finish for this many seconds; then it is handed back to its queue.
     stop_grace: float = 300.0
     # Videos rendered while storage is down wait here (bounded) and are uploaded when it returns.
@@ -100,6 +104,11 @@ class WorkerSettings(Settings):
                     "them (python -c 'import base64,os; print(\"whsec_\" + base64.b64encode(os.urandom(24)).decode())')"
                 )
         return value
+
+    def time_limit(self) -> float | None:
+        """Celery's hard time limit for a task: SVDQ_JOB_TIMEOUT plus a tenth (at least 10 s), so the render's
+        own checks, which end the job cleanly and keep the process and its warm model, come first."""
+        return self.job_timeout + max(10.0, self.job_timeout / 10) if self.job_timeout else None
 
     def served_model(self) -> str:
         if self.model_name:

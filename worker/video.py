@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,9 +79,11 @@ def start_video(
     memory: dict[str, Any],
     progress: ProgressFn = _no_progress,
     checkpoint: Callable[[], None] | None = None,
+    deadline: float = math.inf,
 ) -> PendingVideo:
     """Everything that needs the device; the caller finishes (or closes) what it returns. `checkpoint` runs
-    between the UNet's blocks and may raise to stop the render mid-step."""
+    between the UNet's blocks and may raise to stop the render mid-step. Past `deadline` (time.monotonic()) the
+    encoder's waits raise EncodeTimeout (worker.encode)."""
     clock = Stopwatch(timings)
 
     # 1. Denoise to latents on the device (retried with forward chunking on out-of-memory). A shape the
@@ -135,6 +138,7 @@ def start_video(
         crf=settings.x264_crf,
         preset=settings.x264_preset,
         x264_params=settings.x264_params,
+        deadline=deadline,
     )
     try:
         started = time.perf_counter()

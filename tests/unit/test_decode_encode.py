@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from PIL import Image
 
 from producer.contract import JobParams
 from worker.decode import ChunkedDecoder, DecodeProfile, OutOfMemory, to_rgb24, to_yuv420p
-from worker.encode import EncodeError, VideoWriter
+from worker.encode import EncodeError, EncodeTimeout, VideoWriter
 from worker.pipeline import Renderer
 from worker.tiny_model import build_tiny_pipeline
 
@@ -264,3 +266,34 @@ def test_closing_twice_never_closes_a_file_that_reused_the_number() -> None:
         os.fstat(newcomer)  # still open
     finally:
         os.close(newcomer)
+
+
+def test_a_wedged_encoder_is_given_up_at_the_deadline_and_killed() -> None:
+    """ffmpeg frozen (SIGSTOP): neither write() nor finish() waits past the writer's deadline."""
+    big = np.zeros((8, 480, 640, 3), dtype=np.uint8)  # 7 MB a chunk: more than the pipe and the queue hold
+    writer = VideoWriter(640, 480, fps=5, deadline=time.monotonic() + 1.0)
+    assert writer._proc is not None
+    pid = writer._proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(EncodeTimeout, match="stopped taking frames"):
+        for _ in range(8):
+            writer.write(big)
+    assert time.monotonic() - started < 3
+    writer.close()
+    assert writer._proc is None and not os.path.exists(f"/proc/{pid}")  # killed and reaped
+
+    writer = VideoWriter(64, 48, fps=5, deadline=time.monotonic() + 0.5)
+    writer.write(smooth_frames(2))
+    assert writer._proc is not None
+    os.kill(writer._proc.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(EncodeTimeout, match="was still encoding"):
+        writer.finish()
+    assert time.monotonic() - started < 2
+    assert writer._proc is None  # finish() closed it: ffmpeg killed and reaped
+
+    # Within its deadline a writer works as before.
+    writer = VideoWriter(64, 48, fps=5, deadline=time.monotonic() + 60)
+    writer.write(smooth_frames(2))
+    assert writer.finish()[4:8] == b"ftyp"

@@ -1,0 +1,96 @@
+"""SVDQ_JOB_TIMEOUT: a job past its time limit fails `timeout`, whether its render can stop itself or its process
+is stuck, and the worker goes on with the next job. A real worker, a real pool process frozen with SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import keys
+from producer.client import Client
+from producer.contract import JobState
+from producer.status import StatusStore
+from tests.integration.conftest import SMALL, wait_until
+from tests.integration.test_recovery import pool_children, rendering
+from worker.timelimit import HardLimit
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 3.0  # seconds: SMALL renders in well under it, the long job below in well over
+HARD = LIMIT + 10  # Celery's hard time limit: WorkerSettings.time_limit()
+TOO_LONG = {**SMALL, "num_frames": 8, "num_inference_steps": 100}
+
+
+def new_child(worker: Any, old: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while (children := pool_children(worker)) in ([], [old]):
+        assert time.monotonic() < deadline, worker.log_text()[-3000:]
+        time.sleep(0.2)
+    (child,) = children
+    return child
+
+
+def test_a_job_past_its_time_limit_fails_timeout_and_the_worker_takes_the_next(
+    start_worker: Any, image_file: Path
+) -> None:
+    worker = start_worker(env={"SVDQ_JOB_TIMEOUT": str(LIMIT)})
+    with Client.from_env(queue=worker.queue) as client:
+        (child,) = pool_children(worker)
+
+        # The render stops itself at its next check: failed, not retried, the process and its model kept.
+        long = client.submit(image_file, **TOO_LONG)
+        final = long.wait(timeout=60)
+        assert final.state is JobState.FAILED and final.attempts == 1, final
+        assert final.error is not None and final.error.code == "timeout", final.error
+        assert "stopped at the render's next check" in final.error.message
+        assert "SVDQ_JOB_TIMEOUT" in final.error.message
+        assert final.finished_at and final.started_at
+        ran = (datetime.fromisoformat(final.finished_at) - datetime.fromisoformat(final.started_at)).total_seconds()
+        assert LIMIT <= ran < LIMIT + 5, ran
+        quick = client.submit(image_file, **SMALL).wait(timeout=60)
+        assert quick.state is JobState.SUCCEEDED, quick.error
+        assert pool_children(worker) == [child]
+
+        # A process stuck where no check runs (SIGSTOP: a hung device call, as far as anyone can tell; its lease,
+        # SVDQ_LEASE_TTL=30, outlives the hard limit): Celery kills it and the main process fails the job.
+        stuck = client.submit(image_file, **TOO_LONG)
+        wait_until(stuck, rendering(1))
+        os.kill(child, signal.SIGSTOP)
+        final = stuck.wait(timeout=HARD + 30)
+        assert final.state is JobState.FAILED and final.attempts == 1, final
+        assert final.error is not None and final.error.code == "timeout", final.error
+        assert "was killed" in final.error.message
+        assert client.redis.exists(keys.lease(stuck.id)) == 0
+        replacement = new_child(worker, child)
+        after = client.submit(image_file, **SMALL).wait(timeout=90)
+        assert after.state is JobState.SUCCEEDED, after.error
+        assert pool_children(worker) == [replacement]
+    assert worker.proc.poll() is None
+    assert "Hard time limit" in worker.log_text()
+
+
+def test_the_main_process_fails_only_the_killed_process_s_attempt(redis_url: str) -> None:
+    status = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
+    hard = HardLimit()
+    job_id = uuid.uuid4().hex
+    assert hard.fail(job_id, "w@test/1", 13) is False  # not attached yet: left to its lease
+    ended: list[str] = []
+    hard.attach(status, notify=ended.append)
+    status.create(job_id, {"image": "x"}, queue="q-test")
+    status.claim(job_id, "w@test/1", lease_seconds=30)
+    assert hard.fail(job_id, "w@test/2", 13) is False  # another process's attempt (a takeover): left alone
+    assert status.state(job_id) is JobState.STARTED and ended == []
+    assert hard.fail(job_id, "w@test/1", 13) is True
+    record = status.get(job_id)
+    assert record.state is JobState.FAILED and record.error is not None and record.error.code == "timeout"
+    assert "killed" in record.error.message and status.holder(job_id) is None and ended == [job_id]
+    assert hard.fail(job_id, "w@test/1", 13) is False and ended == [job_id]  # once
+    assert hard.exceeded("../not-an-id", "w@test/1", 13) is None
