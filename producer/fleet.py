@@ -33,6 +33,21 @@ class FleetStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
 
+    def eviction_risk(self) -> str | None:
+        """Why this Redis may drop svdq's keys by itself, or None. Capped (maxmemory) with any policy but
+        noeviction, a full Redis evicts keys: a queued job's message, a record or a lease, i.e. lost jobs."""
+        try:
+            info = self.redis.info("memory")
+        except redis.ResponseError:  # INFO refused (a managed service's ACL): nothing known, nothing said
+            return None
+        policy = as_text(info.get("maxmemory_policy", "noeviction"))
+        if not int(info.get("maxmemory") or 0) or policy == "noeviction":
+            return None
+        return (
+            f"Redis evicts keys when it is full (maxmemory-policy {policy}): a queued job, a record or a lease can "
+            "vanish, and with it the job; set maxmemory-policy noeviction (README: When things fail)"
+        )
+
     # -- presence: one hash per worker node, refreshed by its main process --------------------------------
 
     def present(self, hostname: str, info: dict[str, Any], ttl: int, *, device: str) -> None:

@@ -45,6 +45,7 @@ class Snapshot:
     workers: list[WorkerView]
     queues: list[QueueView]
     states: dict[str, int]
+    warnings: list[str] = field(default_factory=list)  # about the fleet as a whole (its Redis)
 
 
 def _workers(celery: Celery, status: StatusStore, fleet: FleetStore, timeout: float) -> list[WorkerView]:
@@ -84,7 +85,8 @@ def _queues(fleet: FleetStore, base_queue: str, workers: list[WorkerView]) -> li
 def snapshot(celery: Celery, status: StatusStore, base_queue: str, timeout: float = 1.0) -> Snapshot:
     fleet = FleetStore(status.redis)
     workers = _workers(celery, status, fleet, timeout)
-    return Snapshot(workers, _queues(fleet, base_queue, workers), fleet.counts())
+    warnings = [risk] if (risk := fleet.eviction_risk()) else []
+    return Snapshot(workers, _queues(fleet, base_queue, workers), fleet.counts(), warnings)
 
 
 def tail(text: str, width: int) -> str:
@@ -93,7 +95,8 @@ def tail(text: str, width: int) -> str:
 
 
 def render(snap: Snapshot) -> str:
-    lines = [f"svdq top   {time.strftime('%H:%M:%S')}   " + "  ".join(f"{k} {v}" for k, v in snap.states.items()), ""]
+    lines = [f"svdq top   {time.strftime('%H:%M:%S')}   " + "  ".join(f"{k} {v}" for k, v in snap.states.items())]
+    lines += [f"WARNING: {printable(w)}" for w in snap.warnings] + [""]
     lines.append(f"{'WORKER':<28} {'MODEL':<28} {'JOB':<34} {'STAGE':<14} PROGRESS")
     if not snap.workers:
         lines.append("(no worker answers)")

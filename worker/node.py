@@ -71,6 +71,8 @@ class Node:
         status = StatusStore(connect_redis(settings, retry_for=self.redis_retry_for), result_ttl=settings.result_ttl)
         fleet = FleetStore(status.redis)
         fleet.started(hostname)  # a restarted node is neither stopping nor failed, as it may have been
+        if risk := fleet.eviction_risk():
+            log.warning("%s", risk)
         sender = producer_celery(settings)
         webhooks = sender_for(settings)
         events = TaskEvents(consumer.app, hostname)

@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer.client import Client
+from producer.local_redis import LocalRedis
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess, probe
 from tests.odd_images import png_without_image_data
 
@@ -186,3 +188,24 @@ def test_a_mistyped_worker_option_is_one_line_and_exit_2(svdq_env: dict[str, str
     run = subprocess.run([SVDQ, "worker", "--modle", "./tiny"], env=svdq_env, capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("svdq worker: No such option '--modle'")
+
+
+def test_top_warns_when_redis_may_evict_jobs(svdq_env: dict[str, str], tmp_path: Path) -> None:
+    """A capped Redis that evicts keys when full loses queued messages, records and leases: said up front."""
+    server = LocalRedis(tmp_path)
+    url = server.start()
+    env = {**svdq_env, "SVDQ_REDIS_URL": url}
+    try:
+        admin = redis.Redis.from_url(url)
+        admin.config_set("maxmemory", "100mb")
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        top = subprocess.run([SVDQ, "top", "--once"], env=env, capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0, top.stderr
+        assert "WARNING: Redis evicts keys when it is full (maxmemory-policy allkeys-lru)" in top.stdout, top.stdout
+        assert "set maxmemory-policy noeviction" in top.stdout
+        admin.config_set("maxmemory-policy", "noeviction")
+        shown = subprocess.run([SVDQ, "top", "--once", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert json.loads(shown.stdout)["warnings"] == []
+        admin.close()
+    finally:
+        server.stop()
