@@ -57,6 +57,10 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         task_acks_late=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
+        # Nor after a reconnect: Celery's prefetch count starts afresh then, and a busy worker took one more
+        # message, whose job waited behind the render where no idle worker could take it. This consumes only
+        # while the pool has a free process (Redis brokers).
+        worker_disable_prefetch=True,
         # Flower's view of the fleet.
         worker_send_task_events=True,
         task_send_sent_event=True,

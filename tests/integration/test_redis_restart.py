@@ -96,3 +96,30 @@ def test_a_node_ready_while_redis_is_away_starts_its_duties_when_redis_returns(t
         node.stop()
         app.close()
         server.stop()
+
+
+def test_a_busy_worker_takes_no_second_job_when_it_reconnects(
+    durable_redis: LocalRedis, start_worker: Any, image_file: Path
+) -> None:
+    """After a reconnect Celery's prefetch count starts afresh, and a worker whose GPU was busy took the next
+    message too: that job then waited behind the render, out of every idle worker's reach."""
+    worker = start_worker(env={"SVDQ_REDIS_URL": durable_redis.url})
+    with Client.from_env(redis_url=durable_redis.url, queue=worker.queue) as client:
+        busy = client.submit(image_file, **{**SMALL, "num_frames": 8, "num_inference_steps": 100})
+        deadline = time.monotonic() + 60
+        while (record := busy.status()).state is not JobState.STARTED or not record.step:
+            assert time.monotonic() < deadline, record
+            time.sleep(0.05)
+        durable_redis.stop()
+        time.sleep(1)
+        durable_redis.start(port=durable_redis.port)
+        while worker.log_text().count("Connected to redis") < 2:  # the worker's consumer, back
+            assert time.monotonic() < deadline, worker.log_text()[-3000:]
+            time.sleep(0.1)
+        waiting = client.submit(image_file, **SMALL)
+        time.sleep(3)  # a consumer that may take a message takes it within milliseconds
+        assert busy.status().state is JobState.STARTED
+        assert client.redis.llen(worker.queue) == 1 and waiting.status().state is JobState.QUEUED
+        busy.cancel()
+        final = waiting.wait(timeout=60)
+    assert final.state is JobState.SUCCEEDED, final.error
