@@ -26,12 +26,13 @@ Clock = Callable[[], datetime]
 
 # KEYS: the job hash, its event channel, the event stream, its lease.
 # ARGV[1]: control JSON {new, sources ("-" = no record), ttl, incr, handback, now, id, event, maxlen,
-#          index_prefix, idem_key, fence, unleased, holder, lease_ms, max_attempts, push, due, due_key}; ARGV[2]:
-#          a message LPUSHed onto the list `push` when the transition applies (a creation and its Celery message
-#          land together or not at all); ARGV[3..]: field, value pairs. `due` (epoch seconds, 0: none) enters
+#          index_prefix, idem_key, fence, unleased, leased_by, holder, lease_ms, max_attempts, push, due, due_key};
+#          ARGV[2]: a message LPUSHed onto the list `push` when the transition applies (a creation and its Celery
+#          message land together or not at all); ARGV[3..]: field, value pairs. `due` (epoch seconds, 0: none) enters
 #          the job in the retry schedule `due_key`, with the requeue that waits for it.
 # Returns {1, new, attempts} when applied; {0, current state} when the table refuses it; {2, job id} for a
-# creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker;
+# creation under an idempotency key already taken; {3, holder} when the job is leased by a live worker (or, with
+# `leased_by`, not by that holder: '' for nobody);
 # {4, attempts, counted} for a claim of an abandoned job that has used all its attempts (handed-back executions
 # do not count: `handbacks`, incremented by a transition with `handback`); {5, attempts} when the
 # fence (the attempt number that may move a started job on) no longer matches.
@@ -57,6 +58,10 @@ if cur == 'started' then
     if ctl.new == 'started' and ctl.max_attempts > 0 and counted >= ctl.max_attempts then
       return {4, attempts, counted}
     end
+  end
+  if ctl.leased_by ~= '' then
+    local holder = redis.call('GET', KEYS[4]) or ''
+    if holder ~= ctl.leased_by then return {3, holder} end
   end
 end
 -- First of the writes: a script that fails midway keeps what it wrote, and this one can fail (a wrong type).
@@ -265,6 +270,7 @@ class Records:
         idempotency_key: str | None = None,
         fence: int | None = None,
         unleased: bool = False,
+        leased_by: str | None = None,
         lease: tuple[str, float] | None = None,
         max_attempts: int = 0,
         only_new: bool = False,
@@ -277,9 +283,10 @@ class Records:
             fields.setdefault("finished_at", self.now())
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
+        sources = " ".join(s.value if s else "-" for s in sources_of(new))
         control = {
             "new": new.value,
-            "sources": "-" if only_new else " ".join(s.value if s else "-" for s in sources_of(new)),
+            "sources": "-" if only_new else JobState.STARTED.value if leased_by else sources,
             "ttl": self.result_ttl if new.is_terminal() else 0,
             "incr": "attempts" if count_attempt else "",
             "handback": handback,
@@ -292,6 +299,7 @@ class Records:
             "idem_prefix": keys.IDEMPOTENCY_PREFIX,
             "fence": -1 if fence is None else fence,
             "unleased": unleased or new is JobState.STARTED,  # one live worker per job
+            "leased_by": leased_by or "",
             "holder": lease[0] if lease else "",
             "lease_ms": int(lease[1] * 1000) if lease else 0,
             "max_attempts": max_attempts,
@@ -403,6 +411,7 @@ class StatusStore(Records):
         Leaving `started` (or re-entering it) has two more conditions. `fence`: the record's `attempts`
         must still be this number, so a worker that lost its lease cannot finish over the attempt that took
         the job over. `unleased`: nobody may hold the job's lease (for recovering a dead worker's job).
+        `leased_by`: the job must be `started` under this holder's lease (for a killed process's jobs).
         Entering `started` sets the lease to `lease` (holder, seconds); leaving it deletes the lease.
         `only_new`: applies only if the job has no record yet (creation). `push`: (list, message) to LPUSH
         when the transition applies, in the same script. `count_attempt`, `max_attempts` and
@@ -466,6 +475,14 @@ class StatusStore(Records):
         for job_id in ids:
             pipe.exists(keys.lease(job_id))
         return [job_id for job_id, leased in zip(ids, pipe.execute(), strict=True) if not leased]
+
+    def held_by(self, holder: str) -> list[str]:
+        """The `started` jobs whose lease `holder` holds now."""
+        ids = [as_text(m) for m in self.redis.zrange(keys.state_index(JobState.STARTED.value), 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.get(keys.lease(job_id))
+        return [job_id for job_id, raw in zip(ids, pipe.execute(), strict=True) if raw and as_text(raw) == holder]
 
     def update(
         self, job_id: str, *, only_in: JobState = JobState.STARTED, fence: int | None = None, **fields: Any

@@ -233,6 +233,7 @@ class VideoWriter:
                 code = self._proc.wait(timeout=self._left())
             except (queue.Full, subprocess.TimeoutExpired):
                 raise EncodeTimeout("was still encoding") from None
+            self._feeder.join(timeout=1)  # ffmpeg is done: the feeder's last write returned or failed
             if self._feeder.is_alive():
                 raise EncodeTimeout("was still taking frames")
             self._proc = None

@@ -50,10 +50,12 @@ class Request(CeleryRequest):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Celery's hard time limit: the pool process is killed next; its job's record says so (worker.timelimit)."""
-        super().on_timeout(soft, timeout)
-        if not soft:
-            job_id = self.args[0] if self.args else (self.kwargs or {}).get("job_id")
-            timelimit.HARD.exceeded(job_id, f"{self.hostname}/{self.worker_pid}", timeout)
+        try:
+            super().on_timeout(soft, timeout)
+        finally:  # whatever Celery's part raised (its caller would swallow it), the job's record is told
+            if not soft:
+                job_id = self.args[0] if self.args else (self.kwargs or {}).get("job_id")
+                timelimit.HARD.exceeded(job_id, f"{self.hostname}/{self.worker_pid}", timeout)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:

@@ -91,7 +91,11 @@ class Node:
             requeued=lambda job_id, error: events.requeued(job_id, error, "recovered"),
         )
         revoke.CANCELLER.attach(status, events, notify=lambda job_id: notify(status, webhooks, job_id))
-        timelimit.HARD.attach(status, notify=ended)
+        timelimit.HARD.attach(
+            status,
+            notify=ended,
+            requeued=lambda job_id: events.requeued(job_id, None, "handed back: its worker process was killed"),
+        )
         interval = max(0.5, settings.lease_ttl / 2)
         self.hostname, self.status, self.events, self.fleet = hostname, status, events, fleet
         self._presence_ttl = int(interval * 3) + 1

@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -84,8 +85,20 @@ def _run(rt: Runtime, job_id: str, request: JobRequest, worker: str, task_id: st
         return pending
 
     # 5. Hand the rest to the finisher and free the GPU for the next job.
+    _after_previous_tail(rt, work, pending)
     rt.finisher.submit(job_id, lambda: complete(rt, work, pending))
     return Outcome(job_id, JobState.STARTED, detail="finishing")
+
+
+def _after_previous_tail(rt: Runtime, work: Work, pending: PendingVideo) -> None:
+    """Wait for the previous job's tail (its upload: the finisher holds one at a time). That wait is not this
+    job's: its deadline moves by as long (a slow upload must not time out the job rendered behind it)."""
+    started = time.monotonic()
+    rt.finisher.drain()
+    waited = time.monotonic() - started
+    if waited > 0 and work.attempt.deadline != math.inf:
+        work.attempt = replace(work.attempt, deadline=work.attempt.deadline + waited)
+        pending.writer.deadline += waited
 
 
 def _not_here(rt: Runtime, request: JobRequest) -> JobFailed | None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import redis
 
-from producer.contract import InvalidParameter, JobState, check_job_id, shown
+from producer.contract import InvalidParameter, JobState, Stage, check_job_id, shown
 from producer.status import InvalidTransition, JobNotFound, MalformedRecord, StatusStore
 from worker.errors import timed_out
 
@@ -30,9 +30,13 @@ class HardLimit:
     def __init__(self) -> None:
         self.status: StatusStore | None = None
         self.notify: Callable[[str], None] = lambda job_id: None
+        self.requeued: Callable[[str], None] = lambda job_id: None
 
-    def attach(self, status: StatusStore, notify: Callable[[str], None]) -> None:
-        self.status, self.notify = status, notify
+    def attach(
+        self, status: StatusStore, notify: Callable[[str], None], requeued: Callable[[str], None] = lambda job_id: None
+    ) -> None:
+        """`notify`: a job failed here has ended (Flower, its webhook); `requeued`: one went back to its queue."""
+        self.status, self.notify, self.requeued = status, notify, requeued
 
     def exceeded(self, job_id: object, holder: str, seconds: float) -> threading.Thread | None:
         """Called in the main process as Celery kills the process that ran `job_id` (lease `holder`). The write
@@ -48,25 +52,49 @@ class HardLimit:
         return thread
 
     def fail(self, job_id: str, holder: str, seconds: float) -> bool:
+        """Fail the job if `holder` (the killed process) still runs it; hand back the others it held."""
         status = self.status
         if status is None:
             log.error("job %s: past the hard time limit before this worker was ready; left to its lease", job_id)
             return False
+        failed = False
         try:
-            if status.holder(job_id) != holder:  # ended, or its lease lapsed and another attempt took it
-                return False
             record = status.get(job_id)
-            killed = f"its worker process was still stuck {seconds:g}s after it started, and was killed"
-            # The lease check and this write are two steps; the fence closes the gap (a takeover counts an attempt).
-            status.transition(job_id, JobState.FAILED, fence=record.attempts, error=timed_out(killed).as_error())
+            # Its render had ended (the task returned as the limit struck): an upload is not a stuck render.
+            if record.stage not in (Stage.UPLOAD, Stage.UPLOAD_PENDING):
+                killed = f"its worker process was still stuck {seconds:g}s after the job started, and was killed"
+                error = timed_out(killed).as_error()
+                # One script: only while `started` under the killed process's lease (not over a takeover, a
+                # retry it queued as it died, or a cancel).
+                status.transition(job_id, JobState.FAILED, leased_by=holder, error=error)
+                failed = True
+                log.error("job %s failed: timeout (%s killed after %gs)", job_id, holder, seconds)
+                self.notify(job_id)
+            self._hand_back_others(status, holder)
         except (InvalidTransition, JobNotFound, MalformedRecord):
-            return False
+            pass
         except redis.RedisError as exc:
             log.error("job %s: past the hard time limit, not failed (Redis: %s); left to its lease", shown(job_id), exc)
-            return False
-        log.error("job %s failed: timeout (%s killed after %gs)", job_id, holder, seconds)
-        self.notify(job_id)
-        return True
+        return failed
+
+    def _hand_back_others(self, status: StatusStore, holder: str) -> None:
+        """The killed process was also finishing the previous job (its upload, or its video in the spool): that
+        job goes back to its queue now, its attempt not counted, rather than wait for its lease to lapse."""
+        for other in status.held_by(holder):
+            try:
+                status.transition(
+                    other,
+                    JobState.QUEUED,
+                    leased_by=holder,
+                    handback=True,
+                    stage=Stage.HANDED_BACK,
+                    progress=0.0,
+                    due=status.server_time(),  # sent by a sweeper within a second (worker.recovery)
+                )
+            except InvalidTransition:
+                continue
+            log.warning("job %s handed back to its queue: its worker process was killed (time limit)", other)
+            self.requeued(other)
 
 
 HARD = HardLimit()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -259,3 +260,15 @@ def test_a_requeue_or_an_end_whose_reply_was_lost_is_taken_as_done(rt: Runtime) 
 
     rt.status.transition(ended, JobState.SUCCEEDED, fence=1)
     assert end_job(rt, Attempt(ended, 1, "w@test/1"), JobState.SUCCEEDED).state is JobState.SUCCEEDED
+
+
+def test_the_previous_job_s_slow_upload_does_not_count_against_the_next_job_s_time_limit(rt: Runtime) -> None:
+    """The finisher holds one tail at a time: the next render waits for it, and that wait is not its own."""
+    rt.settings.job_timeout = 1.5  # the render itself takes a fraction of it
+    rt.finisher.submit("previous", lambda: time.sleep(2.5))  # the previous job, uploading slowly
+    job = rt.status.get(render(rt))
+    assert job.state is JobState.SUCCEEDED, job.error
+
+    rt.settings.job_timeout = 0.2
+    stopped = rt.status.get(render(rt))  # its own render takes longer: stopped
+    assert stopped.state is JobState.FAILED and stopped.error is not None and stopped.error.code == "timeout"

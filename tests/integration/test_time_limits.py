@@ -77,20 +77,48 @@ def test_a_job_past_its_time_limit_fails_timeout_and_the_worker_takes_the_next(
     assert "Hard time limit" in worker.log_text()
 
 
-def test_the_main_process_fails_only_the_killed_process_s_attempt(redis_url: str) -> None:
+def test_the_main_process_fails_only_the_killed_process_s_attempt_and_hands_back_its_other_job(
+    redis_url: str,
+) -> None:
     status = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
     hard = HardLimit()
-    job_id = uuid.uuid4().hex
-    assert hard.fail(job_id, "w@test/1", 13) is False  # not attached yet: left to its lease
+
+    def job(holder: str, **fields: object) -> str:
+        job_id = uuid.uuid4().hex
+        status.create(job_id, {"image": "x"}, queue="q-test")
+        status.claim(job_id, holder, lease_seconds=30, **fields)
+        return job_id
+
+    killed, other = f"w@test/{uuid.uuid4().hex[:6]}", f"w@test/{uuid.uuid4().hex[:6]}"
+    stuck = job(killed, stage="denoise")
+    assert hard.fail(stuck, killed, 13) is False  # not attached yet: left to its lease
     ended: list[str] = []
-    hard.attach(status, notify=ended.append)
-    status.create(job_id, {"image": "x"}, queue="q-test")
-    status.claim(job_id, "w@test/1", lease_seconds=30)
-    assert hard.fail(job_id, "w@test/2", 13) is False  # another process's attempt (a takeover): left alone
-    assert status.state(job_id) is JobState.STARTED and ended == []
-    assert hard.fail(job_id, "w@test/1", 13) is True
-    record = status.get(job_id)
+    requeued: list[str] = []
+    hard.attach(status, notify=ended.append, requeued=requeued.append)
+    uploading = job(killed, stage="upload")  # the previous job, in the killed process's finisher
+    running_elsewhere = job(other, stage="denoise")
+
+    assert hard.fail(running_elsewhere, killed, 13) is False  # another process's attempt: left alone
+    assert status.state(running_elsewhere) is JobState.STARTED and ended == []
+
+    assert hard.fail(stuck, killed, 13) is True
+    record = status.get(stuck)
     assert record.state is JobState.FAILED and record.error is not None and record.error.code == "timeout"
-    assert "killed" in record.error.message and status.holder(job_id) is None and ended == [job_id]
-    assert hard.fail(job_id, "w@test/1", 13) is False and ended == [job_id]  # once
-    assert hard.exceeded("../not-an-id", "w@test/1", 13) is None
+    assert "was killed" in record.error.message and status.holder(stuck) is None and ended == [stuck]
+    # The killed process's other job goes back to its queue at once, its attempt not counted.
+    back = status.get(uploading)
+    assert back.state is JobState.QUEUED and back.stage == "handed_back" and back.handbacks == 1
+    assert status.redis.zscore(keys.RETRY_DUE, uploading) is not None and requeued == [uploading]
+    assert status.state(running_elsewhere) is JobState.STARTED
+    assert hard.fail(stuck, killed, 13) is False and ended == [stuck]  # once
+
+    # Queued again by its own process as it died (a retry): not failed over.
+    retried = job(killed, stage="fetch")
+    status.transition(retried, JobState.QUEUED, fence=1, stage="retrying")
+    assert hard.fail(retried, killed, 13) is False and status.state(retried) is JobState.QUEUED
+    # Taken over after its lease lapsed: the new attempt is not failed.
+    taken = job(killed, stage="denoise")
+    status.redis.delete(keys.lease(taken))
+    status.claim(taken, other, lease_seconds=30)
+    assert hard.fail(taken, killed, 13) is False and status.state(taken) is JobState.STARTED
+    assert hard.exceeded("../not-an-id", killed, 13) is None

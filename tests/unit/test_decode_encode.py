@@ -19,6 +19,7 @@ from PIL import Image
 from producer.contract import JobParams
 from worker.decode import ChunkedDecoder, DecodeProfile, OutOfMemory, to_rgb24, to_yuv420p
 from worker.encode import EncodeError, EncodeTimeout, VideoWriter
+from worker.outcome import error_of
 from worker.pipeline import Renderer
 from worker.tiny_model import build_tiny_pipeline
 
@@ -268,6 +269,7 @@ def test_closing_twice_never_closes_a_file_that_reused_the_number() -> None:
         os.close(newcomer)
 
 
+@pytest.mark.timeout(60)  # without the deadline, this waits for ffmpeg for ever
 def test_a_wedged_encoder_is_given_up_at_the_deadline_and_killed() -> None:
     """ffmpeg frozen (SIGSTOP): neither write() nor finish() waits past the writer's deadline."""
     big = np.zeros((8, 480, 640, 3), dtype=np.uint8)  # 7 MB a chunk: more than the pipe and the queue hold
@@ -297,3 +299,10 @@ def test_a_wedged_encoder_is_given_up_at_the_deadline_and_killed() -> None:
     writer = VideoWriter(64, 48, fps=5, deadline=time.monotonic() + 60)
     writer.write(smooth_frames(2))
     assert writer.finish()[4:8] == b"ftyp"
+
+
+def test_an_encoder_past_its_deadline_fails_the_job_timeout_not_internal() -> None:
+    error = error_of("job", EncodeTimeout("was still encoding"))
+    assert error["code"] == "timeout", error
+    assert error["message"].startswith("the attempt ran past the job's time limit (SVDQ_JOB_TIMEOUT on its worker)")
+    assert "the encoder (ffmpeg) was still encoding" in error["message"]
