@@ -172,8 +172,8 @@ def redact_url(url: str) -> str:
 WORKER_SETTINGS = frozenset(
     {
         "attention", "channels_last", "compile", "compile_backend", "compile_cache_dir", "compile_shapes",
-        "compile_vae", "decode_chunk_size", "device", "dtype", "fetch_timeout", "fetch_wait", "job_timeout", "lease_ttl",
-        "load_timeout", "low_vram", "max_attempts", "max_vram_gib", "metrics_port", "model", "model_name",
+        "compile_vae", "decode_chunk_size", "device", "dtype", "fetch_timeout", "fetch_wait", "job_timeout",
+        "lease_ttl", "load_timeout", "low_vram", "max_attempts", "max_vram_gib", "metrics_port", "model", "model_name",
         "model_variant", "retry_backoff", "retry_backoff_max", "spool_dir", "spool_max_bytes", "stop_grace",
         "warmup", "webhook_max_attempts", "webhook_secret", "webhook_timeout", "x264_crf",
         "x264_params", "x264_preset",
