@@ -49,6 +49,10 @@ class Finisher:
         except Exception:  # work records failures itself; this is the last line of defence
             log.exception("finishing %s failed", name)
 
+    def busy(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def drain(self) -> None:
         """Wait for the job being finished, if any (before the next hand-off, and at shutdown)."""
         thread = self._thread

@@ -6,7 +6,9 @@ queue and hold it through the load while warm workers idle, and answer pings, so
 a loading worker healthy. This consumer step holds the consumer's start (the event loop that fetches messages
 and answers pings comes after every step) until the pool process says its model is loaded, or why not.
 
-It also owns SVDQ_LOAD_TIMEOUT on the first start: a load that takes longer, or a loading process that dies
+It also keeps a worker from taking a message while a replaced pool process loads the model again.
+
+It owns SVDQ_LOAD_TIMEOUT on the first start: a load that takes longer, or a loading process that dies
 (killed for memory), ends the worker with exit 3 and the reason, where Celery's own timer would kill the
 process and start another load, for ever, with a job held.
 """
@@ -89,6 +91,18 @@ def wait_for_model(
         time.sleep(0.2)
 
 
+def _hold_while_reloading(c: Any) -> None:
+    """No message while a replaced pool process (killed for memory, or by the hard time limit) loads the model
+    again: one taken then waited out the load in this worker, where an idle worker could have run it. Celery's
+    prefork pool lists a process as waiting to start until its initializer (the model's load) has returned."""
+    waiting = getattr(getattr(c.pool, "_pool", None), "_waiting_to_start", None)
+    qos = getattr(getattr(c.task_consumer, "channel", None), "qos", None)
+    if waiting is None or qos is None:  # another pool, or a transport without kombu's QoS: nothing to hold
+        return
+    inner = qos.can_consume  # Celery's own (worker_disable_prefetch), put back at each consumer start
+    qos.can_consume = lambda: not waiting and inner()
+
+
 def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
     """The consumer step, for a worker whose loads may take SVDQ_LOAD_TIMEOUT seconds."""
     load_timeout = settings.load_timeout
@@ -99,6 +113,7 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
         opened = False  # once: a consumer restarted after a broker outage has long had its model
 
         def start(self, c: Any) -> None:
+            _hold_while_reloading(c)
             failure = LoadFailure.from_env()
             # Solo and thread pools load in this process, at the first job.
             if ModelGate.opened or failure is None or not isinstance(c.pool, TaskPool):

@@ -14,6 +14,7 @@ cut off) can never overwrite the attempt that took the job over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import redis
 import torch
 
 from producer.contract import (
@@ -93,6 +95,11 @@ def _run(rt: Runtime, job_id: str, request: JobRequest, worker: str, task_id: st
 def _after_previous_tail(rt: Runtime, work: Work, pending: PendingVideo) -> None:
     """Wait for the previous job's tail (its upload: the finisher holds one at a time). That wait is not this
     job's: its deadline moves by as long (a slow upload must not time out the job rendered behind it)."""
+    if rt.finisher.busy():
+        # Celery's hard time limit counts this wait: should it kill the process meanwhile, the stage tells the
+        # main process that this render had ended, and the job is handed back, not failed (worker.timelimit).
+        with contextlib.suppress(redis.RedisError):
+            rt.status.update(work.attempt.job_id, fence=work.attempt.number, stage=Stage.UPLOAD, progress=0.95)
     started = time.monotonic()
     rt.finisher.drain()
     waited = time.monotonic() - started

@@ -57,25 +57,35 @@ class HardLimit:
         if status is None:
             log.error("job %s: past the hard time limit before this worker was ready; left to its lease", job_id)
             return False
-        failed = False
+        failed = self._fail(status, job_id, holder, seconds)
+        try:
+            self._hand_back_others(status, holder)
+        except redis.RedisError as exc:
+            log.error("the jobs %s held were not handed back (Redis: %s); left to their leases", holder, exc)
+        return failed
+
+    def _fail(self, status: StatusStore, job_id: str, holder: str, seconds: float) -> bool:
         try:
             record = status.get(job_id)
-            # Its render had ended (the task returned as the limit struck): an upload is not a stuck render.
-            if record.stage not in (Stage.UPLOAD, Stage.UPLOAD_PENDING):
-                killed = f"its worker process was still stuck {seconds:g}s after the job started, and was killed"
-                error = timed_out(killed).as_error()
-                # One script: only while `started` under the killed process's lease (not over a takeover, a
-                # retry it queued as it died, or a cancel).
-                status.transition(job_id, JobState.FAILED, leased_by=holder, error=error)
-                failed = True
-                log.error("job %s failed: timeout (%s killed after %gs)", job_id, holder, seconds)
-                self.notify(job_id)
-            self._hand_back_others(status, holder)
+            # Its render had ended: it waited for an upload (its own, as the limit struck its returning task, or
+            # the previous job's). An upload is not a stuck render: handed back with the others, not failed.
+            if record.stage in (Stage.UPLOAD, Stage.UPLOAD_PENDING):
+                return False
+            killed = f"its worker process was still stuck {seconds:g}s after the job started, and was killed"
+            # One script: only while `started` under the killed process's lease (not over a takeover, a retry it
+            # queued as it died, or a cancel).
+            status.transition(job_id, JobState.FAILED, leased_by=holder, error=timed_out(killed).as_error())
         except (InvalidTransition, JobNotFound, MalformedRecord):
-            pass
+            return False
         except redis.RedisError as exc:
             log.error("job %s: past the hard time limit, not failed (Redis: %s); left to its lease", shown(job_id), exc)
-        return failed
+            return False
+        log.error("job %s failed: timeout (%s killed after %gs)", job_id, holder, seconds)
+        try:
+            self.notify(job_id)
+        except redis.RedisError as exc:
+            log.warning("job %s failed, but Flower and its webhook were not told (Redis: %s)", job_id, exc)
+        return True
 
     def _hand_back_others(self, status: StatusStore, holder: str) -> None:
         """The killed process was also finishing the previous job (its upload, or its video in the spool): that

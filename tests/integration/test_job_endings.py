@@ -9,6 +9,7 @@ is a real worker process whose ffmpeg dies.
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ from worker.render import run_job
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 from worker.spool import Spool
+from worker.timelimit import HardLimit
 from worker.tiny_model import build_tiny_pipeline
 
 pytestmark = pytest.mark.integration
@@ -272,3 +274,29 @@ def test_the_previous_job_s_slow_upload_does_not_count_against_the_next_job_s_ti
     rt.settings.job_timeout = 0.2
     stopped = rt.status.get(render(rt))  # its own render takes longer: stopped
     assert stopped.state is JobState.FAILED and stopped.error is not None and stopped.error.code == "timeout"
+
+
+def test_a_process_killed_while_its_job_waits_for_the_previous_upload_hands_that_job_back(rt: Runtime) -> None:
+    """Celery's hard time limit counts the wait for the previous job's upload: a kill then is no fault of the
+    job, whose render had ended. The main process hands it back (worker.timelimit), attempt not counted."""
+    rt.finisher.go.clear()  # type: ignore[attr-defined]
+    rt.finisher.submit("previous", lambda: None)  # the previous job's upload, stalled
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 90)).save(png, format="PNG")
+    image = rt.store.put(f"inputs/{uuid.uuid4().hex}.png", png.getvalue(), "image/png").ref
+    job_id = uuid.uuid4().hex
+    task = threading.Thread(target=run_job, args=(rt, job_id, {"image": image, **REQUEST}, "w@test"))
+    task.start()
+    deadline = time.monotonic() + 60
+    while (record := rt.status.get(job_id) if rt.status.state(job_id) else None) is None or record.stage != "upload":
+        assert time.monotonic() < deadline and task.is_alive(), record
+        time.sleep(0.05)
+    hard = HardLimit()
+    hard.attach(rt.status, notify=lambda job_id: None)
+    assert hard.fail(job_id, f"w@test/{os.getpid()}", 13) is False  # not failed `timeout`...
+    back = rt.status.get(job_id)
+    assert back.state is JobState.QUEUED and back.stage == "handed_back" and back.handbacks == 1  # ...handed back
+    rt.finisher.go.set()
+    task.join(timeout=60)
+    rt.finisher.drain()
+    assert rt.status.get(job_id).state is JobState.QUEUED  # the killed process's late upload changes nothing
