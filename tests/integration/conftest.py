@@ -23,6 +23,7 @@ from typing import Any
 import boto3
 import imageio_ffmpeg
 import pytest
+import torch
 from celery import Celery
 from PIL import Image
 
@@ -39,6 +40,10 @@ SMALL = {"width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 2, "
 # Jobs that denoise for several seconds, to act on while they run.
 LONG = {**SMALL, "num_frames": 8, "num_inference_steps": 25}
 SLOW = {**SMALL, "num_inference_steps": 30}
+# Far longer than a test waits for it (about 22 s on two CPU cores); larger on a GPU host, whose tiny model is fast.
+ENDLESS = {**SMALL, "num_frames": 8, "num_inference_steps": 100}
+if torch.cuda.is_available():
+    ENDLESS |= {"width": 512, "height": 512, "num_frames": 32}
 SVDQ = str(Path(sys.executable).with_name("svdq"))
 
 

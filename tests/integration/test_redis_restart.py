@@ -16,7 +16,7 @@ from producer.client import Client, producer_celery
 from producer.contract import JobState
 from producer.fleet import FleetStore
 from producer.local_redis import LocalRedis, free_port
-from tests.integration.conftest import SLOW, SMALL, SVDQ
+from tests.integration.conftest import ENDLESS, SLOW, SMALL, SVDQ
 from worker.node import Node
 from worker.settings import WorkerSettings
 
@@ -105,7 +105,7 @@ def test_a_busy_worker_takes_no_second_job_when_it_reconnects(
     message too: that job then waited behind the render, out of every idle worker's reach."""
     worker = start_worker(env={"SVDQ_REDIS_URL": durable_redis.url})
     with Client.from_env(redis_url=durable_redis.url, queue=worker.queue) as client:
-        busy = client.submit(image_file, **{**SMALL, "num_frames": 8, "num_inference_steps": 100})
+        busy = client.submit(image_file, **ENDLESS)
         deadline = time.monotonic() + 60
         while (record := busy.status()).state is not JobState.STARTED or not record.step:
             assert time.monotonic() < deadline, record
