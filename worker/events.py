@@ -55,7 +55,7 @@ class Request(CeleryRequest):
         finally:  # whatever Celery's part raised (its caller would swallow it), the job's record is told
             if not soft:
                 job_id = self.args[0] if self.args else (self.kwargs or {}).get("job_id")
-                timelimit.HARD.exceeded(job_id, f"{self.hostname}/{self.worker_pid}", timeout)
+                timelimit.HARD.exceeded(job_id, f"{self.hostname}/{self.worker_pid}", timeout, self.worker_pid)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:

@@ -29,6 +29,7 @@ from celery.exceptions import WorkerShutdown
 from celery.worker import state
 
 from producer.client import connect_redis
+from worker import timelimit
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, report_to_presence
 
@@ -92,15 +93,31 @@ def wait_for_model(
 
 
 def _hold_while_reloading(c: Any) -> None:
-    """No message while a replaced pool process (killed for memory, or by the hard time limit) loads the model
+    """No message while a replaced pool process (killed by the hard time limit, or for memory) loads the model
     again: one taken then waited out the load in this worker, where an idle worker could have run it. Celery's
-    prefork pool lists a process as waiting to start until its initializer (the model's load) has returned."""
-    waiting = getattr(getattr(c.pool, "_pool", None), "_waiting_to_start", None)
+    prefork pool lists a process as waiting to start until its initializer (the model's load) has returned; a
+    process the time limit is killing holds messages off until it is gone (its replacement is listed then).
+
+    kombu asks before each wait for a message, so a wait already under way when a process dies (an idle worker's)
+    still takes the next one."""
+    pool = getattr(c.pool, "_pool", None)
+    waiting = getattr(pool, "_waiting_to_start", None)
     qos = getattr(getattr(c.task_consumer, "channel", None), "qos", None)
     if waiting is None or qos is None:  # another pool, or a transport without kombu's QoS: nothing to hold
         return
     inner = qos.can_consume  # Celery's own (worker_disable_prefetch), put back at each consumer start
-    qos.can_consume = lambda: not waiting and inner()
+    killed = timelimit.HARD.killed
+
+    def can_consume() -> bool:
+        if waiting:
+            return False
+        if killed:
+            killed.intersection_update(p.pid for p in pool._pool)  # gone: its replacement is `waiting` now
+            if killed:
+                return False
+        return bool(inner())
+
+    qos.can_consume = can_consume
 
 
 def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:

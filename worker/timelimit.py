@@ -31,6 +31,9 @@ class HardLimit:
         self.status: StatusStore | None = None
         self.notify: Callable[[str], None] = lambda job_id: None
         self.requeued: Callable[[str], None] = lambda job_id: None
+        # Pool processes this limit is killing: until one is gone and its replacement has loaded the model, the
+        # worker takes no message (worker.gate), or that job would wait out the load here.
+        self.killed: set[int] = set()
 
     def attach(
         self, status: StatusStore, notify: Callable[[str], None], requeued: Callable[[str], None] = lambda job_id: None
@@ -38,9 +41,11 @@ class HardLimit:
         """`notify`: a job failed here has ended (Flower, its webhook); `requeued`: one went back to its queue."""
         self.status, self.notify, self.requeued = status, notify, requeued
 
-    def exceeded(self, job_id: object, holder: str, seconds: float) -> threading.Thread | None:
-        """Called in the main process as Celery kills the process that ran `job_id` (lease `holder`). The write
-        goes on a thread: this runs in the worker's event loop, which must not wait for Redis."""
+    def exceeded(self, job_id: object, holder: str, seconds: float, pid: int | None = None) -> threading.Thread | None:
+        """Called in the main process as Celery kills the process `pid` that ran `job_id` (lease `holder`). The
+        write goes on a thread: this runs in the worker's event loop, which must not wait for Redis."""
+        if pid is not None:
+            self.killed.add(pid)
         try:
             checked = check_job_id(job_id)
         except InvalidParameter:

@@ -20,7 +20,7 @@ import pytest
 from producer import keys
 from producer.client import Client
 from producer.contract import JobState
-from tests.integration.conftest import BUCKET, PREFIX, SLOW, SMALL, WorkerProcess, wait_until
+from tests.integration.conftest import BUCKET, PREFIX, SLOW, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,30 +95,6 @@ def test_a_killed_pool_process_s_job_is_recovered_by_its_own_worker(start_worker
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.attempts == 2 and final.worker == worker.hostname
     assert worker.proc.poll() is None
-
-
-def test_a_worker_takes_no_job_while_its_replaced_pool_process_loads_the_model(
-    start_worker: Any, image_file: Path
-) -> None:
-    """A job taken then would wait out the load (minutes for a real checkpoint) where an idle worker could run it."""
-    worker = start_worker()
-    (child,) = pool_children(worker)
-    os.kill(child, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while (children := pool_children(worker)) in ([], [child]):
-        assert time.monotonic() < deadline, worker.log_text()[-3000:]
-        time.sleep(0.01)
-    (loading,) = children
-    os.kill(loading, signal.SIGSTOP)  # frozen in its load: as long as a real checkpoint's
-    with Client.from_env(queue=worker.queue) as client:
-        try:
-            job = client.submit(image_file, **SMALL)
-            time.sleep(3)  # a consumer that may take a message takes it within milliseconds
-            assert client.redis.llen(worker.queue) == 1 and job.status().state is JobState.QUEUED
-        finally:
-            os.kill(loading, signal.SIGCONT)
-        final = job.wait(timeout=60)
-    assert final.state is JobState.SUCCEEDED and final.attempts == 1, final.error
 
 
 def test_a_job_that_keeps_killing_its_workers_fails_worker_lost(start_worker: Any, image_file: Path) -> None:

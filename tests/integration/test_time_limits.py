@@ -33,7 +33,7 @@ def new_child(worker: Any, old: int, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while (children := pool_children(worker)) in ([], [old]):
         assert time.monotonic() < deadline, worker.log_text()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.01)
     (child,) = children
     return child
 
@@ -69,9 +69,18 @@ def test_a_job_past_its_time_limit_fails_timeout_and_the_worker_takes_the_next(
         assert final.error is not None and final.error.code == "timeout", final.error
         assert "was killed" in final.error.message
         assert client.redis.exists(keys.lease(stuck.id)) == 0
+        # Its replacement loads the model (frozen here: as long as a real checkpoint's load): no job is taken
+        # meanwhile, where an idle worker could run it.
         replacement = new_child(worker, child)
-        after = client.submit(image_file, **SMALL).wait(timeout=90)
-        assert after.state is JobState.SUCCEEDED, after.error
+        os.kill(replacement, signal.SIGSTOP)
+        try:
+            after = client.submit(image_file, **SMALL)
+            time.sleep(3)  # a consumer that may take a message takes it within milliseconds
+            assert client.redis.llen(worker.queue) == 1 and after.status().state is JobState.QUEUED
+        finally:
+            os.kill(replacement, signal.SIGCONT)
+        final = after.wait(timeout=90)
+        assert final.state is JobState.SUCCEEDED, final.error
         assert pool_children(worker) == [replacement]
     assert worker.proc.poll() is None
     assert "Hard time limit" in worker.log_text()
