@@ -13,14 +13,18 @@ import pytest
 import redis
 
 from producer.client import Client, producer_celery
-from producer.contract import JobState
+from producer.contract import JobRecord, JobState
 from producer.fleet import FleetStore
 from producer.local_redis import LocalRedis, free_port
-from tests.integration.conftest import ENDLESS, SLOW, SMALL, SVDQ
+from tests.integration.conftest import ENDLESS, SLOW, SMALL, SVDQ, wait_until
 from worker.node import Node
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
+
+
+def denoising(record: JobRecord) -> bool:
+    return record.state is JobState.STARTED and bool(record.step)
 
 
 @pytest.fixture
@@ -37,10 +41,7 @@ def test_jobs_and_records_survive_a_redis_restart(
     worker = start_worker(env={"SVDQ_REDIS_URL": durable_redis.url})
     with Client.from_env(redis_url=durable_redis.url, queue=worker.queue) as client:
         running = client.submit(image_file, **SLOW)
-        deadline = time.monotonic() + 60
-        while (record := running.status()).state is not JobState.STARTED or not record.step:
-            assert time.monotonic() < deadline, record
-            time.sleep(0.05)
+        wait_until(running, denoising, timeout=60)
         queued = [client.submit(image_file, **SMALL) for _ in range(2)]
 
         durable_redis.stop()  # SIGTERM: Redis writes its append-only file and exits
@@ -106,10 +107,8 @@ def test_a_busy_worker_takes_no_second_job_when_it_reconnects(
     worker = start_worker(env={"SVDQ_REDIS_URL": durable_redis.url})
     with Client.from_env(redis_url=durable_redis.url, queue=worker.queue) as client:
         busy = client.submit(image_file, **ENDLESS)
+        wait_until(busy, denoising, timeout=60)
         deadline = time.monotonic() + 60
-        while (record := busy.status()).state is not JobState.STARTED or not record.step:
-            assert time.monotonic() < deadline, record
-            time.sleep(0.05)
         durable_redis.stop()
         time.sleep(1)
         durable_redis.start(port=durable_redis.port)
