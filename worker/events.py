@@ -32,6 +32,7 @@ from celery.worker.request import Request as CeleryRequest
 
 from producer.contract import JobRecord, JobState, Stage
 from worker import timelimit
+from worker.outcome import lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class Request(CeleryRequest):
         finally:  # whatever Celery's part raised (its caller would swallow it), the job's record is told
             if not soft:
                 job_id = self.args[0] if self.args else (self.kwargs or {}).get("job_id")
-                timelimit.HARD.exceeded(job_id, f"{self.hostname}/{self.worker_pid}", timeout, self.worker_pid)
+                holder = lease_holder(self.hostname, self.worker_pid)
+                timelimit.HARD.exceeded(job_id, holder, timeout, self.worker_pid)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("worker.render")
 
 
+def lease_holder(hostname: str, pid: int) -> str:
+    """Who holds a running job's lease: one pool process of one worker (worker.timelimit finds a killed one's jobs
+    by it)."""
+    return f"{hostname}/{pid}"
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One execution of a job: its number fences every write, `holder` names the lease's owner."""

@@ -45,7 +45,16 @@ from worker.backoff import backoff
 from worker.errors import HandBack, JobCanceled, JobFailed
 from worker.finisher import complete
 from worker.inputs import fetch_image, fit, open_image
-from worker.outcome import Attempt, Outcome, Work, announce_canceled, announce_end, fail_job, fail_work
+from worker.outcome import (
+    Attempt,
+    Outcome,
+    Work,
+    announce_canceled,
+    announce_end,
+    fail_job,
+    fail_work,
+    lease_holder,
+)
 from worker.progress import Progress
 from worker.runtime import Runtime
 from worker.video import PendingVideo, Stopwatch, start_video
@@ -205,7 +214,7 @@ def _refused(status: StatusStore, job_id: str, request: JobRequest) -> str | Non
 
 def _claim(rt: Runtime, job_id: str, worker: str, task_id: str | None) -> Attempt | Outcome:
     """This process's attempt at the job, or the outcome when it must not run here."""
-    holder = f"{worker}/{os.getpid()}"
+    holder = lease_holder(worker, os.getpid())
     claimed = time.monotonic()  # the time limit counts from here
     try:
         number = rt.status.claim(

@@ -95,7 +95,9 @@ class HardLimit:
     def _hand_back_others(self, status: StatusStore, holder: str) -> None:
         """The killed process was also finishing the previous job (its upload, or its video in the spool): that
         job goes back to its queue now, its attempt not counted, rather than wait for its lease to lapse."""
-        for other in status.held_by(holder):
+        others = status.held_by(holder)
+        now = status.server_time() if others else 0.0  # due at once: a sweeper sends it within a second
+        for other in others:
             try:
                 status.transition(
                     other,
@@ -104,7 +106,7 @@ class HardLimit:
                     handback=True,
                     stage=Stage.HANDED_BACK,
                     progress=0.0,
-                    due=status.server_time(),  # sent by a sweeper within a second (worker.recovery)
+                    due=now,
                 )
             except InvalidTransition:
                 continue

@@ -3,10 +3,12 @@ is stuck, and the worker goes on with the next job. A real worker, a real pool p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import redis
 from producer import keys
 from producer.client import Client
 from producer.contract import JobState
-from producer.status import StatusStore
+from producer.status import InvalidTransition, StatusStore
 from tests.integration.conftest import ENDLESS, SMALL, wait_until
 from tests.integration.test_recovery import pool_children, rendering
 from worker.timelimit import HardLimit
@@ -92,12 +94,25 @@ def test_the_main_process_fails_only_the_killed_process_s_attempt_and_hands_back
     status = StatusStore(redis.Redis.from_url(redis_url), result_ttl=60)
     hard = HardLimit()
 
+    created: list[str] = []
+
     def job(holder: str, **fields: object) -> str:
         job_id = uuid.uuid4().hex
+        created.append(job_id)
         status.create(job_id, {"image": "x"}, queue="q-test")
         status.claim(job_id, holder, lease_seconds=30, **fields)
         return job_id
 
+    try:
+        check_the_hard_limit(status, hard, job)
+    finally:  # nothing left `started` or scheduled for the sweepers of this Redis's later tests
+        for job_id in created:
+            with contextlib.suppress(InvalidTransition):
+                status.transition(job_id, JobState.CANCELED)
+        status.redis.zrem(keys.RETRY_DUE, *created)
+
+
+def check_the_hard_limit(status: StatusStore, hard: HardLimit, job: Callable[..., str]) -> None:
     killed, other = f"w@test/{uuid.uuid4().hex[:6]}", f"w@test/{uuid.uuid4().hex[:6]}"
     stuck = job(killed, stage="denoise")
     assert hard.fail(stuck, killed, 13) is False  # not attached yet: left to its lease
