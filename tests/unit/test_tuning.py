@@ -195,6 +195,7 @@ def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(
     model = make_tiny_model(tmp_path / "tiny")
     settings = WorkerSettings(
         model=str(model),
+        device="cpu",  # the same on a GPU host: what is checked is the policy, not the device
         compile=True,
         compile_backend="aot_eager",
         compile_cache_dir=str(tmp_path / "cache"),
@@ -219,17 +220,21 @@ def test_the_worker_compiles_at_warm_up_only_and_runs_other_shapes_uncompiled(
     assert renderer.compiled_shapes == {(64, 64, 2, True), (64, 64, 3, True)}
     assert "compile" not in render(3) and renderer.runs_compiled(JobParams(width=64, height=64, num_frames=3))
     with pytest.raises(ValueError, match="SVDQ_COMPILE_SHAPES"):
-        load_renderer(WorkerSettings(model=str(model), compile=True, compile_shapes="64x64"))
+        load_renderer(WorkerSettings(model=str(model), device="cpu", compile=True, compile_shapes="64x64"))
 
 
 def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) -> None:
-    """Inductor on a CPU, in two processes sharing SVDQ_COMPILE_CACHE_DIR: the second compiles from the cache."""
+    """Inductor on a CPU, in two processes sharing SVDQ_COMPILE_CACHE_DIR: the second compiles from the cache.
+    Told by Inductor's and AOTAutograd's cache counters, not by time: on a GPU host's many cores the cold compile
+    of this block took less than twice the warm one's tracing."""
     script = textwrap.dedent("""
         import sys
         from pathlib import Path
         import torch
         from worker import compile_cache
-        from worker.tuning import compile_seconds
+        from torch._dynamo.utils import counters
+
+        CACHES = (("inductor", "fxgraph_cache"), ("aot_autograd", "autograd_cache"))
 
         class Block(torch.nn.Module):
             def __init__(self):
@@ -245,7 +250,9 @@ def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) ->
         block.compile()
         with torch.inference_mode():
             block(torch.randn(2, 8))
-        print(loaded, compile_seconds(), compile_cache.save_artifacts(directory))
+        hits = sum(counters[kind][f"{cache}_hit"] for kind, cache in CACHES)
+        misses = sum(counters[kind][f"{cache}_miss"] for kind, cache in CACHES)
+        print(loaded, hits, misses, compile_cache.save_artifacts(directory))
     """)
     runs = []
     for _ in range(2):
@@ -257,11 +264,11 @@ def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) ->
             timeout=240,
             check=True,
         )
-        loaded, seconds, size = out.stdout.split()
-        runs.append((loaded == "True", float(seconds), int(size)))
-    (cold_loaded, cold, cold_size), (warm_loaded, warm, _) = runs
+        loaded, hits, misses, size = out.stdout.split()
+        runs.append((loaded == "True", int(hits), int(misses), int(size)))
+    (cold_loaded, cold_hits, cold_misses, cold_size), (warm_loaded, warm_hits, warm_misses, _) = runs
     assert not cold_loaded and warm_loaded and cold_size > 0 and (tmp_path / "artifacts.bin").is_file()
-    assert warm < cold / 2, runs
+    assert (cold_hits, cold_misses) == (0, 2) and (warm_hits, warm_misses) == (2, 0), runs
 
 
 def test_out_of_memory_retries_once_with_the_feed_forward_split_then_restores_it() -> None:
