@@ -67,6 +67,30 @@ class FleetStore:
         _keep(pipe, hostname, 120)  # the node's own refresh sets its TTL from then on
         pipe.execute()
 
+    def loading(self, hostname: str, model: str, queues: list[str], ttl: float) -> None:
+        """The node is loading its model, to read `queues` once loaded: it answers no ping until then (minutes on
+        a GPU), so without this `svdq top` and a waiting job would say that no worker reads those queues. Kept
+        for `ttl` seconds (the load's own limit) unless the node starts, fails or stops first."""
+        key = keys.worker(hostname)
+        pipe = self.redis.pipeline()
+        pipe.delete(key)  # a previous run's error or device is not this run's
+        pipe.hset(key, mapping={"model": model, "queues": json.dumps(queues), "loading_since": str(time.time())})
+        _keep(pipe, hostname, ttl)
+        pipe.execute()
+
+    def loading_nodes(self) -> dict[str, tuple[str, list[str], float]]:
+        """Nodes loading their model: the model, their queues, and for how many seconds they have been loading."""
+        now = time.time()
+        return {
+            name: (
+                info.get("model", "?"),
+                json.loads(info.get("queues") or "[]"),
+                max(0.0, now - float(info["loading_since"])),
+            )
+            for name, info in self.nodes().items()
+            if "loading_since" in info and "error" not in info
+        }
+
     def failed(self, hostname: str, model: str, message: str) -> None:
         """The node's model could not load: listed with `message` for an hour, though it answers no ping."""
         key = keys.worker(hostname)
@@ -79,7 +103,7 @@ class FleetStore:
     def started(self, hostname: str) -> None:
         """A (re)started node: neither failed nor stopping, whatever its previous run left."""
         pipe = self.redis.pipeline()
-        pipe.hdel(keys.worker(hostname), "error", "failed_at")
+        pipe.hdel(keys.worker(hostname), "error", "failed_at", "loading_since", "queues")
         pipe.delete(keys.stopping(hostname))
         pipe.execute()
 

@@ -18,6 +18,7 @@ import redis
 
 from producer.client import Job
 from producer.contract import DEFAULT_QUEUE, JobRecord, JobState, printable
+from producer.fleet import FleetStore
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REFUSED = range(7)
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # the shell's codes for SIGINT and SIGPIPE
@@ -93,7 +94,18 @@ def still_waiting(job: Job, waited: str = "") -> str:
 
 
 def unread(job: Job, record: JobRecord) -> str:
-    """That no worker reads a queued job's queue, and the command that starts one that does."""
+    """That no worker reads a queued job's queue, and the command that starts one that does; or, when workers
+    that will read it are loading their model (minutes on a GPU), which and for how long."""
+    try:
+        loading = FleetStore(job.client.redis).loading_nodes()
+    except redis.RedisError:
+        loading = {}
+    if ours := {name: seconds for name, (_, queues, seconds) in loading.items() if record.queue in queues}:
+        names = printable(", ".join(sorted(ours)))
+        return (
+            f"no worker reads its queue {record.queue!r} yet: {names} loading the model "
+            f"({max(ours.values()):.0f}s so far); the job starts once one is ready"
+        )
     model = record.request.get("model")
     queue = job.client.settings.queue
     start = ("" if queue == DEFAULT_QUEUE else f"SVDQ_QUEUE={queue} ") + "svdq worker"

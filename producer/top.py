@@ -31,6 +31,7 @@ class WorkerView:
     stage: str | None = None
     progress: float | None = None
     error: str | None = None  # why a worker that answers nothing stopped (its model failed to load)
+    loading_for: float | None = None  # seconds a worker that answers nothing yet has been loading its model
 
 
 @dataclass
@@ -38,6 +39,7 @@ class QueueView:
     name: str
     waiting: int
     readers: int
+    loading: int = 0  # workers that will read it once their model is loaded
 
 
 @dataclass
@@ -68,6 +70,9 @@ def _workers(celery: Celery, status: StatusStore, fleet: FleetStore, timeout: fl
     for name, info in fleet.nodes().items():
         if name not in answered and info.get("error"):
             workers.append(WorkerView(name, model=info.get("model"), stage="failed", error=info["error"]))
+    for name, (model, queues, seconds) in fleet.loading_nodes().items():
+        if name not in answered:
+            workers.append(WorkerView(name, model=model, queues=queues, stage="loading", loading_for=seconds))
     return workers
 
 
@@ -76,8 +81,10 @@ def _queues(fleet: FleetStore, base_queue: str, workers: list[WorkerView]) -> li
     for view in workers:
         names.update(view.queues)
     ordered = sorted(names)
+    ready = [w for w in workers if w.loading_for is None]
+    loading = [w for w in workers if w.loading_for is not None]
     return [
-        QueueView(name, depth, sum(name in w.queues for w in workers))
+        QueueView(name, depth, sum(name in w.queues for w in ready), sum(name in w.queues for w in loading))
         for name, depth in zip(ordered, fleet.depths(ordered), strict=True)
     ]
 
@@ -102,13 +109,19 @@ def render(snap: Snapshot) -> str:
         lines.append("(no worker answers)")
     for w in snap.workers:
         bar = "" if w.progress is None else f"{'#' * int(w.progress * 20):<20} {w.progress:4.0%}"
-        job = "-" if w.error else w.job or "idle"
+        if w.loading_for is not None:
+            bar = f"model, for {w.loading_for:.0f}s"
+        job = "-" if w.error or w.loading_for is not None else w.job or "idle"
         line = f"{w.name:<28} {tail(w.model or '?', 28):<28} {job:<34} {w.stage or '':<14} {w.error or bar}"
         lines.append(printable(line))
     lines += ["", f"{'QUEUE':<40} {'WAITING':>8} {'READERS':>8}"]
     for q in snap.queues:
-        if q.waiting or q.readers:
-            flag = "   <- no worker reads this queue" if q.waiting and not q.readers else ""
+        if q.waiting or q.readers or q.loading:
+            flag = ""
+            if q.waiting and not q.readers:
+                flag = "   <- no worker reads this queue"
+                if q.loading:
+                    flag = f"   <- none reads it yet; {q.loading} loading (see STAGE)"
             lines.append(f"{q.name:<40} {q.waiting:>8} {q.readers:>8}{flag}")
     return "\n".join(lines)
 

@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import redis
 from celery import bootsteps
 from celery.concurrency.prefork import TaskPool
-from celery.exceptions import WorkerShutdown
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 from celery.worker import state
 
 from producer.client import connect_redis
+from producer.fleet import FleetStore
 from worker import timelimit
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, report_to_presence
@@ -120,6 +122,18 @@ def _hold_while_reloading(c: Any) -> None:
     qos.can_consume = can_consume
 
 
+def announce(settings: WorkerSettings, write: Callable[[FleetStore], None]) -> None:
+    """Best effort: a Redis away at start-up must not stop the load (the node's own start waits for it)."""
+    try:
+        client = connect_redis(settings, retry_for=1)
+        try:
+            write(FleetStore(client))
+        finally:
+            client.close()
+    except redis.RedisError as exc:
+        log.warning("could not tell svdq top that this worker is loading: %s", exc)
+
+
 def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
     """The consumer step, for a worker whose loads may take SVDQ_LOAD_TIMEOUT seconds."""
     load_timeout = settings.load_timeout
@@ -136,6 +150,9 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
             if ModelGate.opened or failure is None or not isinstance(c.pool, TaskPool):
                 return
             log.info("waiting for the model to load before taking jobs (SVDQ_LOAD_TIMEOUT=%gs)", load_timeout)
+            queues = sorted(q.name for q in c.task_consumer.queues)
+            ttl = load_timeout + 60  # the load fails (and says so) before this
+            announce(settings, lambda fleet: fleet.loading(c.hostname, settings.served_model(), queues, ttl))
             try:
                 wait_for_model(
                     failure,
@@ -144,11 +161,13 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
                     stopping=lambda: state.should_stop is not None or state.should_terminate is not None,
                     stopped=state.maybe_shutdown,
                 )
-            except WorkerShutdown:
+            except (WorkerShutdown, WorkerTerminate):
                 if (message := failure.read()) is not None:  # not a stop asked for while loading
                     log.critical("svdq worker stops: the model failed to load: %s", message)
                     redis_client = connect_redis(settings, retry_for=1)
                     report_to_presence(redis_client, c.hostname, settings.served_model(), message)
+                else:  # asked to stop while loading: no longer a worker about to read its queues
+                    announce(settings, lambda fleet: fleet.gone(c.hostname))
                 raise
             ModelGate.opened = True
 

@@ -137,7 +137,7 @@ def test_jobs_reach_the_worker_serving_their_model_and_top_shows_the_rest(
         assert top.returncode == 0, top.stderr
         snap = json.loads(top.stdout)
         waiting = {q["name"]: q for q in snap["queues"]}
-        assert waiting[f"{base}@gamma"] == {"name": f"{base}@gamma", "waiting": 1, "readers": 0}
+        assert waiting[f"{base}@gamma"] == {"name": f"{base}@gamma", "waiting": 1, "readers": 0, "loading": 0}
         assert waiting[f"{base}@alpha"]["readers"] == 1 and waiting[base]["readers"] == 2
         models = {w["name"]: w["model"] for w in snap["workers"]}
         assert models[alpha.hostname] == "alpha" and models[beta.hostname] == "beta"

@@ -63,10 +63,14 @@ def run_failing_worker(
     return done
 
 
-def top_entry(env: dict[str, str], hostname: str) -> dict:
+def top(env: dict[str, str]) -> dict:
     out = subprocess.run([SVDQ, "top", "--once", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return next(w for w in json.loads(out.stdout)["workers"] if w["name"] == hostname)
+    return json.loads(out.stdout)
+
+
+def top_entry(env: dict[str, str], hostname: str) -> dict:
+    return next(w for w in top(env)["workers"] if w["name"] == hostname)
 
 
 @pytest.mark.parametrize(
@@ -216,6 +220,41 @@ def test_a_worker_loading_its_model_answers_no_ping_and_holds_no_job(
         proc.wait(timeout=30)
 
 
+def test_a_loading_worker_is_listed_as_loading_and_a_job_waiting_for_it_is_told_so(
+    svdq_env: dict[str, str], tmp_path: Path, image_file: Path
+) -> None:
+    """A load takes minutes on a GPU (80 s on an H100 with a warm compile cache, 3 with a cold one): `svdq top`
+    listed no worker and flagged its queue unread, and `svdq wait` told the user to start a worker, while one was
+    starting."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    hostname = f"loading{uuid.uuid4().hex[:6]}@test"
+    proc, child = start_loading_worker(svdq_env, queue, hostname, tmp_path / "w.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not (entry := {w["name"]: w for w in top(svdq_env)["workers"]}.get(hostname)):
+            assert time.monotonic() < deadline, (tmp_path / "w.log").read_text()[-3000:]  # announced on the fork
+            time.sleep(0.5)
+        assert entry["stage"] == "loading" and entry["loading_for"] >= 0 and queue in entry["queues"]
+        with Client.from_env(queue=queue) as client:
+            job = client.submit(image_file, **SMALL)
+            waited = subprocess.run(
+                [SVDQ, "wait", job.id, "--timeout", "1"], env=svdq_env, capture_output=True, text=True, timeout=60
+            )
+            assert waited.returncode != 0 and f"{hostname} loading the model" in waited.stderr, waited.stderr
+            assert "svdq worker" not in waited.stderr  # not told to start one
+            (row,) = (q for q in top(svdq_env)["queues"] if q["name"] == queue)
+            assert (row["waiting"], row["readers"], row["loading"]) == (1, 0, 1)
+            os.kill(child, signal.SIGCONT)
+            assert job.wait(timeout=60).state is JobState.SUCCEEDED
+        (entry,) = (w for w in top(svdq_env)["workers"] if w["name"] == hostname)
+        assert entry["stage"] != "loading" and entry["loading_for"] is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize(
     ("env", "end", "says"),
     [
@@ -259,6 +298,7 @@ def test_a_worker_stopped_while_loading_stops_at_once(svdq_env: dict[str, str], 
             proc.kill()
     log = (tmp_path / "w.log").read_text()
     assert "failed to load" not in log and " ready." not in log, log[-3000:]
+    assert hostname not in {w["name"] for w in top(svdq_env)["workers"]}  # no longer listed as loading
 
 
 @pytest.mark.parametrize("store", ["no-bucket", "bad-bucket-name", "not-a-folder"])
