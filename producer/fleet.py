@@ -73,7 +73,9 @@ class FleetStore:
         for `ttl` seconds (the load's own limit) unless the node starts, fails or stops first."""
         key = keys.worker(hostname)
         pipe = self.redis.pipeline()
-        pipe.delete(key)  # a previous run's error or device is not this run's
+        # A previous run's error is not this run's. The device stays: this run's pool process, which started
+        # loading before this was written, may already have said what it loaded on (FleetStore.loaded_on).
+        pipe.hdel(key, "error", "failed_at")
         pipe.hset(key, mapping={"model": model, "queues": json.dumps(queues), "loading_since": str(time.time())})
         _keep(pipe, hostname, ttl)
         pipe.execute()

@@ -141,3 +141,19 @@ def test_the_fleet_s_nodes_are_found_without_a_scan_of_every_key(redis_url: str)
     assert nodes[alive]["device"] == "cpu" and nodes[failed]["error"] == "OSError: no weights" and gone not in nodes
     client.delete(keys.worker(alive))  # expired: not listed, and its index entry goes once it is old
     assert alive not in fleet.nodes()
+
+
+def test_a_loading_node_keeps_the_device_its_pool_process_already_wrote_and_loses_a_past_error(
+    redis_url: str,
+) -> None:
+    """The pool process starts loading before the main process says the node is loading: a fast load's
+    `loaded_on` can come first, and the loading presence must not erase it (`svdq top` showed "auto")."""
+    fleet = FleetStore(redis.Redis.from_url(redis_url))
+    name = f"race-{uuid.uuid4().hex[:6]}@test"
+    fleet.failed(name, "tiny", "OSError: no weights")  # the previous run
+    fleet.loaded_on(name, "cpu")
+    fleet.loading(name, "tiny", ["q", "q.high"], ttl=30)
+    assert fleet.node(name)["device"] == "cpu" and "error" not in fleet.node(name)
+    assert fleet.loading_nodes()[name][:2] == ("tiny", ["q", "q.high"])
+    fleet.started(name)
+    assert name not in fleet.loading_nodes() and fleet.node(name)["device"] == "cpu"
