@@ -7,7 +7,9 @@ Workers write it (worker.node, worker.heartbeat, worker.recovery, worker.startup
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -21,6 +23,32 @@ FAILED_TTL = 3600
 # Index entries outlive their hash this long before they are trimmed: the hash is the truth, and hosts' clocks
 # (which score the entries) may differ by this much from the reader's.
 CLOCK_SLACK = 300
+
+
+# How long a loading node is listed unless its main process says again that it is still loading.
+LOADING_TTL = 30
+
+
+@dataclass(frozen=True)
+class Loading:
+    model: str
+    queues: tuple[str, ...]
+    seconds: float  # loading for this long
+
+
+def loading_of(info: dict[str, str], now: float) -> Loading | None:
+    """A node's loading presence, or None: not loading, failed, or fields no worker wrote (anyone with access to
+    Redis can write them, and a bad one must not stop `svdq top` or a wait)."""
+    if "loading_since" not in info or "error" in info:
+        return None
+    try:
+        since = float(info["loading_since"])
+        queues = json.loads(info.get("queues") or "[]")
+    except ValueError:  # json.JSONDecodeError is one
+        return None
+    if not math.isfinite(since) or not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
+        return None
+    return Loading(info.get("model", "?"), tuple(queues), max(0.0, now - since))
 
 
 def _keep(pipe: redis.client.Pipeline, hostname: str, ttl: float) -> None:
@@ -67,31 +95,30 @@ class FleetStore:
         _keep(pipe, hostname, 120)  # the node's own refresh sets its TTL from then on
         pipe.execute()
 
-    def loading(self, hostname: str, model: str, queues: list[str], ttl: float) -> None:
+    def loading(self, hostname: str, model: str, queues: list[str]) -> None:
         """The node is loading its model, to read `queues` once loaded: it answers no ping until then (minutes on
         a GPU), so without this `svdq top` and a waiting job would say that no worker reads those queues. Kept
-        for `ttl` seconds (the load's own limit) unless the node starts, fails or stops first."""
+        LOADING_TTL seconds, renewed by `still_loading` while the load goes on: a node killed meanwhile drops
+        out soon."""
         key = keys.worker(hostname)
         pipe = self.redis.pipeline()
         # A previous run's error is not this run's. The device stays: this run's pool process, which started
         # loading before this was written, may already have said what it loaded on (FleetStore.loaded_on).
         pipe.hdel(key, "error", "failed_at")
         pipe.hset(key, mapping={"model": model, "queues": json.dumps(queues), "loading_since": str(time.time())})
-        _keep(pipe, hostname, ttl)
+        _keep(pipe, hostname, LOADING_TTL)
         pipe.execute()
 
-    def loading_nodes(self) -> dict[str, tuple[str, list[str], float]]:
-        """Nodes loading their model: the model, their queues, and for how many seconds they have been loading."""
+    def still_loading(self, hostname: str) -> None:
+        pipe = self.redis.pipeline()
+        _keep(pipe, hostname, LOADING_TTL)
+        pipe.execute()
+
+    def loading_nodes(self, nodes: dict[str, dict[str, str]] | None = None) -> dict[str, Loading]:
+        """Nodes loading their model (of `nodes`, else of all the nodes now)."""
         now = time.time()
-        return {
-            name: (
-                info.get("model", "?"),
-                json.loads(info.get("queues") or "[]"),
-                max(0.0, now - float(info["loading_since"])),
-            )
-            for name, info in self.nodes().items()
-            if "loading_since" in info and "error" not in info
-        }
+        found = ((name, loading_of(info, now)) for name, info in (self.nodes() if nodes is None else nodes).items())
+        return {name: loading for name, loading in found if loading is not None}
 
     def failed(self, hostname: str, model: str, message: str) -> None:
         """The node's model could not load: listed with `message` for an hour, though it answers no ping."""

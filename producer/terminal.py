@@ -98,9 +98,9 @@ def unread(job: Job, record: JobRecord) -> str:
     that will read it are loading their model (minutes on a GPU), which and for how long."""
     try:
         loading = FleetStore(job.client.redis).loading_nodes()
-    except redis.RedisError:
+    except redis.RedisError:  # a hint only: the wait goes on without it
         loading = {}
-    if ours := {name: seconds for name, (_, queues, seconds) in loading.items() if record.queue in queues}:
+    if ours := {name: node.seconds for name, node in loading.items() if record.queue in node.queues}:
         names = printable(", ".join(sorted(ours)))
         return (
             f"no worker reads its queue {record.queue!r} yet: {names} loading the model "

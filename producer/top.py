@@ -67,12 +67,15 @@ def _workers(celery: Celery, status: StatusStore, fleet: FleetStore, timeout: fl
                     view.stage, view.progress = record.stage, record.progress
         workers.append(view)
     answered = {w.name for w in workers}
-    for name, info in fleet.nodes().items():
+    nodes = fleet.nodes()
+    for name, info in nodes.items():
         if name not in answered and info.get("error"):
             workers.append(WorkerView(name, model=info.get("model"), stage="failed", error=info["error"]))
-    for name, (model, queues, seconds) in fleet.loading_nodes().items():
+    for name, loading in fleet.loading_nodes(nodes).items():
         if name not in answered:
-            workers.append(WorkerView(name, model=model, queues=queues, stage="loading", loading_for=seconds))
+            view = WorkerView(name, model=loading.model, device=nodes[name].get("device"), queues=list(loading.queues))
+            view.stage, view.loading_for = "loading", loading.seconds
+            workers.append(view)
     return workers
 
 
@@ -122,7 +125,7 @@ def render(snap: Snapshot) -> str:
                 flag = "   <- no worker reads this queue"
                 if q.loading:
                     flag = f"   <- none reads it yet; {q.loading} loading (see STAGE)"
-            lines.append(f"{q.name:<40} {q.waiting:>8} {q.readers:>8}{flag}")
+            lines.append(printable(f"{q.name:<40} {q.waiting:>8} {q.readers:>8}{flag}"))
     return "\n".join(lines)
 
 

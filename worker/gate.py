@@ -26,11 +26,11 @@ from typing import Any, Protocol
 import redis
 from celery import bootsteps
 from celery.concurrency.prefork import TaskPool
-from celery.exceptions import WorkerShutdown, WorkerTerminate
+from celery.exceptions import WorkerShutdown
 from celery.worker import state
 
 from producer.client import connect_redis
-from producer.fleet import FleetStore
+from producer.fleet import LOADING_TTL, FleetStore
 from worker import timelimit
 from worker.settings import WorkerSettings
 from worker.startup import LOAD_FAILED, LoadFailure, report_to_presence
@@ -68,10 +68,12 @@ def wait_for_model(
     timeout: float,
     stopping: Callable[[], bool],
     stopped: Callable[[], None],
+    waiting: Callable[[], None] = lambda: None,
 ) -> None:
     """Return once the pool process has loaded the model; WorkerShutdown(3) with the reason kept in `failure`
     when it cannot load. Asked to stop meanwhile, `stopped` (which raises Celery's shutdown) after ending the load:
-    it holds no job, and the pool would otherwise wait for the load to finish before it stops."""
+    it holds no job, and the pool would otherwise wait for the load to finish before it stops. `waiting` is
+    called at each look (every 0.2 s)."""
     deadline = time.monotonic() + timeout
     while not failure.loaded():
         if failure.read() is not None:  # the pool process said why; the worker's main() prints it last
@@ -91,6 +93,7 @@ def wait_for_model(
             )
             _kill(children())
             raise WorkerShutdown(LOAD_FAILED)
+        waiting()
         time.sleep(0.2)
 
 
@@ -122,7 +125,7 @@ def _hold_while_reloading(c: Any) -> None:
     qos.can_consume = can_consume
 
 
-def announce(settings: WorkerSettings, write: Callable[[FleetStore], None]) -> None:
+def announce(settings: WorkerSettings, what: str, write: Callable[[FleetStore], None], quiet: bool = False) -> None:
     """Best effort: a Redis away at start-up must not stop the load (the node's own start waits for it)."""
     try:
         client = connect_redis(settings, retry_for=1)
@@ -131,7 +134,7 @@ def announce(settings: WorkerSettings, write: Callable[[FleetStore], None]) -> N
         finally:
             client.close()
     except redis.RedisError as exc:
-        log.warning("could not tell svdq top that this worker is loading: %s", exc)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "could not %s in Redis: %s", what, exc)
 
 
 def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
@@ -151,8 +154,15 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
                 return
             log.info("waiting for the model to load before taking jobs (SVDQ_LOAD_TIMEOUT=%gs)", load_timeout)
             queues = sorted(q.name for q in c.task_consumer.queues)
-            ttl = load_timeout + 60  # the load fails (and says so) before this
-            announce(settings, lambda fleet: fleet.loading(c.hostname, settings.served_model(), queues, ttl))
+            model, renewed = settings.served_model(), time.monotonic()
+            announce(settings, "list this worker as loading", lambda fleet: fleet.loading(c.hostname, model, queues))
+
+            def still_loading() -> None:
+                nonlocal renewed
+                if time.monotonic() - renewed >= LOADING_TTL / 3:
+                    renewed = time.monotonic()
+                    announce(settings, "renew the loading presence", lambda f: f.still_loading(c.hostname), quiet=True)
+
             try:
                 wait_for_model(
                     failure,
@@ -160,14 +170,15 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
                     timeout=load_timeout,
                     stopping=lambda: state.should_stop is not None or state.should_terminate is not None,
                     stopped=state.maybe_shutdown,
+                    waiting=still_loading,
                 )
-            except (WorkerShutdown, WorkerTerminate):
+            except BaseException:
                 if (message := failure.read()) is not None:  # not a stop asked for while loading
                     log.critical("svdq worker stops: the model failed to load: %s", message)
                     redis_client = connect_redis(settings, retry_for=1)
                     report_to_presence(redis_client, c.hostname, settings.served_model(), message)
-                else:  # asked to stop while loading: no longer a worker about to read its queues
-                    announce(settings, lambda fleet: fleet.gone(c.hostname))
+                else:  # stopped while loading: no longer a worker about to read its queues
+                    announce(settings, "take this worker off the loading list", lambda f: f.gone(c.hostname))
                 raise
             ModelGate.opened = True
 

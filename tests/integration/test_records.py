@@ -14,7 +14,7 @@ import redis
 from producer import keys
 from producer.client import Client
 from producer.contract import JobState
-from producer.fleet import FleetStore
+from producer.fleet import LOADING_TTL, FleetStore
 from producer.status import AttemptsExhausted, DuplicateKey, StatusStore
 from tests.integration.conftest import SMALL, WorkerProcess
 from worker.errors import JobCanceled
@@ -152,8 +152,36 @@ def test_a_loading_node_keeps_the_device_its_pool_process_already_wrote_and_lose
     name = f"race-{uuid.uuid4().hex[:6]}@test"
     fleet.failed(name, "tiny", "OSError: no weights")  # the previous run
     fleet.loaded_on(name, "cpu")
-    fleet.loading(name, "tiny", ["q", "q.high"], ttl=30)
+    fleet.loading(name, "tiny", ["q", "q.high"])
     assert fleet.node(name)["device"] == "cpu" and "error" not in fleet.node(name)
-    assert fleet.loading_nodes()[name][:2] == ("tiny", ["q", "q.high"])
+    loading = fleet.loading_nodes()[name]
+    assert (loading.model, loading.queues) == ("tiny", ("q", "q.high")) and 0 <= loading.seconds < 5
     fleet.started(name)
     assert name not in fleet.loading_nodes() and fleet.node(name)["device"] == "cpu"
+
+
+def test_a_loading_presence_lapses_unless_renewed_and_a_malformed_one_is_skipped(redis_url: str) -> None:
+    """A node killed while loading drops out within LOADING_TTL; fields anyone with Redis access can write never
+    stop `svdq top` or a wait (they read loading_nodes)."""
+    client = redis.Redis.from_url(redis_url)
+    fleet = FleetStore(client)
+    name = f"ttl-{uuid.uuid4().hex[:6]}@test"
+    fleet.loading(name, "tiny", ["q"])
+    assert 0 < client.ttl(keys.worker(name)) <= LOADING_TTL
+    client.expire(keys.worker(name), 2)
+    fleet.still_loading(name)
+    assert client.ttl(keys.worker(name)) > LOADING_TTL - 5
+    bad = {
+        "since-not-a-number": {"loading_since": "x"},
+        "since-infinite": {"loading_since": "-inf"},
+        "queues-not-json": {"loading_since": "1", "queues": "{bad"},
+        "queues-not-a-list": {"loading_since": "1", "queues": '"q"'},
+        "queues-not-names": {"loading_since": "1", "queues": "[[1]]"},
+    }
+    for tag, fields in bad.items():
+        client.hset(keys.worker(f"{tag}@{name}"), mapping={"model": "tiny", **fields})
+        client.zadd(keys.WORKERS, {f"{tag}@{name}": time.time() + 30})
+    listed = fleet.loading_nodes()
+    for tag in bad:
+        fleet.gone(f"{tag}@{name}")
+    assert name in listed and not any(f"{tag}@{name}" in listed for tag in bad)

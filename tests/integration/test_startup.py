@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 
 from producer.client import Client
 from producer.contract import JobState, priority_queues
+from producer.fleet import FleetStore
 from producer.local_redis import free_port
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
 from worker.startup import LOAD_FAILED, check_safetensors
@@ -246,8 +248,11 @@ def test_a_loading_worker_is_listed_as_loading_and_a_job_waiting_for_it_is_told_
             assert (row["waiting"], row["readers"], row["loading"]) == (1, 0, 1)
             os.kill(child, signal.SIGCONT)
             assert job.wait(timeout=60).state is JobState.SUCCEEDED
-        (entry,) = (w for w in top(svdq_env)["workers"] if w["name"] == hostname)
-        assert entry["stage"] != "loading" and entry["loading_for"] is None
+        fleet = FleetStore(redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"]))
+        deadline = time.monotonic() + 30  # the node's start clears it, on a thread of its own
+        while "loading_since" in (node := fleet.node(hostname)) or "queues" in node:
+            assert time.monotonic() < deadline, node
+            time.sleep(0.2)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGCONT)
@@ -289,7 +294,11 @@ def test_a_worker_stopped_while_loading_stops_at_once(svdq_env: dict[str, str], 
     hostname = f"loading{uuid.uuid4().hex[:6]}@test"
     proc, child = start_loading_worker(svdq_env, f"q-{uuid.uuid4().hex[:6]}", hostname, tmp_path / "w.log")
     try:
-        time.sleep(2)  # in the gate's wait
+        fleet = FleetStore(redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"]))
+        deadline = time.monotonic() + 30
+        while hostname not in fleet.loading_nodes():  # in the gate's wait, and listed as loading
+            assert time.monotonic() < deadline, (tmp_path / "w.log").read_text()[-3000:]
+            time.sleep(0.2)
         proc.terminate()
         assert proc.wait(timeout=20) == 0
     finally:
@@ -298,7 +307,7 @@ def test_a_worker_stopped_while_loading_stops_at_once(svdq_env: dict[str, str], 
             proc.kill()
     log = (tmp_path / "w.log").read_text()
     assert "failed to load" not in log and " ready." not in log, log[-3000:]
-    assert hostname not in {w["name"] for w in top(svdq_env)["workers"]}  # no longer listed as loading
+    assert hostname not in fleet.loading_nodes()  # no longer listed as loading
 
 
 @pytest.mark.parametrize("store", ["no-bucket", "bad-bucket-name", "not-a-folder"])

@@ -268,7 +268,7 @@ def test_a_second_process_reuses_the_persistent_compile_cache(tmp_path: Path) ->
         runs.append((loaded == "True", int(hits), int(misses), int(size)))
     (cold_loaded, cold_hits, cold_misses, cold_size), (warm_loaded, warm_hits, warm_misses, _) = runs
     assert not cold_loaded and warm_loaded and cold_size > 0 and (tmp_path / "artifacts.bin").is_file()
-    assert (cold_hits, cold_misses) == (0, 2) and (warm_hits, warm_misses) == (2, 0), runs
+    assert cold_hits == 0 < cold_misses and warm_misses == 0 < warm_hits, runs
 
 
 def test_out_of_memory_retries_once_with_the_feed_forward_split_then_restores_it() -> None:
