@@ -73,9 +73,10 @@ def _workers(celery: Celery, status: StatusStore, fleet: FleetStore, timeout: fl
             workers.append(WorkerView(name, model=info.get("model"), stage="failed", error=info["error"]))
     for name, loading in fleet.loading_nodes(nodes).items():
         if name not in answered:
-            view = WorkerView(name, model=loading.model, device=nodes[name].get("device"), queues=list(loading.queues))
-            view.stage, view.loading_for = "loading", loading.seconds
-            workers.append(view)
+            device, queues = nodes[name].get("device"), list(loading.queues)
+            workers.append(
+                WorkerView(name, loading.model, device, queues, stage="loading", loading_for=loading.seconds)
+            )
     return workers
 
 

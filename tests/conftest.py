@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-# One CPU thread per process. The tiny model gains nothing from more, and the suite runs two test processes
+# One CPU thread per process. The tiny model gains nothing from more, and the suite runs several test processes
 # (`make test`), each with worker processes: with torch's default (a thread per core) every process's threads
 # spin for cores the others hold, and the suite took twice as long (measured: 258 s against 141 s for two files).
 os.environ.setdefault("OMP_NUM_THREADS", "1")

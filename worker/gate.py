@@ -176,7 +176,7 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
                 if (message := failure.read()) is not None:  # not a stop asked for while loading
                     log.critical("svdq worker stops: the model failed to load: %s", message)
                     redis_client = connect_redis(settings, retry_for=1)
-                    report_to_presence(redis_client, c.hostname, settings.served_model(), message)
+                    report_to_presence(redis_client, c.hostname, model, message)
                 else:  # stopped while loading: no longer a worker about to read its queues
                     announce(settings, "take this worker off the loading list", lambda f: f.gone(c.hostname))
                 raise
