@@ -285,7 +285,8 @@ def bench_path(
         report.figure(path, "denoise_peak_gib", renderer.denoise_peak_bytes / 2**30)
         report.figure(path, "budget_gib", (renderer.budget_bytes or 0) / 2**30)
         for n, seconds in profile.seconds_per_frame.items():
-            report.figure(path, f"decode_ms_per_frame_chunk{n}", seconds * 1000)
+            runs = [round(t * 1000, 2) for t in profile.timings.get(n, ())]
+            report.figure(path, f"decode_ms_per_frame_chunk{n}", seconds * 1000, runs_ms=runs)
             report.figure(path, f"decode_gib_chunk{n}", profile.peak_bytes[n] / 2**30)
     figures = report.runs(path, [run_svdq(renderer, image, params, settings) for _ in range(repeat)])
     if "stock" in report.rows:

@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -101,13 +101,15 @@ class ChunkedDecoder:
 class DecodeProfile:
     """Decode speed and memory by chunk size, measured at warm-up at one frame size (`pixels` per frame).
 
-    `seconds_per_frame[n]` and `peak_bytes[n]` (above what was allocated before the decode) for each chunk
-    size `n` tried. Memory is modelled as `fixed + per_frame * n`, scaled by pixels for other frame sizes.
+    `seconds_per_frame[n]` (the fastest of `timings[n]`) and `peak_bytes[n]` (above what was allocated before
+    the decode) for each chunk size `n` tried. Memory is modelled as `fixed + per_frame * n`, scaled by pixels
+    for other frame sizes.
     """
 
     pixels: int
     seconds_per_frame: dict[int, float]
     peak_bytes: dict[int, int]
+    timings: dict[int, tuple[float, ...]] = field(default_factory=dict)  # every timed run, in order: for the log
 
     def cost(self, chunk: int, pixels: int | None = None) -> float:
         """Bytes a decode of `chunk` frames needs, at `pixels` per frame (default: the measured size)."""
@@ -118,6 +120,11 @@ class DecodeProfile:
         if per_frame <= 0:  # one size measured: assume the whole cost grows with the frames
             fixed, per_frame = 0.0, self.peak_bytes[low] / low
         return (max(fixed, 0.0) + per_frame * chunk) * (pixels or self.pixels) / self.pixels
+
+    def describe(self) -> str:
+        """Milliseconds per frame by chunk, every timed run in the order taken: "1: 90.1 88.2, 2: 80.0 79.7"."""
+        runs = self.timings or {n: (s,) for n, s in self.seconds_per_frame.items()}
+        return ", ".join(f"{n}: " + " ".join(f"{s * 1000:.1f}" for s in seen) for n, seen in runs.items())
 
     def preferred(self, tolerance: float = 0.05) -> int:
         """The smallest chunk whose speed is within `tolerance` of the fastest measured."""
@@ -133,6 +140,28 @@ class DecodeProfile:
         return max(1, chunk)
 
 
+class CudaMemory:
+    """What the profile reads of the CUDA caching allocator (a test on a CPU passes its own)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+
 def profile_decode(
     vae: torch.nn.Module,
     device: torch.device,
@@ -143,38 +172,50 @@ def profile_decode(
     budget_bytes: float,
     stance: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     runs: int = 2,
+    memory: CudaMemory | None = None,
 ) -> DecodeProfile:
-    """Time decodes of zeros at each chunk size, ascending. Each size decodes the same frames (at least
-    PROFILE_FRAMES, in chunks of its size) once untimed (the first call at a shape sets up kernels), then `runs`
-    times timed, keeping the fastest: in a worker, one short timing per size was noise (chunk 1 came out fastest
-    there and 24% slower here in the bench, on the same H100). Sizes whose estimated cost exceeds `budget_bytes`,
-    once two sizes are known, are skipped. `stance` wraps each decode (the compiled decoder is profiled eagerly)."""
+    """Time decodes of zeros at each chunk size. Each size decodes the same frames (at least PROFILE_FRAMES, in
+    chunks of its size) once untimed (the first call at a shape sets up kernels), then `runs` times timed,
+    keeping the fastest. The timed runs go round the sizes in turn rather than one size after another, so
+    whatever else slows the device for a while (in a worker on an H100, chunk 1 came out fastest twice where the
+    bench on the same machine had it 24% slower) touches every size, not the sizes timed during it. Sizes whose
+    estimated cost exceeds `budget_bytes`, once two sizes are known, are skipped. `stance` wraps each decode (the
+    compiled decoder is profiled eagerly)."""
+    memory = memory or CudaMemory(device)
     frames = max(PROFILE_FRAMES, *chunks)
     latent = torch.zeros(
         1, frames, vae.config.latent_channels, height // scale_factor, width // scale_factor, device=device
     )
-    speed: dict[int, float] = {}
-    peaks: dict[int, int] = {}
-    for n in sorted(chunks):
-        if len(peaks) >= 2 and DecodeProfile(width * height, speed, peaks).cost(n) > budget_bytes:
-            break
+
+    def decode(n: int) -> float:
         sample = latent[:, : max(PROFILE_FRAMES, n)]
+        memory.synchronize()
+        started = time.perf_counter()
         for _ in ChunkedDecoder(vae, sample, n, stance=stance):
             pass
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        timings = []
-        for _ in range(runs):
-            torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            for _ in ChunkedDecoder(vae, sample, n, stance=stance):
-                pass
-            torch.cuda.synchronize(device)
-            timings.append((time.perf_counter() - started) / sample.shape[1])
-        speed[n] = min(timings)
-        peaks[n] = torch.cuda.max_memory_allocated(device) - base
-    return DecodeProfile(pixels=width * height, seconds_per_frame=speed, peak_bytes=peaks)
+        memory.synchronize()
+        return (time.perf_counter() - started) / sample.shape[1]
+
+    timings: dict[int, list[float]] = {}
+    peaks: dict[int, int] = {}
+    for n in sorted(chunks):
+        if len(peaks) >= 2 and DecodeProfile(width * height, {}, peaks).cost(n) > budget_bytes:
+            break
+        decode(n)  # untimed
+        memory.empty_cache()
+        base = memory.allocated()
+        memory.reset_peak()
+        timings[n] = [decode(n)]
+        peaks[n] = memory.peak() - base
+    for _ in range(runs - 1):
+        for n, seen in timings.items():
+            seen.append(decode(n))
+    return DecodeProfile(
+        pixels=width * height,
+        seconds_per_frame={n: min(seen) for n, seen in timings.items()},
+        peak_bytes=peaks,
+        timings={n: tuple(seen) for n, seen in timings.items()},
+    )
 
 
 def free_device_memory(device: torch.device) -> int:

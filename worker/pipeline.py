@@ -383,9 +383,10 @@ def load_renderer(settings: WorkerSettings) -> Renderer:
     )
     if renderer.decode_profile is not None:
         log.info(
-            "decode chunk %d preferred (seconds per frame by chunk %s); budget %.1f GiB, denoise peak %.1f GiB",
+            "decode chunk %d preferred (ms per frame by chunk, each timed run: %s); budget %.1f GiB, denoise peak "
+            "%.1f GiB",
             renderer.decode_profile.preferred(),
-            renderer.decode_profile.seconds_per_frame,
+            renderer.decode_profile.describe(),
             (renderer.budget_bytes or 0) / 2**30,
             renderer.denoise_peak_bytes / 2**30,
         )

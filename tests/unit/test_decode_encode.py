@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from producer.contract import JobParams
-from worker.decode import ChunkedDecoder, DecodeProfile, OutOfMemory, to_rgb24, to_yuv420p
+from worker.decode import ChunkedDecoder, DecodeProfile, OutOfMemory, profile_decode, to_rgb24, to_yuv420p
 from worker.encode import EncodeError, EncodeTimeout, VideoWriter
 from worker.outcome import error_of
 from worker.pipeline import Renderer
@@ -139,6 +139,55 @@ def test_decode_gives_up_when_one_frame_does_not_fit(pipe: Any) -> None:
     with pytest.raises(OutOfMemory):
         decode_all(flaky, torch.randn(1, 4, 4, 16, 16), 4, free_cache=lambda: None)
     assert flaky.calls == [4, 2, 1]
+
+
+class MeteredVae(FlakyVae):
+    """The real VAE, recording each decode's frames, with a device meter that sees 1 GB a frame decoded."""
+
+    def __init__(self, vae: Any):
+        super().__init__(vae, limit=1_000)
+        self.high = 0
+
+    def decode(self, z: torch.Tensor, num_frames: int) -> Any:
+        self.high = max(self.high, num_frames * 10**9)
+        return super().decode(z, num_frames)
+
+
+class Meter:
+    """profile_decode's view of device memory, for a CPU: what MeteredVae reports."""
+
+    def __init__(self, vae: MeteredVae):
+        self.vae = vae
+
+    def synchronize(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def allocated(self) -> int:
+        return 0
+
+    def reset_peak(self) -> None:
+        self.vae.high = 0
+
+    def peak(self) -> int:
+        return self.vae.high
+
+
+def test_the_decode_profile_times_the_sizes_in_turn_and_skips_what_the_budget_cannot_hold(pipe: Any) -> None:
+    """Each size decodes 4 frames untimed, then once timed; the second timed round goes round the sizes again
+    (on an H100 worker, one size after another ranked chunk 1 first where the bench ranked it last). Chunk 8
+    would need 8 GB by the line through 1, 2 and 4: over the 5 GB budget, so it is never decoded."""
+    vae = MeteredVae(pipe.vae)
+    profile = profile_decode(vae, torch.device("cpu"), 64, 64, 8, (1, 2, 4, 8), budget_bytes=5e9, memory=Meter(vae))
+
+    first_round = [1] * 8 + [2] * 4 + [4] * 2  # per size: untimed then timed, 4 frames each
+    assert vae.calls == first_round + [1] * 4 + [2] * 2 + [4]
+    assert profile.peak_bytes == {1: 10**9, 2: 2 * 10**9, 4: 4 * 10**9}
+    assert {n: len(t) for n, t in profile.timings.items()} == {1: 2, 2: 2, 4: 2}
+    assert profile.seconds_per_frame == {n: min(t) for n, t in profile.timings.items()}
+    assert profile.describe().startswith("1: ") and profile.describe().count(",") == 2
 
 
 # Measured-like figures: speed levels off from 8 frames, memory is 1 GB + 1 GB per frame at 1024x576.
