@@ -95,17 +95,18 @@ class FleetStore:
         _keep(pipe, hostname, 120)  # the node's own refresh sets its TTL from then on
         pipe.execute()
 
-    def loading(self, hostname: str, model: str, queues: list[str]) -> None:
+    def loading(self, hostname: str, model: str, queues: list[str], owner: dict[str, Any] | None = None) -> None:
         """The node is loading its model, to read `queues` once loaded: it answers no ping until then (minutes on
         a GPU), so without this `svdq top` and a waiting job would say that no worker reads those queues. Kept
         LOADING_TTL seconds, renewed by `still_loading` while the load goes on: a node killed meanwhile drops
-        out soon."""
+        out soon. `owner`: the node's pid and machine, which tell a later start of the name whether it is up."""
         key = keys.worker(hostname)
         pipe = self.redis.pipeline()
         # A previous run's error is not this run's. The device stays: this run's pool process, which started
         # loading before this was written, may already have said what it loaded on (FleetStore.loaded_on).
         pipe.hdel(key, "error", "failed_at")
-        pipe.hset(key, mapping={"model": model, "queues": json.dumps(queues), "loading_since": str(time.time())})
+        mapping = {"model": model, "queues": json.dumps(queues), "loading_since": str(time.time()), **(owner or {})}
+        pipe.hset(key, mapping=mapping)
         _keep(pipe, hostname, LOADING_TTL)
         pipe.execute()
 

@@ -17,7 +17,14 @@ from celery.worker import state as celery_worker_state
 from producer.contract import MODEL_NAME_PATTERN, worker_queues
 from producer.settings import settings_error
 from worker.settings import WorkerSettings
-from worker.startup import LOAD_FAILED, LoadFailure, check_model, check_storage, report_to_presence
+from worker.startup import (
+    LOAD_FAILED,
+    LoadFailure,
+    check_model,
+    check_storage,
+    check_unique_name,
+    report_to_presence,
+)
 
 
 def svdq_parser() -> argparse.ArgumentParser:
@@ -102,11 +109,24 @@ def main(argv: list[str] | None = None) -> None:
     if ours.gpus:
         from worker.supervisor import NoGPU, supervise
 
+        if named(rest):
+            print(
+                "svdq worker: --gpus names its workers gpuN@%h, one per GPU; --hostname would give them all one "
+                "name: drop it, or start one worker per GPU yourself (CUDA_VISIBLE_DEVICES=N svdq worker "
+                "--hostname NAME)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
         try:
             sys.exit(supervise(ours.gpus, rest))
         except NoGPU as exc:
             print(f"svdq worker: {exc}", file=sys.stderr)
             sys.exit(2)
+
+    if problem := unique_name_problem(settings, rest):
+        print(f"svdq worker: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     from worker.app import create_app
 
@@ -160,6 +180,29 @@ def _report_early(settings: WorkerSettings, argv: list[str], problem: str) -> No
     report_to_presence(
         connect_redis(settings, retry_for=1), host_format(hostname(argv)), settings.served_model(), problem
     )
+
+
+def unique_name_problem(settings: WorkerSettings, argv: list[str]) -> str | None:
+    from celery.utils.nodenames import host_format
+
+    from producer.client import producer_celery
+
+    def answers_ping(name: str) -> bool:
+        app = producer_celery(settings)
+        try:
+            return bool(app.control.ping(destination=[name], timeout=1.0))
+        except Exception as exc:  # the broker away: the worker's own start waits for it and says so
+            logging.getLogger(__name__).debug("ping of %s failed: %s", name, exc)
+            return False
+        finally:
+            app.close()
+
+    return check_unique_name(settings, host_format(hostname(argv)), answers_ping)
+
+
+def named(argv: list[str]) -> bool:
+    """Whether these Celery options name the node."""
+    return any(arg.startswith("--hostname") or arg == "-n" or (arg.startswith("-n") and len(arg) > 2) for arg in argv)
 
 
 def hostname(argv: list[str]) -> str:

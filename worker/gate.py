@@ -33,7 +33,7 @@ from producer.client import connect_redis
 from producer.fleet import LOADING_TTL, FleetStore
 from worker import timelimit
 from worker.settings import WorkerSettings
-from worker.startup import LOAD_FAILED, LoadFailure, report_to_presence
+from worker.startup import LOAD_FAILED, LoadFailure, report_to_presence, whoami
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,11 @@ def gate(settings: WorkerSettings) -> type[bootsteps.StartStopStep]:
             log.info("waiting for the model to load before taking jobs (SVDQ_LOAD_TIMEOUT=%gs)", load_timeout)
             queues = sorted(q.name for q in c.task_consumer.queues)
             model, renewed = settings.served_model(), time.monotonic()
-            announce(settings, "list this worker as loading", lambda fleet: fleet.loading(c.hostname, model, queues))
+            announce(
+                settings,
+                "list this worker as loading",
+                lambda fleet: fleet.loading(c.hostname, model, queues, owner=whoami()),
+            )
 
             def still_loading() -> None:
                 nonlocal renewed

@@ -26,7 +26,7 @@ from worker.backoff import backoff
 from worker.events import TaskEvents
 from worker.recovery import Recovery, Sweeper
 from worker.settings import WorkerSettings
-from worker.startup import LoadFailure, report_to_presence
+from worker.startup import LoadFailure, report_to_presence, whoami
 from worker.webhooks import notify, sender_for
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Node:
     def refresh_presence(self) -> None:
         """What `svdq top` shows of this node, kept alive while this process lives."""
         assert self.fleet is not None and self.hostname is not None
-        info = {"model": self.settings.served_model(), "source": self.settings.model, "pid": os.getpid()}
+        info = {"model": self.settings.served_model(), "source": self.settings.model, **whoami()}
         asked = os.environ.get("CUDA_VISIBLE_DEVICES", self.settings.device)
         self.fleet.present(self.hostname, info, self._presence_ttl, device=asked)
 

@@ -14,9 +14,14 @@ A third check, `check_storage`, before Celery starts too: a worker that cannot w
 and read them back (wrong credentials, no such bucket, a read-only folder) would fail every job it took, and
 quickly, so it would take most of the queue. It stops instead, with exit 2 and the store's answer.
 
-In every case the worker's presence key (`svdq:worker:NAME`) keeps the error for an hour: `svdq top` shows it.
+In each of these cases the worker's presence key (`svdq:worker:NAME`) keeps the error for an hour: `svdq top`
+shows it.
 A message the worker had reserved goes back to its queue when the broker connection closes (kombu restores
 unacknowledged messages on close), so another worker takes the job at once.
+
+Last, `check_unique_name`: a worker under the name of another that is up stops with exit 2, and leaves that one's
+presence alone. Celery node names must be unique, and svdq's lease holders, revokes and presence are keyed by
+them; with mingle off (svdq's default) Celery itself no longer warns of a second node with a name.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -206,3 +213,55 @@ def report_to_presence(redis_client: redis.Redis, hostname: str, model: str, mes
         FleetStore(redis_client).failed(hostname, model, message)
     except Exception as exc:  # Redis down too: the log and the exit code still say it
         log.warning("could not record the load failure in Redis: %s", describe(exc))
+
+
+def whoami() -> dict[str, str | int]:
+    """The node's process and machine, in its presence: a later start of the node tells from them whether the
+    node is still up (`check_unique_name`)."""
+    return {"pid": os.getpid(), "machine": socket.gethostname()}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_unique_name(settings: Settings, name: str, answers_ping: Callable[[str], bool]) -> str | None:
+    """Why this worker must not start as `name`: another worker that is up has it, or None. Two nodes with one
+    name take each other's revokes and ping replies, and their jobs' lease holders (`name/pid`) can collide.
+    The node's presence says whether one may be up; a process of this machine that has ended is not, and a
+    loaded node must also answer a ping (`answers_ping`, asked only then). Best effort: Redis away, no check."""
+    from producer.client import connect_redis
+    from producer.fleet import FleetStore
+
+    try:
+        client = connect_redis(settings, retry_for=1)
+        try:
+            info = FleetStore(client).node(name)
+        finally:
+            client.close()
+    except redis.RedisError:
+        return None
+    if not info or "error" in info:  # no such node, or one whose model failed to load (it has exited)
+        return None
+    machine, pid = info.get("machine", ""), int(info.get("pid") or 0)
+    here = machine == socket.gethostname() and pid
+    if here and pid != os.getpid() and not pid_alive(pid):
+        return None  # this machine's earlier run of the node, ended without clearing its presence
+    where = f" (process {pid} on {machine})" if machine else ""
+    advice = "give each worker its own --hostname (in docker compose, its own `hostname:` or command)"
+    if "loading_since" in info:  # it answers no ping until its model is loaded
+        if here and pid == os.getpid():  # this process's number: a restarted container's earlier run, killed
+            return None
+        return (
+            f"another worker named {name!r} is loading its model{where}: {advice}; a worker stopped while loading "
+            "drops off the list within 30 s"
+        )
+    if answers_ping(name):
+        return f"another worker named {name!r} is running{where}: {advice}"
+    return None

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -24,7 +25,8 @@ from producer.contract import JobState, priority_queues
 from producer.fleet import FleetStore
 from producer.local_redis import free_port
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess
-from worker.startup import LOAD_FAILED, check_safetensors
+from worker.settings import WorkerSettings
+from worker.startup import LOAD_FAILED, check_safetensors, check_unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -222,6 +224,66 @@ def test_a_worker_loading_its_model_answers_no_ping_and_holds_no_job(
         proc.wait(timeout=30)
 
 
+def start_twin(env: dict[str, str], hostname: str, *extra: str) -> subprocess.CompletedProcess:
+    """`svdq worker` under a name another worker has: it must stop before it loads anything."""
+    return subprocess.run(
+        [SVDQ, "worker", f"--hostname={hostname}", "--queues=twin-q", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_second_worker_under_a_running_worker_s_name_is_refused_and_the_first_runs_on(
+    svdq_env: dict[str, str], worker: WorkerProcess, celery_control: Celery
+) -> None:
+    """Celery node names must be unique (revokes, ping replies, and svdq's lease holders and presence are keyed by
+    them), and with mingle off Celery no longer warns of a second node under a name. `--gpus` with `--hostname`
+    gave every GPU's worker the same one."""
+    fleet = FleetStore(redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"]))
+    deadline = time.monotonic() + 30  # the node's presence is written on a thread after it is ready
+    while "machine" not in (before := fleet.node(worker.hostname)):
+        assert time.monotonic() < deadline, before
+        time.sleep(0.2)
+    assert (before["pid"], before["machine"]) == (str(worker.proc.pid), socket.gethostname())
+
+    twin = start_twin(svdq_env, worker.hostname)
+    assert twin.returncode == 2, twin.stderr
+    assert f"another worker named '{worker.hostname}' is running (process {worker.proc.pid} on" in twin.stderr
+    assert "own --hostname" in twin.stderr
+    assert celery_control.control.ping(destination=[worker.hostname], timeout=5)
+    after = fleet.node(worker.hostname)
+    assert "error" not in after and after["pid"] == before["pid"]  # its presence is the first worker's still
+
+    gpus = start_twin(svdq_env, "mine@%h", "--gpus", "all")
+    assert gpus.returncode == 2 and "--gpus names its workers gpuN@%h" in gpus.stderr, gpus.stderr
+
+
+def test_a_name_whose_process_has_ended_here_is_free_and_one_up_elsewhere_is_not(svdq_env: dict[str, str]) -> None:
+    """A node killed without clearing its presence may start again at once on its machine; on another machine
+    (or in another container) the name is taken while that node loads, or answers pings."""
+    fleet = FleetStore(redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"]))
+    settings, name = WorkerSettings(), f"twin{uuid.uuid4().hex[:6]}@test"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+
+    def never(_: str) -> bool:
+        raise AssertionError("pinged, where the presence alone answers")
+
+    fleet.present(name, {"model": "tiny", "pid": ended.pid, "machine": socket.gethostname()}, 60, device="cpu")
+    assert check_unique_name(settings, name, never) is None
+    fleet.loading(name, "tiny", ["q"], owner={"pid": 4242, "machine": "gpu-host-7"})
+    loading = check_unique_name(settings, name, never)
+    assert loading is not None and "is loading its model (process 4242 on gpu-host-7)" in loading
+    fleet.started(name)  # loaded: now only a ping tells whether it is up
+    running = check_unique_name(settings, name, lambda n: n == name)
+    assert running is not None and "is running (process 4242 on gpu-host-7)" in running
+    assert check_unique_name(settings, name, lambda n: False) is None  # up no more
+    fleet.failed(name, "tiny", "RuntimeError: no model")  # a failed load has exited
+    assert check_unique_name(settings, name, never) is None
+
+
 def test_a_loading_worker_is_listed_as_loading_and_a_job_waiting_for_it_is_told_so(
     svdq_env: dict[str, str], tmp_path: Path, image_file: Path
 ) -> None:
@@ -246,6 +308,10 @@ def test_a_loading_worker_is_listed_as_loading_and_a_job_waiting_for_it_is_told_
             assert "svdq worker" not in waited.stderr  # not told to start one
             (row,) = (q for q in top(svdq_env)["queues"] if q["name"] == queue)
             assert (row["waiting"], row["readers"], row["loading"]) == (1, 0, 1)
+            # A second worker under the loading one's name (which answers no ping yet) is refused.
+            twin = start_twin(svdq_env, hostname)
+            assert twin.returncode == 2 and f"another worker named '{hostname}' is loading its model" in twin.stderr
+            assert f"(process {proc.pid} on {socket.gethostname()})" in twin.stderr, twin.stderr
             os.kill(child, signal.SIGCONT)
             assert job.wait(timeout=60).state is JobState.SUCCEEDED
         fleet = FleetStore(redis.Redis.from_url(svdq_env["SVDQ_REDIS_URL"]))
