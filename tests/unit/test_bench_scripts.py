@@ -109,3 +109,11 @@ def test_cancel_bench_runs_and_reports_both_paths() -> None:
     figures = {(line["path"], line["figure"]): line["value"] for line in lines}
     assert figures[("svdq", "cancel_to_free_seconds_max")] > 0 and figures[("step_end", "step_seconds")] > 0
     assert figures[("svdq", "ratio_to_step_end")] > 0
+
+
+def test_unet_graph_count_shows_blocks_sharing_graphs() -> None:
+    lines = run("unet_graphs.py", "--tiny", "--width", "64", "--height", "64", "--frames", "4")
+    figures = {line["figure"]: line["value"] for line in lines}
+    # The tiny UNet's 18 regions, at one shape: instances of a block class at the same shapes share a graph.
+    assert figures["regions"] == 18 and 0 < figures["graphs"] < figures["regions"]
+    assert figures["regions_per_graph"] == figures["regions"] / figures["graphs"]
