@@ -250,12 +250,12 @@ def _first_error(exc: ValidationError) -> InvalidParameter:
     if not loc:  # model-level check: the message names the parameter itself
         param = str(err["msg"]).removeprefix("Value error, ").split(" ", 1)[0]
         return InvalidParameter(param, str(err["msg"]).removeprefix("Value error, "))
-    if err["type"] == "extra_forbidden":
-        return InvalidParameter(loc, "is not a parameter svdq knows")
-    got = err.get("input")
+    if err["type"] == "extra_forbidden":  # a name the sender chose: cut and escaped like a value
+        return InvalidParameter(shown(loc, 66).strip("'\""), "is not a parameter svdq knows")
+    got = shown(err.get("input"), 200)  # a sender's value (megabytes, once) goes into records and logs
     if err["type"] in _OUT_OF_BOUNDS and loc in JobParams.model_fields and (allowed := bounds(loc)):
-        return InvalidParameter(loc, f"must be {allowed} (got {got!r})")
-    return InvalidParameter(loc, f"{err['msg']} (got {got!r})")
+        return InvalidParameter(loc, f"must be {allowed} (got {got})")
+    return InvalidParameter(loc, f"{err['msg']} (got {got})")
 
 
 Checked = TypeVar("Checked", bound=JobParams)

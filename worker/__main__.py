@@ -14,7 +14,7 @@ import pydantic
 from celery.signals import celeryd_init
 from celery.worker import state as celery_worker_state
 
-from producer.contract import MODEL_NAME_PATTERN, worker_queues
+from producer.contract import MODEL_NAME_PATTERN, printable, worker_queues
 from producer.settings import settings_error
 from worker.settings import WorkerSettings
 from worker.startup import (
@@ -25,6 +25,20 @@ from worker.startup import (
     check_unique_name,
     report_to_presence,
 )
+
+
+class LogFormatter(logging.Formatter):
+    """Control characters in a log message are escaped (\\xNN): messages quote what senders wrote (an image
+        reference, Celery's own lines quote task ids), and a newline there forged a log line of its own, an escape
+        sequence drove the terminal of whoever tailed the log. Tracebacks, added after the message, keep their lines
+    (and only those)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
 
 
 def svdq_parser() -> argparse.ArgumentParser:
@@ -105,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     ours, rest = svdq_options(argv)
     settings = checked_settings(ours, rest)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter("[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     if ours.gpus:
         from worker.supervisor import NoGPU, supervise
 

@@ -20,6 +20,7 @@ from celery.signals import (
 )
 
 from producer.client import connect_redis
+from producer.contract import TASK_NAME
 from producer.fleet import FleetStore
 from producer.settings import broker_transport_options, redact_url
 from worker import revoke, runtime, tasks
@@ -79,6 +80,10 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     tasks.register(app, settings)
+    # Celery's built-in tasks (celery.group, celery.chord, celery.accumulate...) would run for any message that
+    # names them, and push messages to whatever queue their arguments name: svdq's worker runs its task only.
+    for name in [name for name in app.tasks if name != TASK_NAME]:
+        app.tasks.unregister(name)
     app.steps["consumer"].add(gate(settings))
     revoke.install()
     _connect_signals(settings)

@@ -49,6 +49,17 @@ class Request(CeleryRequest):
         if type not in SVDQ_SENDS:
             super().send_event(type, **fields)
 
+    # A message's `timelimit` header is its sender's to write: one of 1 s had Celery kill the pool process (and
+    # the model reload with it) at will, one of hours lifted the limit. The worker's own (SVDQ_JOB_TIMEOUT,
+    # Celery's task_time_limit) is the only one: Celery falls back to it where a request has none.
+    @property
+    def time_limits(self) -> tuple[None, None]:
+        return (None, None)
+
+    @time_limits.setter
+    def time_limits(self, _from_the_message: Any) -> None:
+        pass
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Celery's hard time limit: the pool process is killed next; its job's record says so (worker.timelimit)."""
         try:

@@ -15,6 +15,7 @@ cut off) can never overwrite the attempt that took the job over.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -151,6 +152,18 @@ def _render_or_end(rt: Runtime, work: Work) -> PendingVideo | Outcome:
         return fail_work(rt, work, exc)
 
 
+# A valid request is about 1 KB (a URL or key, a webhook, numbers); the record keeps an invalid one for `svdq
+# status` and Flower only up to this size: a raw message's megabytes would otherwise sit in Redis for days.
+MAX_KEPT_REQUEST = 16 * 1024
+
+
+def kept_request(body: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(body, default=repr))
+    if size <= MAX_KEPT_REQUEST:
+        return body
+    return {"omitted": f"a request of {size} bytes, over {MAX_KEPT_REQUEST}: not kept"}
+
+
 def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> JobRequest | Outcome:
     """The request to render, or the outcome for a message that must not run.
 
@@ -168,7 +181,7 @@ def _accept(rt: Runtime, job_id: Any, raw_request: Any, queue: str | None) -> Jo
     try:
         request = check_inputs(body, JobRequest)
     except InvalidParameter as exc:
-        if not status.create(job_id, body, queue=queue):
+        if not status.create(job_id, kept_request(body), queue=queue):
             return _unreadable(rt, job_id, exc)
         log.warning("job %s has an invalid request: %s", job_id, exc)
         return fail_job(rt, Attempt(job_id, 0, ""), JobFailed(ErrorCode.INVALID_INPUT, f"invalid request: {exc}"))

@@ -19,7 +19,12 @@ def register(app: Celery, settings: WorkerSettings) -> None:
     # Request: Flower hears the job's state from svdq's record, not from this function's return (worker.events).
     @app.task(name=TASK_NAME, bind=True, acks_late=True, Request=Request)
     def generate_video(self: Any, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        queue = (self.request.delivery_info or {}).get("routing_key")
+        # The routing key is the sender's to write: only a queue this worker reads is the job's (recovery sends
+        # it back there); any other, a key an attacker chose, is not, and the job takes SVDQ_QUEUE's.
+        routing_key = (self.request.delivery_info or {}).get("routing_key")
+        queue = (
+            routing_key if isinstance(routing_key, str) and routing_key in self.app.amqp.queues.consume_from else None
+        )
         hostname = self.request.hostname or "unknown"
         rt = runtime.current(settings)
         if not rt.events.bound:

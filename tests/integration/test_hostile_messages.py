@@ -4,6 +4,7 @@ malformed record never stops a sweep, a listing or a status call."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -14,11 +15,11 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from producer import keys
+from producer import keys, wire
 from producer.client import Client
 from producer.contract import TASK_NAME, InvalidParameter, JobState
 from producer.settings import Settings
-from producer.status import StatusStore
+from producer.status import JobNotFound, StatusStore
 from tests.integration.conftest import BUCKET, PREFIX, SMALL, SVDQ, WorkerProcess
 from worker.recovery import Recovery
 
@@ -66,6 +67,61 @@ def test_bad_job_ids_are_dropped_and_the_worker_goes_on(
     log = worker.log_text()
     assert log.count("dropped a message with an invalid job id") == len(BAD_IDS)
     assert "\nFAKE LOG LINE" not in log and "'x\\nFAKE LOG LINE'" in log  # escaped, never a line of its own
+    idle.cancel()
+    idle_client.close()
+
+
+def raw_message(job_id: str, request: dict[str, Any], queue: str, **edits: Any) -> str:
+    """The message svdq's producers send, with a sender's edits: `task`, `timelimit`, `routing_key`."""
+    data = json.loads(wire.message(job_id, request, queue))
+    data["headers"]["task"] = edits.get("task", TASK_NAME)
+    data["headers"]["timelimit"] = edits.get("timelimit", [None, None])
+    data["properties"]["delivery_info"]["routing_key"] = edits.get("routing_key", queue)
+    return json.dumps(data)
+
+
+def test_a_message_sets_no_time_limit_runs_no_celery_builtin_and_names_no_queue_of_its_own(
+    start_worker: Callable[..., WorkerProcess], image_file: Path
+) -> None:
+    """What a message's sender writes is not the worker's to obey: a `timelimit` header of 1 s had Celery kill the
+    pool process mid-job (and reload the model); a routing key became the job's queue, where recovery would send
+    it (any Redis key); `celery.group` and the other built-in tasks ran, pushing messages where their arguments
+    said."""
+    worker = start_worker()
+    idle_client, idle = queued_job(image_file)
+    request = {**idle.status().request, "num_frames": 8, "num_inference_steps": 6}  # a few seconds on a CPU
+    timed, routed, group, huge = (uuid.uuid4().hex for _ in range(4))
+    pushed = [
+        raw_message(huge, {**request, "image": "inputs/" + "x" * 2_000_000}, worker.queue),
+        raw_message(group, request, worker.queue, task="celery.group"),
+        raw_message(timed, request, worker.queue, timelimit=[1, 1]),
+        raw_message(routed, request, worker.queue, routing_key="attacker:chosen:list"),
+    ]
+    for message in pushed:
+        idle_client.redis.lpush(worker.queue, message)
+    store = StatusStore(idle_client.redis, result_ttl=60)
+
+    def ended(job_id: str) -> bool:
+        try:
+            return store.get(job_id).state.is_terminal()
+        except JobNotFound:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not (ended(timed) and ended(routed)):
+        assert time.monotonic() < deadline, worker.log_text()[-3000:]
+        time.sleep(0.2)
+    records = {job_id: store.get(job_id) for job_id in (timed, routed)}
+    assert [r.state for r in records.values()] == [JobState.SUCCEEDED] * 2, records
+    log = worker.log_text()
+    assert "Hard time limit" not in log and "SIGKILL" not in log
+    assert records[routed].queue is None and not idle_client.redis.exists("attacker:chosen:list")
+    assert "unregistered task of type 'celery.group'" in log and not idle_client.redis.exists(keys.job(group))
+    # A sender's megabytes are neither kept in the record for days nor written to the log.
+    refused = store.get(huge)
+    assert refused.state is JobState.FAILED and refused.error is not None and len(refused.error.message) < 400
+    assert list(refused.request) == ["omitted"] and refused.request["omitted"].startswith("a request of 2000")
+    assert len(log) < 100_000
     idle.cancel()
     idle_client.close()
 

@@ -23,12 +23,19 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize(
     "image",
-    ["", "inputs/" + "a" * 2100 + ".png", "https://example.com/" + "a" * 2100, Path("x" * 300 + ".png")],
-    ids=["empty", "long-key", "long-url", "long-file-name"],
+    [
+        "",
+        "inputs/" + "a" * 2100 + ".png",
+        "https://example.com/" + "a" * 2100,
+        Path("x" * 300 + ".png"),
+        "inputs/y.png\n[2026-11-28 03:00:00,000: CRITICAL/MainProcess] worker.recovery: FORGED \x1b[2J",
+    ],
+    ids=["empty", "long-key", "long-url", "long-file-name", "control-characters"],
 )
 def test_an_image_reference_the_worker_could_not_take_is_refused_at_submit(client: Client, image: Any) -> None:
     """A reference over the message's 2,048 characters was accepted, then dropped by the worker with its job left
-    queued for ever; an empty one or a file name too long for the file system raised a bare exception."""
+    queued for ever; an empty one or a file name too long for the file system raised a bare exception; one with
+    a newline wrote a forged line into the worker's log."""
     queued_before = client.redis.llen(DEFAULT_QUEUE)
     with pytest.raises(InvalidParameter) as err:
         client.submit(image, **SMALL)

@@ -127,3 +127,28 @@ def test_record_text_reaches_a_terminal_without_its_control_characters() -> None
     shown = describe(record)
     assert not any(ch in shown for ch in "\x1b\x07\x9b") and len(shown.splitlines()) == 3
     assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31mfake" in shown and "\\x0asecond line" in shown
+
+
+def test_the_worker_log_escapes_what_a_message_says_and_keeps_tracebacks_readable() -> None:
+    """A job's image reference or a task id in a log line is a sender's text: a newline in it forged a log line
+    of its own, an escape sequence drove the terminal of whoever tailed the log."""
+    import logging
+
+    from worker.__main__ import LogFormatter
+
+    formatter = LogFormatter("%(levelname)s %(message)s")
+    forged = "inputs/y.png\n[2026-11-28: CRITICAL/MainProcess] FORGED \x1b[2J"
+    record = logging.LogRecord("w", logging.WARNING, __file__, 1, "job failed: %s", (forged,), None)
+    assert (
+        formatter.format(record)
+        == "WARNING job failed: inputs/y.png\\x0a[2026-11-28: CRITICAL/MainProcess] FORGED \\x1b[2J"
+    )
+    try:
+        raise ValueError("bad \x1b]0;title\x07")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("w", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
+    lines = formatter.format(record).split("\n")
+    assert lines[0] == "ERROR boom" and lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: bad \\x1b]0;title\\x07"
