@@ -462,7 +462,8 @@ class Submitted:
 
 def send_job(celery: Celery, job_id: str, request: dict[str, Any], queue: str) -> None:
     """The Celery message for a job (README: "From any language"); its task id is the job id."""
-    celery.send_task(TASK_NAME, kwargs={"job_id": job_id, "request": request}, task_id=job_id, queue=queue)
+    kwargs = {"job_id": job_id, "request": request}
+    celery.send_task(TASK_NAME, kwargs=kwargs, kwargsrepr=wire.kwargs_repr(kwargs), task_id=job_id, queue=queue)
 
 
 class KeyConflict(InvalidParameter):

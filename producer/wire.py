@@ -24,6 +24,16 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"  # Celery's own (celery.utils.nodenames.anon_nodename)
 
 
+def kwargs_repr(kwargs: dict[str, Any]) -> str:
+    """What Flower and Celery's logs show of a job's arguments (the message's `kwargsrepr`): all of them, except an
+    image URL's query string, which in a presigned URL is a signature, a bearer credential for the image. The
+    worker reads the arguments themselves."""
+    request = kwargs.get("request")
+    if isinstance(request, dict) and isinstance(image := request.get("image"), str) and "?" in image:
+        kwargs = {**kwargs, "request": {**request, "image": image.split("?", 1)[0] + "?(query not shown)"}}
+    return repr(kwargs)
+
+
 def message(job_id: str, request: dict[str, Any], queue: str, tag: str | None = None) -> str:
     """The JSON that `send_task(TASK_NAME, kwargs={"job_id", "request"}, task_id=job_id, queue=queue)` pushes;
     `tag`, its delivery tag (a uuid4's text), is drawn here unless given. No reply_to: svdq keeps no results."""
@@ -43,7 +53,7 @@ def message(job_id: str, request: dict[str, Any], queue: str, tag: str | None = 
         "root_id": job_id,
         "parent_id": None,
         "argsrepr": "()",
-        "kwargsrepr": repr(kwargs),
+        "kwargsrepr": kwargs_repr(kwargs),
         "origin": _ORIGIN,
         "ignore_result": None,
         "replaced_task_nesting": 0,

@@ -6,6 +6,7 @@ then every place a secret could leak is searched for the password and the AWS se
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import urllib.parse
@@ -99,3 +100,21 @@ def test_result_urls_are_signed_for_the_public_endpoint(svdq_env: dict[str, str]
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.read() == b"seen from outside"
     assert store.read_key(stored.key) == b"seen from outside"  # svdq itself still uses the inside address
+
+
+def test_an_image_url_s_signature_is_in_the_message_body_only(client: Client) -> None:
+    """A presigned image URL's query is a bearer credential for the image: Flower (and Celery's log lines) showed
+    it, from the message's `kwargsrepr`. Only the worker, reading the body, needs it."""
+    from producer import wire
+    from producer.client import send_job
+
+    queue = f"signed-{uuid.uuid4().hex[:8]}"
+    signature = "X-Amz-Signature=" + secrets.token_hex(16)
+    request = {"image": f"https://images.example/cat.png?X-Amz-Credential=AKIA%2Fx&{signature}", "num_frames": 4}
+    send_job(client.celery, "signed-1", request, queue)  # how recovery sends (through Celery)
+    client.redis.lpush(queue, wire.message("signed-2", request, queue))  # how producers send
+    for raw in client.redis.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        assert signature not in json.dumps(message["headers"]) and signature not in json.dumps(message["properties"])
+        assert "https://images.example/cat.png?(query not shown)" in message["headers"]["kwargsrepr"]
+        assert json.loads(base64.b64decode(message["body"]))[1]["request"] == request
