@@ -83,7 +83,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
             backoff_base=settings.retry_backoff,
             backoff_max=settings.retry_backoff_max,
         ),
-        webhooks=sender_for(settings),
+        webhooks=sender_for(settings, status),
     )
 
 

@@ -25,7 +25,10 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import redis
 
 from producer.contract import JobRecord
 from producer.netguard import Stopped, UnsafeURL, Watch, check_url, connect, watched
@@ -100,8 +103,10 @@ class WebhookSender:
         backoff_base: float = 1.0,
         capacity: int = 1000,
         senders: int = 4,
+        refused: Callable[[str, str], None] = lambda job_id, why: None,
     ):
         self.secret, self.allow_private, self.timeout = secret, allow_private, timeout
+        self.refused = refused  # a job's webhook the address guard stopped: said on the job (its webhook_error)
         self.max_attempts, self.backoff_base, self.capacity = max_attempts, backoff_base, capacity
         # Deliveries and retries, by when they are due: one schedule, read by every sender thread.
         self._due: list[_Due] = []
@@ -191,6 +196,7 @@ class WebhookSender:
             status = post(delivery, self.secret, allow_private=self.allow_private, timeout=self.timeout)
         except UnsafeURL as exc:
             log.error("webhook %s refused: %s", delivery.msg_id, exc)
+            self.refused(delivery.job, f"not called: {exc} (SVDQ_WEBHOOK_ALLOW_PRIVATE on the worker allows it)")
             return False
         except (OSError, http.client.HTTPException) as exc:
             reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, Stopped) else type(exc).__name__
@@ -210,13 +216,23 @@ class WebhookSender:
         return True
 
 
-def sender_for(settings: WorkerSettings) -> WebhookSender:
+def sender_for(settings: WorkerSettings, status: StatusStore | None = None) -> WebhookSender:
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+
+    def refused(job_id: str, why: str) -> None:
+        if status is None:
+            return
+        try:
+            status.update(job_id, webhook_error=why)  # while the job runs: its first event is the one refused
+        except redis.RedisError as exc:
+            log.warning("job %s: could not record why its webhook was not called: %s", job_id, exc)
+
     return WebhookSender(
         secret,
         allow_private=settings.webhook_allow_private,
         timeout=settings.webhook_timeout,
         max_attempts=settings.webhook_max_attempts,
+        refused=refused,
     )
 
 

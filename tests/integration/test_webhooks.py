@@ -20,7 +20,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from producer.client import Client
 from producer.contract import InvalidParameter, JobState
+from producer.status import StatusStore
 from tests.integration.conftest import SMALL, SVDQ
+from worker.settings import WorkerSettings
+from worker.webhooks import notify, sender_for
 
 pytestmark = pytest.mark.integration
 
@@ -234,6 +237,27 @@ def test_private_webhook_urls_are_refused_at_submit(svdq_env: dict[str, str], im
             with pytest.raises(InvalidParameter) as err:
                 client.submit(image_file, **SMALL, webhook=url)
             assert err.value.param == "webhook"
+
+
+def test_a_webhook_the_worker_s_address_guard_stops_is_said_on_the_job(client: Client) -> None:
+    """A producer allowed private webhooks (SVDQ_WEBHOOK_ALLOW_PRIVATE on its side), the worker not: the worker
+    called nothing, and the job said nothing of why (its webhook_error stayed empty)."""
+    settings = WorkerSettings(webhook_secret=SECRET, webhook_allow_private=False)
+    status = StatusStore(client.redis, result_ttl=60)
+    job_id = uuid.uuid4().hex
+    status.create(job_id, {"image": "inputs/x.png"}, webhook="http://127.0.0.1:9/hooks")
+    status.claim(job_id, "test/1", lease_seconds=60)
+    sender = sender_for(settings, status)
+    try:
+        notify(status, sender, job_id)
+        deadline = time.monotonic() + 30
+        while (why := status.get(job_id).webhook_error) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        sender.close()
+    assert why.startswith("not called: ") and "non-public address (127.0.0.1)" in why
+    assert "SVDQ_WEBHOOK_ALLOW_PRIVATE" in why
 
 
 def test_a_webhook_the_worker_cannot_sign_is_said_on_the_job(
