@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
             database = parts.path.strip("/")
             if database and not database.isdigit():  # not repeated: with a slash missing, it holds the password
                 raise ValueError("the database (after the last /) must be a number")
-        return url
+        return url if is_sentinel(url) else _credentials_in_userinfo(url)
 
     # `s3://BUCKET[/PREFIX]` or `file:///ABS/PATH` (one machine only).
     storage_url: str = default_storage_url()
@@ -145,6 +145,24 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": 30,
         "socket_connect_timeout": 10,
     }
+
+
+def _credentials_in_userinfo(url: str) -> str:
+    """redis-py reads `?username=` and `?password=`, but Celery's broker (kombu) fails on them ("dict() got multiple
+    values for keyword argument 'password'", a worker's traceback at start): moved into the URL's userinfo, which
+    both read."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {k: v for k, v in query if k in ("username", "password")}
+    if not given:
+        return url
+    if "@" in parts.netloc:
+        raise ValueError("give the credentials once: in the URL (redis://USER:PASSWORD@HOST...) or as ?password=")
+    userinfo = quote(given.get("username", ""), safe="")
+    if "password" in given:
+        userinfo += ":" + quote(given["password"], safe="")
+    rest = urlencode([(k, v) for k, v in query if k not in given])
+    return urlunsplit((parts.scheme, f"{userinfo}@{parts.netloc}", parts.path, rest, parts.fragment))
 
 
 def redact_url(url: str) -> str:

@@ -146,6 +146,7 @@ def test_a_malformed_setting_never_repeats_a_password_or_a_secret(monkeypatch: p
         "redis://:S3cretPassw0rd@[::1/0",  # not even splittable
         "redis:/:S3cretPassw0rd@redis-host:6379/0",  # a slash missing: the "database" holds the password
         "redsi://redis-host/0?password=S3cretPassw0rd",  # redis-py reads a password from the query too
+        "redis://:S3cretPassw0rd@redis-host/0?password=S3cretPassw0rd",  # given twice
     ):
         with pytest.raises(pydantic.ValidationError) as refused:
             Settings(redis_url=url)
@@ -256,3 +257,18 @@ def test_a_store_s_refusal_says_whether_it_passes() -> None:
     assert not caught.value.busy and caught.value.code == "NoCredentialsError"
     copy = pickle.loads(pickle.dumps(refusal("AccessDenied", 403)))  # as Celery's pool hands it over
     assert (str(copy), copy.code, copy.status) == ("storage refused renders/x: AccessDenied", "AccessDenied", 403)
+
+
+def test_a_redis_password_given_as_a_query_parameter_reaches_celery_s_broker_too() -> None:
+    """redis-py reads `?password=`, so producers worked; kombu failed on it ("dict() got multiple values for keyword
+    argument 'password'"), a traceback at every worker start."""
+    from kombu import Connection
+    from redis.connection import parse_url
+
+    url = Settings(redis_url="redis://redis-host:6379/3?password=p%40ss:w&ssl_cert_reqs=none").redis_url
+    assert url == "redis://:p%40ss%3Aw@redis-host:6379/3?ssl_cert_reqs=none"
+    broker = Connection(url)
+    assert (broker.hostname, broker.password, broker.virtual_host) == ("redis-host", "p@ss:w", "3")
+    assert parse_url(url)["password"] == "p@ss:w"
+    named = Settings(redis_url="rediss://redis-host:6380/0?username=svdq&password=pw").redis_url
+    assert named == "rediss://svdq:pw@redis-host:6380/0" and Connection(named).userid == "svdq"
