@@ -8,41 +8,52 @@
 3. Submit what is new (`Client.submit_many`), follow every job, write each video atomically as it ends.
 4. `DIR/svdq-bulk.jsonl` gets one line per input as it ends: the run's report, which survives a crash.
 
+A manifest's every value is untrusted: its images are read from inside one folder (--images-root, by default
+the manifest's own), its references pass the checks a submit applies, and its outputs are written inside --out
+through no link, whatever links are planted there before or during the run.
+
 Without a seed, an input's seed derives from its content hash: a re-run renders the same video.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
+import secrets
+import stat
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 import redis
 
-from producer.client import Client, Job, NotCancelable, Submission
+from producer.client import Client, Intake, Job, NotCancelable, Submission
 from producer.contract import (
     InvalidParameter,
     JobParams,
     JobRecord,
     JobState,
-    check_inputs,
     printable,
     shown,
     value_from_text,
 )
-from producer.settings import Settings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 URL_PREFIXES = ("http://", "https://", "s3://")
 REPORT = "svdq-bulk.jsonl"
+READ_BATCH = 2000  # whole records read at once, for the lines of inputs that have not ended
+NAME_MAX = 255  # bytes in one name: what Linux's file systems hold
+# An output's bytes, relative to --out: deeper than any layout anyone mirrors, and far from PATH_MAX (4,096) with
+# --out's own path in front of it.
+MAX_OUTPUT = 1024
 # A manifest column -> the parameter it sets: the contract's names, and the CLI's flags without their dashes.
 COLUMNS = {name: name for name in JobParams.model_fields} | {
     "frames": "num_frames",
@@ -58,6 +69,10 @@ class ManifestError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__(f"{len(problems)} problem(s) in the inputs:\n  " + "\n  ".join(problems))
+
+
+class OutUnusable(ValueError):
+    """--out cannot hold this run's report: said before anything is submitted."""
 
 
 class Item:
@@ -113,18 +128,20 @@ class Item:
 # 1. Reading the inputs.
 
 
-def read_inputs(src: Path) -> list[Item]:
-    """The inputs named by SRC: a folder's images (sorted, recursively) or a manifest's rows."""
+def read_inputs(src: Path, images_root: Path | None = None) -> list[Item]:
+    """The inputs named by SRC: a folder's images (sorted, recursively) or a manifest's rows. Every image must
+    resolve, links followed, inside `images_root`: by default SRC itself, or a manifest's own folder."""
+    root = (images_root or (src if src.is_dir() else src.parent)).resolve()
     if src.is_dir():
-        return _folder(src)
+        return _folder(src, root)
     try:
         if src.suffix.lower() == ".csv":
             with src.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 rows = ((n, row) for n, row in enumerate(reader, start=2))
-                return _rows(src, rows, reader.fieldnames or [], text=True)
+                return _rows(src, root, rows, reader.fieldnames or [], text=True)
         if src.suffix.lower() == ".jsonl":
-            return _rows(src, _jsonl(src), None, text=False)
+            return _rows(src, root, _jsonl(src), None, text=False)
     except UnicodeDecodeError as exc:
         raise ManifestError([f"{src}: not UTF-8 text (byte {exc.start} of a line cannot be read)"]) from None
     except csv.Error as exc:  # a cell over csv's field size limit, a NUL...
@@ -136,7 +153,12 @@ def read_inputs(src: Path) -> list[Item]:
     raise ManifestError([f"{src}: no such file or folder"])
 
 
-def _folder(src: Path) -> list[Item]:
+def _outside(image: str, root: Path) -> str:
+    where = "where images are read from (--images-root DIR names another)"
+    return f"image: {shown(image, 200)} leads outside {root}, {where}"
+
+
+def _folder(src: Path, root: Path) -> list[Item]:
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     stems = Counter(p.with_suffix("") for p in files)
     items = []
@@ -144,7 +166,9 @@ def _folder(src: Path) -> list[Item]:
         rel = PurePosixPath(path.relative_to(src).as_posix())
         # cat.png -> cat.mp4, unless cat.jpg sits beside it: then cat.png.mp4 and cat.jpg.mp4
         output = rel.with_suffix("") if stems[path.with_suffix("")] == 1 else rel
-        items.append(Item(source=str(rel), image=path, output=output))
+        real = path.resolve()  # what is read is what was checked, not a link that may lead elsewhere later
+        problem = None if real.is_relative_to(root) else _outside(str(rel), root)  # a link to a file outside
+        items.append(Item(source=str(rel), image=real, output=output, problem=problem))
     return items
 
 
@@ -162,7 +186,9 @@ def _jsonl(src: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
-def _rows(src: Path, rows: Iterator[tuple[int, dict[str, Any]]], header: list[str] | None, text: bool) -> list[Item]:
+def _rows(
+    src: Path, root: Path, rows: Iterator[tuple[int, dict[str, Any]]], header: list[str] | None, text: bool
+) -> list[Item]:
     """A bad row becomes an Item with its `problem` set: all of them are reported together, or skipped."""
     if header is not None:
         problems = [
@@ -175,14 +201,14 @@ def _rows(src: Path, rows: Iterator[tuple[int, dict[str, Any]]], header: list[st
     items = []
     for n, row in rows:
         try:
-            items.append(_row(src, n, row, text))
+            items.append(_row(src, root, n, row, text))
         except ValueError as exc:
             name = str(row.get("image") or f"line {n}")
             items.append(Item(name, name, PurePosixPath(f"line-{n}"), line=n, problem=str(exc)))
     return items
 
 
-def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
+def _row(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     if "__error__" in row:
         raise ValueError(row["__error__"])
     if unknown := sorted(c for c in row if c not in COLUMNS and c not in ("image", "output")):
@@ -190,6 +216,8 @@ def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     image = str(row.get("image") or "").strip()
     if not image:
         raise ValueError("image: empty")
+    if printable(image) != image:  # a NUL is a traceback in the file system's calls; none names a file or URL
+        raise ValueError(f"image: {shown(image)} holds control characters")
     params = {
         COLUMNS[column]: value_from_text(value) if text else value
         for column, value in row.items()
@@ -199,60 +227,135 @@ def _row(src: Path, n: int, row: dict[str, Any], text: bool) -> Item:
         source: Path | str = image
         default_output = PurePosixPath(PurePosixPath(image.split("?", 1)[0]).name or f"line-{n}").with_suffix("")
     else:
-        try:
-            source = (src.parent / image).resolve()
-            found = source.is_file()
-        except OSError as exc:  # a name too long for the file system...
-            raise ValueError(f"image: cannot read {shown(image)}: {exc.strerror or exc}") from None
-        if not found:
-            raise ValueError(f"image: no such file: {image}")
-        default_output = PurePosixPath(Path(image).as_posix()).with_suffix("")
+        source, default_output = _local_image(src, root, image)
     output = PurePosixPath(str(row["output"])) if row.get("output") else default_output
     if output.is_absolute() or ".." in output.parts or not output.parts:
         raise ValueError(f"output: must be a relative path inside --out (got {str(output)!r})")
     return Item(source=image, image=source, output=output, params=params, line=n)
 
 
+def _local_image(src: Path, root: Path, image: str) -> tuple[Path, PurePosixPath]:
+    """A row's image file, resolved (the file read is the one checked), and its default output."""
+    try:
+        path = (src.parent / image).resolve()
+        # Before asking whether it exists: a manifest must not learn which files outside the root do.
+        if not path.is_relative_to(root):
+            raise ValueError(_outside(image, root))
+        found = path.is_file()
+    except (OSError, UnicodeError) as exc:  # a name too long for the file system, one it cannot encode...
+        raise ValueError(f"image: cannot read {shown(image)}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not found:
+        raise ValueError(f"image: no such file: {image}")
+    typed = PurePosixPath(Path(image).as_posix())
+    # An image from above the manifest's folder (--images-root): its place under the root, not "../x".
+    if typed.is_absolute() or ".." in typed.parts:
+        typed = PurePosixPath(path.relative_to(root).as_posix())
+    return path, typed.with_suffix("")
+
+
 # 2. Keys, seeds and checks.
 
 
 def content_hash(item: Item) -> str:
-    data = item.image.read_bytes() if isinstance(item.image, Path) else item.image.encode()
-    return hashlib.sha256(data).hexdigest()
+    """The image's SHA-256, read a chunk at a time: a cap of gigabytes must not mean gigabytes in memory. A URL's
+    is its text's."""
+    if not isinstance(item.image, Path):
+        return hashlib.sha256(item.image.encode()).hexdigest()
+    with item.image.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def plan(items: list[Item], defaults: dict[str, Any], settings: Settings) -> list[str]:
+def plan(items: list[Item], defaults: dict[str, Any], intake: Intake) -> list[str]:
     """Effective parameters, seed, output suffix and key for each input (its row's own parameters are merged in
-    and dropped); returns every problem found, by line."""
-    writers: dict[PurePosixPath, Item] = {}
+    and dropped), each checked as a submit would check it; returns every problem found, by line."""
+    outputs = Outputs()
     specs: dict[str, str] = {}
     for item in items:
-        if item.problem is not None:
-            continue
-        try:
-            digest = content_hash(item)
-        except OSError as exc:  # gone or unreadable since it was listed
-            item.problem = f"image: cannot read {shown(item.source)}: {exc.strerror or exc}"
-            continue
+        if item.problem is None:
+            item.problem = _plan_one(item, defaults, intake, specs) or outputs.claim(item)
+    return [f"{f'line {i.line}' if i.line else i.source}: {i.problem}" for i in items if i.problem is not None]
+
+
+def _plan_one(item: Item, defaults: dict[str, Any], intake: Intake, specs: dict[str, str]) -> str | None:
+    """Plans one input; returns its problem, if any."""
+    try:
+        digest = _digest(item, intake.settings.max_image_bytes)
         merged = {**defaults, **item.params}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
-        try:
-            effective = check_inputs(merged)
-            settings.check_caps(effective)
-        except InvalidParameter as exc:
-            item.problem = f"{exc.param}: {exc.message}"
-            continue
-        if item.output.suffix != f".{effective.format}":
-            item.output = item.output.with_name(f"{item.output.name}.{effective.format}")
-        # Rows mostly differ by their seed alone: one shared string for the rest (a run holds one per input).
-        spec = json.dumps(effective.model_dump(exclude={"seed"}), sort_keys=True)
-        item.spec, item.seed, item.params = specs.setdefault(spec, spec), effective.seed, {}
-        canonical = json.dumps({"image": digest, "params": effective.model_dump()}, sort_keys=True)
-        item.key = "bulk-" + hashlib.sha256(canonical.encode()).hexdigest()
-        other = writers.setdefault(item.output, item)
-        if other.key != item.key:  # two different videos for one file
-            item.problem = f"output: {item.output} is also the output of {other.source} (give each row its own)"
-    return [f"{f'line {i.line}' if i.line else i.source}: {i.problem}" for i in items if i.problem is not None]
+        if isinstance(item.image, Path):
+            effective = intake.check_request(merged, "normal")[0]  # its content is checked at submit, read once
+        else:
+            # A submit's checks of a reference, here so that a refusal is one more problem found before anything
+            # is submitted: the URL's address (a metadata service...), the buckets and folders the store reads.
+            checked = intake.check(item.image, priority="normal", idempotency_key=None, webhook=None, params=merged)
+            effective = checked.params
+    except InvalidParameter as exc:
+        return f"{exc.param}: {exc.message}"
+    if item.output.suffix != f".{effective.format}":
+        item.output = item.output.with_name(f"{item.output.name}.{effective.format}")
+    if problem := output_problem(item.output):
+        return problem
+    # Rows mostly differ by their seed alone: one shared string for the rest (a run holds one per input).
+    spec = json.dumps(effective.model_dump(exclude={"seed"}), sort_keys=True)
+    item.spec, item.seed, item.params = specs.setdefault(spec, spec), effective.seed, {}
+    canonical = json.dumps({"image": digest, "params": effective.model_dump()}, sort_keys=True)
+    item.key = "bulk-" + hashlib.sha256(canonical.encode()).hexdigest()
+    return None
+
+
+def _digest(item: Item, limit: int) -> str:
+    """The image's content hash; a file over SVDQ_MAX_IMAGE_BYTES is refused from its size, unread."""
+    if not isinstance(item.image, Path):
+        return content_hash(item)
+    try:
+        if item.image.stat().st_size > limit:
+            raise InvalidParameter("image", f"larger than SVDQ_MAX_IMAGE_BYTES={limit}")
+        return content_hash(item)
+    except OSError as exc:  # gone or unreadable since it was listed
+        raise InvalidParameter("image", f"cannot read {shown(item.source)}: {exc.strerror or exc}") from None
+
+
+def output_problem(output: PurePosixPath) -> str | None:
+    """What the file system would refuse of an output (relative to --out, suffix included): found before anything
+    is submitted, not as a traceback once its video has rendered."""
+    text = str(output)
+    if printable(text) != text:
+        return f"output: {shown(text)} holds control characters"
+    try:
+        names = [os.fsencode(name) for name in output.parts]
+    except UnicodeError:  # a lone surrogate from a JSON escape
+        return f"output: {shown(text)} is not a name a file system holds"
+    if output.parts[0] == REPORT:
+        return f"output: {REPORT} is the run's report"
+    if too_long := next((name for name in names if len(name) > NAME_MAX), None):
+        return f"output: a name in {shown(text)} is {len(too_long)} bytes long, over {NAME_MAX}"
+    if (size := len(os.fsencode(text))) > MAX_OUTPUT:
+        return f"output: {shown(text)} is {size:,} bytes long, over {MAX_OUTPUT:,}"
+    return None
+
+
+class Outputs:
+    """The files a run writes and the folders they go in: two inputs share a file only as one job (identical
+    inputs), and no input's file is another's folder (`a.mp4` and `a.mp4/b.mp4`: one of them cannot be written)."""
+
+    def __init__(self) -> None:
+        self.files: dict[PurePosixPath, Item] = {}
+        self.folders: dict[PurePosixPath, Item] = {}  # each folder an output needs -> the first input needing it
+
+    def claim(self, item: Item) -> str | None:
+        """Records `item`'s output; returns the problem if it cannot be written beside those claimed before."""
+        output, folders = item.output, item.output.parents[:-1]  # the last parent is "." (--out itself)
+        if (other := self.files.get(output)) is not None and other.key != item.key:  # two videos for one file
+            return f"output: {output} is also the output of {other.source} (give each row its own)"
+        if (other := self.folders.get(output)) is not None:
+            return f"output: {output} is also a folder, for the output of {other.source} (give each row its own)"
+        for folder in folders:
+            if (other := self.files.get(folder)) is not None:
+                return f"output: {folder} is the output of {other.source}, so it cannot be a folder too"
+        self.files.setdefault(output, item)
+        for folder in folders:
+            self.folders.setdefault(folder, item)
+        return None
 
 
 def retry_key(key: str, failed_job: str) -> str:
@@ -305,18 +408,74 @@ class Outcome:
         }
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """The whole file or none of it, even across a crash: a partial file next to it, synced, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+def open_folder(out: Path, folder: PurePosixPath) -> int:
+    """A descriptor of `folder` under --out, made if missing, reached through no link: a link there, planted
+    before the run or swapped in during it, could lead anywhere. --out itself is the user's, links and all."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with partial.open("wb") as f:
+        for name in folder.parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=fd)
+            below = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_whole(folder: int, name: str, size: int) -> bool:
+    """Whether `name` in `folder` is already a file of `size` bytes (not a link to one)."""
+    try:
+        found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(found.st_mode) and found.st_size == size
+
+
+def write_atomically(folder: int, name: str, data: bytes) -> None:
+    """The whole file or none of it, even across a crash: a partial file next to it, synced, then renamed.
+    The partial file's name is drawn at random and must be new (O_EXCL): a link planted at a name known in
+    advance would have the video written wherever it led, then put in place as the output."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        partial = f".svdq-{secrets.token_hex(8)}.part"  # short: `name` may already be all a name can hold
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(partial, flags, 0o666, dir_fd=folder)
+            break
+    try:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(partial, path)
+        os.replace(partial, name, src_dir_fd=folder, dst_dir_fd=folder)  # over a link, not through it
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=folder)
+
+
+def unwritable(output: PurePosixPath, out: Path, exc: OSError) -> dict[str, str]:
+    """A report's error for a video that cannot be written where asked, saying why in the user's words."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # O_NOFOLLOW met a link (or a file stands where a folder goes)
+        why = "a folder on its way is a link or a file; svdq writes only inside --out, through no link"
+    else:
+        why = exc.strerror or str(exc)
+    return {"code": "output_unwritable", "message": f"cannot write {out / output}: {why}"}
+
+
+def link_in(out: Path, output: PurePosixPath) -> PurePosixPath | None:
+    """The first part of `output` under --out that is a link now, if any: no video is written through one."""
+    path = out
+    for n, name in enumerate(output.parts, start=1):
+        path = path / name
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # not there yet (made when its video is written), or not reachable: said then
+            return None
+        if stat.S_ISLNK(mode):
+            return PurePosixPath(*output.parts[:n])
+    return None
 
 
 class Run:
@@ -337,19 +496,55 @@ class Run:
         self.priority, self.retry_failed, self.on_end, self.on_poll = priority, retry_failed, on_end, on_poll
         self.outcomes = [Outcome(item) for item in items]
         self.report = out / REPORT
+        self._report: TextIO | None = None
         self.ended: set[int] = set()
         self.retried: set[int] = set()  # one new try per input per run: a job that always fails ends the run
         self.failed: list[tuple[int, dict[str, Any]]] = []  # the inputs that failed or were canceled: their lines
 
+    def open_report(self) -> None:
+        """This run's report, emptied, held open for the run: every line is written as its input ends. Opened
+        through no link: one planted there would have had a file elsewhere emptied and the report written in it.
+        Raises OutUnusable, before anything is submitted."""
+        if self._report is not None:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise OutUnusable(f"--out {self.out}: it is a file, not a folder") from None
+        except OSError as exc:
+            raise OutUnusable(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
+        # O_NONBLOCK: a FIFO planted there is refused (ENXIO), not waited on for a reader.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.report, flags, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
+                raise OutUnusable(self._not_a_file()) from None
+            raise OutUnusable(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutUnusable(self._not_a_file())
+        os.ftruncate(fd, 0)
+        self._report = os.fdopen(fd, "w", encoding="utf-8")
+
+    def _not_a_file(self) -> str:
+        kind = "a link" if self.report.is_symlink() else "not a file"
+        return f"{self.report} is {kind}: svdq writes its report only into a file; remove it, or use another --out"
+
+    def close(self) -> None:
+        if self._report is not None:
+            self._report.close()
+            self._report = None
+
     def submit(self) -> None:
-        out_root = self.out.resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.report.write_text("")  # this run's report; every line is appended as its input ends
+        self.open_report()
         todo = []
         for i, outcome in enumerate(self.outcomes):
-            target = (self.out / outcome.item.output).resolve()
-            if not target.is_relative_to(out_root):  # a link inside --out that leads outside it
-                outcome.error = {"code": "invalid_input", "message": f"output {outcome.item.output} leaves --out"}
+            if (link := link_in(self.out, outcome.item.output)) is not None:
+                outcome.error = {
+                    "code": "invalid_input",
+                    "message": f"output {outcome.item.output}: {link} is a link; svdq writes through none (remove it)",
+                }
             elif outcome.item.problem is not None:
                 outcome.error = {"code": "invalid_input", "message": outcome.item.problem}
             else:
@@ -416,22 +611,36 @@ class Run:
         self._end(i)
 
     def _download(self, outcome: Outcome) -> None:
-        path = self.out / outcome.item.output
+        """The video to its output, unless there already. Whatever the file system refuses (a folder or a link
+        where the file goes, a full disk) fails this input alone: the report never says succeeded of a file
+        that is not there."""
+        output = outcome.item.output
         assert outcome.job is not None and outcome.record is not None and outcome.record.result is not None
-        if path.is_file() and path.stat().st_size == outcome.record.result.bytes:
-            return  # a re-run downloads only what is missing (or cut short)
-        if not path.resolve().is_relative_to(self.out.resolve()):  # again: a folder may have become a link
-            outcome.error = {"code": "invalid_input", "message": f"output {outcome.item.output} leaves --out"}
+        try:
+            folder = open_folder(self.out, output.parent)
+        except OSError as exc:
+            outcome.error = unwritable(output, self.out, exc)
             return
-        write_atomically(path, outcome.job.video_bytes())
+        try:
+            if is_whole(folder, output.name, outcome.record.result.bytes):
+                return  # a re-run downloads only what is missing (or cut short)
+            data = outcome.job.video_bytes()  # the store's errors are the run's, not this output's
+            write_atomically(folder, output.name, data)
+        except OSError as exc:
+            outcome.error = unwritable(output, self.out, exc)
+            return
+        finally:
+            os.close(folder)
         outcome.downloaded = True
 
     def _end(self, i: int, *, announce: bool = True) -> None:
         self.ended.add(i)
         outcome = self.outcomes[i]
         line = outcome.line(self.out)
-        with self.report.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        self.open_report()
+        assert self._report is not None
+        self._report.write(json.dumps(line) + "\n")
+        self._report.flush()  # each line as its input ends: the report survives a crash
         if announce:
             self.on_end(outcome, line)
         if line["state"] in ("failed", "canceled"):
@@ -450,37 +659,44 @@ class Run:
         except KeyboardInterrupt:
             canceled = self.cancel_unfinished() if cancel_on_interrupt else 0
             self.finish_report()
+            self.close()
             return True, canceled
         except BaseException:
             # Redis or storage gone: the report is still whole, but the error is what the user reads, not a
             # line per input that did not end.
             self.finish_report(announce=False)
+            self.close()
             raise
         self.finish_report()
+        self.close()
         return False, 0
 
     def finish_report(self, *, announce: bool = True) -> None:
         """Lines for the inputs that have not ended (--no-wait, Ctrl-C): their state as last seen."""
         unfinished = [i for i in range(len(self.outcomes)) if i not in self.ended]
-        self._read_unfinished(unfinished)
-        for i in unfinished:
-            self._end(i, announce=announce)
+        reading = True
+        # A batch at a time, each line written (and its record dropped) before the next batch is read: 100,000
+        # whole records held at once took 400 MB (--no-wait on a 100,000-row manifest).
+        for start in range(0, len(unfinished), READ_BATCH):
+            part = unfinished[start : start + READ_BATCH]
+            reading = reading and self._read_unfinished(part)
+            for i in part:
+                self._end(i, announce=announce)
 
-    def _read_unfinished(self, indexes: list[int], batch: int = 2000) -> None:
+    def _read_unfinished(self, indexes: list[int]) -> bool:
         """The whole records of jobs still waiting or running, for their lines (a retry's error, timings so far);
         polls read their states alone. One that has ended meanwhile keeps its last seen state: it is neither
-        downloaded nor counted yet, and a re-run finishes it."""
+        downloaded nor counted yet, and a re-run finishes it. False when Redis is gone (the lines then say what
+        was seen last)."""
         jobs = {i: o.job.id for i in indexes if (o := self.outcomes[i]).job is not None and o.record is None}
-        ids = sorted(set(jobs.values()))
-        records: dict[str, JobRecord | None] = {}
         try:
-            for start in range(0, len(ids), batch):
-                records.update(self.client.records.get_many(ids[start : start + batch]))
-        except redis.RedisError:  # Redis gone: the lines say what was seen last
-            return
+            records = self.client.records.get_many(sorted(set(jobs.values())))
+        except redis.RedisError:
+            return False
         for i, job_id in jobs.items():
             if (record := records.get(job_id)) is not None and not record.state.is_terminal():
                 self.outcomes[i].record = record
+        return True
 
     def cancel_unfinished(self) -> int:
         canceled = 0

@@ -145,48 +145,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return wait_and_report(job, args.timeout, args.output, args.json, quiet=True)
 
 
-def check_out_dir(out: Path) -> None:
-    """--out, made now and written to once, so a path that cannot hold the videos is a usage error before any
-    job exists (not a traceback after submitting them)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".svdq-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except FileExistsError:
-        raise CliError(f"--out {out}: it is a file, not a folder", EXIT_USAGE) from None
-    except OSError as exc:
-        raise CliError(f"--out {out}: cannot write there ({exc.strerror or exc})", EXIT_USAGE) from None
-
-
 def cmd_bulk(args: argparse.Namespace) -> int:
     from producer import bulk
 
     defaults = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
+    if args.images_root is not None and not args.images_root.is_dir():
+        raise CliError(f"--images-root {args.images_root}: not a folder", EXIT_USAGE)
     try:
-        items = bulk.read_inputs(args.src)
+        items = bulk.read_inputs(args.src, args.images_root)
     except bulk.ManifestError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     if not items:
         raise CliError(f"{args.src}: no images in it ({', '.join(sorted(bulk.IMAGE_SUFFIXES))})", EXIT_USAGE)
     with Client.from_env() as client:
-        problems = bulk.plan(items, defaults, client.settings)
+        problems = bulk.plan(items, defaults, client.intake)
         if problems and not args.skip_invalid:
             raise CliError(
                 f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
             )
-        check_out_dir(args.out)
+        run = bulk.Run(client, items, args.out, priority=args.priority, retry_failed=args.retry_failed)
+        try:
+            run.open_report()  # before any job exists: an --out that cannot hold it is a usage error
+        except bulk.OutUnusable as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
         terminal = sys.stdout.isatty() and sys.stderr.isatty()
         display = bulk.Display(len(items), "json" if args.json else "bar" if terminal else "lines")
-        run = bulk.Run(
-            client,
-            items,
-            args.out,
-            priority=args.priority,
-            retry_failed=args.retry_failed,
-            on_end=display.ended,
-            on_poll=display.polled,
-        )
+        run.on_end, run.on_poll = display.ended, display.polled
         try:
             interrupted, canceled = run.execute(wait=not args.no_wait, cancel_on_interrupt=args.cancel_on_interrupt)
         finally:
@@ -403,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bulk.add_argument("src", type=Path, help="a folder of images, or a .csv or .jsonl manifest")
     bulk.add_argument("--out", type=Path, required=True, help="the folder the videos and the report go to (required)")
+    bulk.add_argument(
+        "--images-root",
+        type=Path,
+        metavar="DIR",
+        help="a manifest's images may be read from anywhere in DIR, links followed (default: the manifest's own "
+        "folder; SRC for a folder; / for any file you can read)",
+    )
     add_param_flags(bulk, seed="seed (default: derived from each image's content)")
     bulk.add_argument(
         "--priority", choices=PRIORITIES, default="low", help="queue order (default: low, so interactive jobs go first)"

@@ -25,7 +25,7 @@ import pytest
 import redis
 from PIL import Image
 
-from producer import keys, wire
+from producer import cli, keys, wire
 from producer.bulk import Run, read_inputs
 from producer.client import Client, Submission, send_job
 from producer.contract import JobState
@@ -352,12 +352,44 @@ def test_following_reads_a_job_s_whole_record_once_it_has_ended(svdq_env: dict[s
             canceler = threading.Thread(target=cancel_later)
             canceler.start()
             run.follow(poll=0.05)
+            run.close()
             canceler.join()
             read = hgetalls() - before
     finally:
         server.stop()
     assert {line["state"] for line in report(out).values()} == {"canceled"}
     assert read == 20
+
+
+def test_unfinished_jobs_are_reported_a_batch_of_records_at_a_time(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-wait on a 100,000-row manifest read every unfinished job's whole record before writing a line: 400 MB
+    held at once (bench/bulk_submit.py --manifest-rows 100000: 584 MB peak, 178 MB a batch at a time)."""
+    import producer.bulk
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for n in range(5):
+        picture(src / f"p{n}.png", n)
+    out.mkdir()
+    run = Run(client, read_inputs(src), out, priority="low", retry_failed=False)
+    for outcome in run.outcomes:
+        job_id = uuid.uuid4().hex
+        client.records.create(job_id, {"image": "x"})
+        outcome.job = client.job(job_id)
+    monkeypatch.setattr(producer.bulk, "READ_BATCH", 2)
+    get_many, reads = client.records.get_many, []
+
+    def counted(ids: list[str]) -> Any:
+        written = (out / "svdq-bulk.jsonl").read_text().count("\n") if (out / "svdq-bulk.jsonl").exists() else 0
+        reads.append((len(ids), written))
+        return get_many(ids)
+
+    monkeypatch.setattr(client.records, "get_many", counted)
+    run.finish_report()
+    run.close()
+    assert reads == [(2, 0), (2, 2), (1, 4)]  # each batch's lines written before the next batch is read
+    assert [line["state"] for line in report(out).values()] == ["queued"] * 5
 
 
 def test_an_interrupted_run_reports_what_its_unfinished_jobs_last_said(client: Client, tmp_path: Path) -> None:
@@ -379,6 +411,7 @@ def test_an_interrupted_run_reports_what_its_unfinished_jobs_last_said(client: C
     with pytest.raises(KeyboardInterrupt):
         run.follow(poll=0.05)
     run.finish_report()
+    run.close()
     [line] = report(out).values()
     assert line["state"] == "queued" and line["error"] == error
 
@@ -394,6 +427,7 @@ def test_a_batched_message_is_the_one_celery_writes(client: Client) -> None:
     for message in (ours, celerys):
         message["properties"].pop("delivery_tag")  # a fresh uuid each
         message["properties"].pop("reply_to")  # Celery's per-thread oid; unused (no result backend)
+        message["properties"].pop("kwargsrepr", None)  # send_task's option, copied there too; the header counts
     assert ours == celerys
 
 
@@ -502,3 +536,126 @@ def test_retry_failed_submits_a_failed_input_once_a_run(
     assert line["state"] == "failed" and line["job_id"] != json.loads(first.stdout)["failed"][0]["job_id"]
     third = bulk(svdq_env, str(manifest), "--out", str(tmp_path / "out"), *SIZE, "--json", "--retry-failed")
     assert third.returncode == 1 and job_count(svdq_env) - jobs_before == 3
+
+
+def test_links_planted_in_out_are_refused_or_passed_by_never_followed(
+    svdq_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A link at OUT/svdq-bulk.jsonl had its target emptied and the report written into it; one at the write test's
+    name (`.svdq-write-test-PID`, known in advance) had its target emptied."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    picture(src / "p.png", 203)
+    out.mkdir()
+    report_victim, probe_victim = tmp_path / "report-victim.txt", tmp_path / "probe-victim.txt"
+    for victim in (report_victim, probe_victim):
+        victim.write_text("precious")
+    (out / "svdq-bulk.jsonl").symlink_to(report_victim)
+    queue = f"bulk-{uuid.uuid4().hex[:8]}"  # no worker: nothing renders
+    jobs_before = job_count(svdq_env)
+    run = bulk({**svdq_env, "SVDQ_QUEUE": queue}, str(src), "--out", str(out), *SIZE, "--no-wait", timeout=60)
+    assert run.returncode == 2 and job_count(svdq_env) == jobs_before, run.stderr
+    says = "is a link: svdq writes its report only into a file; remove it, or use another --out"
+    assert run.stderr == f"svdq: {out}/svdq-bulk.jsonl {says}\n"
+    assert report_victim.read_text() == "precious"
+
+    # In this process, to plant a link at its write test's name.
+    (out / "svdq-bulk.jsonl").unlink()
+    (out / f".svdq-write-test-{os.getpid()}").symlink_to(probe_victim)
+    monkeypatch.setenv("SVDQ_QUEUE", queue)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bulk", str(src), "--out", str(out), *SIZE, "--no-wait", "--json"])
+    assert exited.value.code == 0, capsys.readouterr()
+    assert probe_victim.read_text() == "precious"
+    assert [line["state"] for line in report(out).values()] == ["queued"]
+
+
+def test_references_a_submit_refuses_are_manifest_problems_and_a_bad_image_fails_its_own_line(
+    svdq_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Another bucket, a metadata service and a file over SVDQ_MAX_IMAGE_BYTES were refused at submit only, after
+    the good rows had been submitted; a file that is no image is still its own line's failure, at submit."""
+    env = {**svdq_env, "SVDQ_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}", "SVDQ_MAX_IMAGE_BYTES": "20000"}
+    picture(tmp_path / "d.png", 217)
+    (tmp_path / "big.png").write_bytes(picture(tmp_path / "big.bmp", 1, "BMP").read_bytes() + bytes(20000))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    rows = [
+        "d.png",
+        "s3://otherbucket/secret.png",
+        "http://169.254.169.254/latest/meta-data/iam",
+        "big.png",
+        "corrupt.png",
+    ]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    jobs_before = job_count(env)
+    run = bulk(env, str(manifest), "--out", str(out), *SIZE)
+    assert run.returncode == 2 and job_count(env) == jobs_before and not out.exists(), run.stderr
+    assert run.stderr.splitlines()[1:-1] == [
+        "  line 3: image: no image at s3://otherbucket/secret.png that this service may read",
+        "  line 4: image: 169.254.169.254 resolves to a non-public address (169.254.169.254)",
+        "  line 5: image: larger than SVDQ_MAX_IMAGE_BYTES=20000",
+    ]
+    run = bulk(env, str(manifest), "--out", str(out), *SIZE, "--skip-invalid", "--no-wait", "--json", timeout=60)
+    assert run.returncode == 1 and job_count(env) - jobs_before == 1, run.stderr
+    lines = report(out)
+    assert lines["d.png"]["state"] == "queued"
+    corrupt = lines["corrupt.png"]
+    assert (corrupt["state"], corrupt["error"]["code"], corrupt["job_id"]) == ("failed", "invalid_input", None)
+    assert "is not an image svdq can read" in corrupt["error"]["message"]
+    assert [lines[row]["error"]["code"] for row in rows[1:4]] == ["invalid_input"] * 3
+
+
+def test_images_come_from_the_manifest_s_folder_unless_images_root_widens_it(
+    svdq_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`../private/secret.png` and `/tmp/private/secret.png` were read and uploaded to the shared store."""
+    env = {**svdq_env, "SVDQ_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}"}
+    secret = picture(tmp_path / "private" / "secret.png", 229)
+    manifest = tmp_path / "jobs" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_text(f"image,output\n../private/secret.png,one\n{secret},two\n")
+    jobs_before = job_count(env)
+    run = bulk(env, str(manifest), "--out", str(tmp_path / "out"), *SIZE)
+    assert run.returncode == 2 and job_count(env) == jobs_before, run.stderr
+    where = f"leads outside {manifest.parent.resolve()}, where images are read from (--images-root DIR names another)"
+    assert f"line 2: image: '../private/secret.png' {where}" in run.stderr
+    assert f"line 3: image: '{secret}' {where}" in run.stderr and "Traceback" not in run.stderr
+    run = bulk(env, str(manifest), "--out", str(tmp_path / "out"), *SIZE, "--images-root", str(tmp_path / "nowhere"))
+    assert run.returncode == 2 and run.stderr == f"svdq: --images-root {tmp_path / 'nowhere'}: not a folder\n"
+    widened = ["--images-root", str(tmp_path), "--no-wait", "--json"]
+    run = bulk(env, str(manifest), "--out", str(tmp_path / "out"), *SIZE, *widened, timeout=60)
+    assert run.returncode == 0 and job_count(env) - jobs_before == 1, run.stderr  # one image, one job
+    assert json.loads(run.stdout)["states"] == {"queued": 2}
+
+
+def test_outputs_that_cannot_be_written_are_refused_first_or_fail_their_own_line(
+    svdq_env: dict[str, str], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """A file and a folder of one name, a name over 255 bytes and a NUL were each a traceback once the videos had
+    rendered; a folder where a video goes, found only then, failed the whole run, its other jobs unfollowed."""
+    picture(tmp_path / "x.png", 233)
+    picture(tmp_path / "y.png", 239)
+    bad = tmp_path / "bad.jsonl"
+    outputs = ["a", "a.mp4/b", "n" * 300, "nul\x00"]
+    bad.write_text(
+        "".join(json.dumps({"image": "x.png", "output": o, "seed": n}) + "\n" for n, o in enumerate(outputs))
+    )
+    jobs_before = job_count(svdq_env)
+    run = bulk(svdq_env, str(bad), "--out", str(tmp_path / "out"), *SIZE)
+    assert run.returncode == 2 and job_count(svdq_env) == jobs_before and "Traceback" not in run.stderr, run.stderr
+    assert [line.split(":")[0] for line in run.stderr.splitlines()[1:-1]] == ["  line 2", "  line 3", "  line 4"]
+
+    out = tmp_path / "out"
+    (out / "blocked.mp4").mkdir(parents=True)  # where a video goes: a folder, found only when writing it
+    good = tmp_path / "good.csv"
+    good.write_text("image,output\nx.png,blocked\ny.png,fine\n")
+    run = bulk(svdq_env, str(good), "--out", str(out), *SIZE, "--json")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = report(out)
+    assert (lines["y.png"]["state"], lines["y.png"]["output"]) == ("succeeded", str(out / "fine.mp4"))
+    assert (out / "fine.mp4").is_file()
+    blocked = lines["x.png"]
+    assert (blocked["state"], blocked["output"], blocked["error"]["code"]) == ("failed", None, "output_unwritable")
+    assert blocked["error"]["message"] == f"cannot write {out / 'blocked.mp4'}: Is a directory"
+    assert [line["input"] for line in json.loads(run.stdout)["failed"]] == ["x.png"]
