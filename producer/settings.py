@@ -5,10 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.contract import DEFAULT_QUEUE, JobParams, check_caps
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     # Seconds before the broker hands an unacknowledged message to another worker. Leases already keep a
     # job from running twice; set this above the longest job so its message is not redelivered needlessly.
     # Every Celery client restores overdue messages (kombu), `svdq ping` and `top` too: all must agree on it.
-    visibility_timeout: int = 3600
+    visibility_timeout: Annotated[int, Field(ge=1)] = 3600
 
     @field_validator("redis_url")
     @classmethod
@@ -64,22 +64,33 @@ class Settings(BaseSettings):
     # The endpoint that result URLs are presigned for, when users reach the store by another address than
     # svdq does (MinIO in compose is `http://minio:9000` inside, `https://media.example.com` outside).
     s3_public_endpoint_url: str | None = None
+
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url")
+    @classmethod
+    def _endpoint(cls, url: str | None) -> str | None:
+        """Checked here: botocore's "Invalid endpoint" came as a traceback from the first command that used it."""
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be http(s)://HOST[:PORT] (MinIO's or the S3 service's address)")
+        return url
+
     # Where else images may be read from, besides the store: `s3://BUCKET[/PREFIX]`, `file:///ABS/PATH`, comma-
     # separated. Any other s3:// or file:// reference is refused as "not found", whether or not it exists.
     input_allow: str = ""
     queue: str = DEFAULT_QUEUE
     # Terminal records expire after this many seconds.
-    result_ttl: int = 7 * 24 * 3600
+    result_ttl: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
     # Presigned result URLs expire after this many seconds (S3 allows at most 7 days).
-    presign_ttl: int = 24 * 3600
+    presign_ttl: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 24 * 3600
     # Operator caps on one job, checked at submit and again by the worker (the contract allows up to 128 frames,
     # 2048x2048 and 200 steps): they bound a job's GPU time, and so how long a cancel waits for the next step.
-    max_frames: int = 64
-    max_pixels: int = 1024 * 1024
-    max_steps: int = 100
-    max_image_bytes: int = 50 * 1024 * 1024
+    max_frames: Annotated[int, Field(ge=1)] = 64
+    max_pixels: Annotated[int, Field(ge=1)] = 1024 * 1024
+    max_steps: Annotated[int, Field(ge=1)] = 100
+    max_image_bytes: Annotated[int, Field(ge=1)] = 50 * 1024 * 1024
     # Larger images are refused from their header (decompression bombs); SVD renders at most 2048x2048.
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     # Webhooks to loopback and private networks are refused unless this is set (trusted networks, tests).
     webhook_allow_private: bool = False
     # Likewise for http(s) image URLs, which workers fetch.

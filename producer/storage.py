@@ -85,7 +85,7 @@ def parse_allow(spec: str) -> list[str]:
     for entry in entries:
         parts = urlsplit(entry)
         if not ((parts.scheme == "s3" and parts.netloc) or (parts.scheme == "file" and parts.path.startswith("/"))):
-            raise ValueError(f"SVDQ_INPUT_ALLOW: {entry!r} is not s3://BUCKET[/PREFIX] or file:///ABS/PATH")
+            raise ConfigurationError(f"SVDQ_INPUT_ALLOW: {entry!r} is not s3://BUCKET[/PREFIX] or file:///ABS/PATH")
     return entries
 
 

@@ -21,21 +21,21 @@ class WorkerSettings(Settings):
     # e.g. stable-video-diffusion-img2vid-xt. The worker reads `{queue}@{name}` besides the plain queues.
     model_name: str | None = None
     # Serve Prometheus metrics on this port (from the process that runs the jobs); None: no metrics.
-    metrics_port: int | None = None
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu
+    dtype: Literal["auto", "float16", "half", "bfloat16", "float32", "float"] = "auto"  # auto: fp16 on cuda
     # Frames decoded by the VAE at once when a request does not say; memory grows with it. "auto": the
     # smallest chunk within 5% of the fastest decode measured at warm-up, within the memory budget (8 on a CPU).
     decode_chunk_size: Annotated[int, Field(ge=1, le=128)] | Literal["auto"] = "auto"  # a request's bounds
     # The most GPU memory a job may take, in GiB; unset: what its denoise needs, which the decode's chunk is then
     # sized to stay under (so svdq never takes more than stock diffusers, which decodes 8 frames at once).
-    max_vram_gib: float | None = None
+    max_vram_gib: Annotated[float, Field(gt=0)] | None = None
     # Small GPUs: UNet feed-forward chunking, models on the GPU only while they run, decode chunks of 1-2.
     low_vram: bool = False
     # x264 for mp4: veryfast with the slowest analysis steps cut, which encodes 25 frames of 1024x576
     # over 3x faster than diffusers' export_to_video at the same file size (bench/encode.py).
     x264_preset: str = "veryfast"
-    x264_crf: int = 22
+    x264_crf: Annotated[int, Field(ge=0, le=51)] = 22
     x264_params: str = "subme=1:me=dia:trellis=0:ref=1:rc-lookahead=5"
     # torch.compile the UNet's repeated blocks; "auto": on CUDA. The compiled code is cached on disk
     # (SVDQ_COMPILE_CACHE_DIR, default svdq/compile under the user's cache dir), so only the first start on a
@@ -58,9 +58,9 @@ class WorkerSettings(Settings):
     # Transient failures (storage unreachable) are retried: every execution counts as an attempt (but one a
     # stopping worker handed back), and
     # the wait before the next doubles from `retry_backoff` up to `retry_backoff_max`, with jitter.
-    max_attempts: int = 3
-    retry_backoff: float = 2.0
-    retry_backoff_max: float = 120.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    retry_backoff: Annotated[float, Field(ge=0)] = 2.0
+    retry_backoff_max: Annotated[float, Field(ge=0)] = 120.0
     # Before that, an attempt whose input store is unreachable waits this many seconds for it (not a URL's host),
     # as the spool waits on the way out: a short storage outage delays jobs instead of failing them.
     fetch_wait: Annotated[float, Field(ge=0)] = 60.0
@@ -68,25 +68,33 @@ class WorkerSettings(Settings):
     fetch_timeout: Annotated[float, Field(gt=0)] = 60.0
     # Standard Webhooks secret, `whsec_` and base64; jobs with a webhook get no calls without it.
     webhook_secret: SecretStr | None = None
-    webhook_timeout: float = 10.0
-    webhook_max_attempts: int = 5
+    webhook_timeout: Annotated[float, Field(gt=0)] = 10.0
+    webhook_max_attempts: Annotated[int, Field(ge=1)] = 5
     # Seconds a worker process may spend loading the model before Celery gives up on it.
-    load_timeout: float = 900.0
+    load_timeout: Annotated[float, Field(gt=0)] = 900.0
 
     # Reliability (README "When things fail").
     # A running job holds a lease in Redis, renewed every third of `lease_ttl` seconds. When its worker
     # dies, the lease lapses and any live worker puts the job back on its queue (or fails it with
     # `worker_lost` once it has used SVDQ_MAX_ATTEMPTS), so a dead worker's job waits about this long.
-    lease_ttl: float = 30.0
+    lease_ttl: Annotated[float, Field(ge=1)] = 30.0
     # The longest one attempt may run, from its claim until its video is encoded; past it the job fails `timeout`.
     # The render stops at its next check (as for a cancel); a process stuck where no check runs (a hung device
     # call) is killed by Celery's hard time limit, `time_limit()`, and the pool starts another. 0: no limit.
     job_timeout: Annotated[float, Field(ge=0)] = 1800.0
     # On SIGTERM the running job may finish for this many seconds; then it is handed back to its queue.
-    stop_grace: float = 300.0
+    stop_grace: Annotated[float, Field(ge=0)] = 300.0
     # Videos rendered while storage is down wait here (bounded) and are uploaded when it returns.
     spool_dir: str | None = None  # default: svdq-spool in the system's temporary directory
-    spool_max_bytes: int = 2 * 1024**3
+    spool_max_bytes: Annotated[int, Field(ge=0)] = 2 * 1024**3
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        """Checked at start: torch's own refusal came from the pool process, as "the model failed to load"."""
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N, mps or xpu")
+        return value
 
     @field_validator("webhook_secret")
     @classmethod

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import pydantic
 import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 
-from producer.settings import Settings, redact_url
+from producer.settings import ConfigurationError, Settings, redact_url, settings_error
 from producer.storage import (
     FileStore,
     InvalidReference,
@@ -272,3 +273,36 @@ def test_a_redis_password_given_as_a_query_parameter_reaches_celery_s_broker_too
     assert parse_url(url)["password"] == "p@ss:w"
     named = Settings(redis_url="rediss://redis-host:6380/0?username=svdq&password=pw").redis_url
     assert named == "rediss://svdq:pw@redis-host:6380/0" and Connection(named).userid == "svdq"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("SVDQ_LEASE_TTL", "-1", "greater than or equal to 1"),  # Redis refused the lease mid-claim: a job stuck
+        ("SVDQ_RESULT_TTL", "-5", "greater than or equal to 1"),
+        ("SVDQ_MAX_FRAMES", "-1", "greater than or equal to 1"),  # every --frames was then "over" it
+        ("SVDQ_MAX_ATTEMPTS", "0", "greater than or equal to 1"),
+        ("SVDQ_PRESIGN_TTL", "0", "greater than or equal to 1"),
+        ("SVDQ_METRICS_PORT", "99999", "less than or equal to 65535"),  # was "the model failed to load", exit 3
+        ("SVDQ_DEVICE", "tpu", "must be auto, cpu, cuda, cuda:N, mps or xpu"),  # likewise
+        ("SVDQ_DTYPE", "float99", "Input should be 'auto', 'float16'"),
+        ("SVDQ_S3_ENDPOINT_URL", "not-a-url", "must be http(s)://HOST[:PORT]"),  # botocore's traceback at first use
+    ],
+)
+def test_a_setting_out_of_its_range_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(pydantic.ValidationError) as refused:
+        WorkerSettings()
+    line = settings_error(refused.value)
+    assert line.startswith(f"{variable}: ") and says in line and "\n" not in line, line
+
+
+def test_a_bad_input_allow_entry_is_a_configuration_error() -> None:
+    from producer.storage import parse_allow
+
+    with pytest.raises(ConfigurationError, match="SVDQ_INPUT_ALLOW: 'http://x' is not s3://"):
+        parse_allow("s3://ok/prefix, http://x")
