@@ -734,8 +734,9 @@ def summary_text(summary: dict[str, Any], out: Path) -> str:
         f"{summary['jobs_found']} found from before, {counted(summary['downloaded'], 'video')} downloaded to {out}"
     ]
     for line in summary["failed"]:
-        error = line["error"] or {}
-        lines.append(printable(f"  {line['state']}: {line['input']}: {error.get('code')}: {error.get('message')}"))
+        error = line["error"] or {}  # a canceled job has none: it was asked to stop
+        why = f": {error.get('code')}: {error.get('message')}" if error else ""
+        lines.append(printable(f"  {line['state']}: {line['input']}{why}"))
     lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
 

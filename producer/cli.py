@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     top = sub.add_parser("top", help="workers, what they render, and the queues, refreshed live")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     top.add_argument("--once", action="store_true", help="print once and exit")
-    top.add_argument("--json", action="store_true", help="print snapshots as JSON (with --once: one)")
+    top.add_argument("--json", action="store_true", help="one JSON line per snapshot (with --once: one document)")
     top.set_defaults(func=cmd_top)
 
     ping = sub.add_parser("ping", help="exit 0 if a worker (or the one named) answers; 5 if none does")

@@ -578,6 +578,11 @@ class Intake:
 
     def _read_path(self, path: Path) -> bytes:
         try:
+            if path.is_dir():
+                raise InvalidParameter(
+                    "image",
+                    f"{path} is a folder: give one image (`svdq bulk FOLDER --out DIR` renders a folder of them)",
+                )
             if not path.is_file():
                 raise InvalidParameter("image", f"no such file: {path}")
             if path.stat().st_size > self.settings.max_image_bytes:

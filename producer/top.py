@@ -130,8 +130,8 @@ def render(snap: Snapshot) -> str:
     return "\n".join(lines)
 
 
-def as_json(snap: Snapshot) -> str:
-    return json.dumps(asdict(snap), indent=2)
+def as_json(snap: Snapshot, indent: int | None = 2) -> str:
+    return json.dumps(asdict(snap), indent=indent)
 
 
 def run(celery: Celery, status: StatusStore, base_queue: str, interval: float, once: bool, json_out: bool) -> None:
@@ -139,8 +139,8 @@ def run(celery: Celery, status: StatusStore, base_queue: str, interval: float, o
     clear = "" if once or not sys.stdout.isatty() else "\x1b[H\x1b[2J"
     while True:
         snap = snapshot(celery, status, base_queue)
-        if json_out:
-            print(as_json(snap), flush=True)
+        if json_out:  # one document; refreshed, JSON Lines (a document a line), which a script reads line by line
+            print(as_json(snap, 2 if once else None), flush=True)
         else:
             print(clear + render(snap), flush=True)
         if once:

@@ -210,3 +210,18 @@ def test_top_warns_when_redis_may_evict_jobs(svdq_env: dict[str, str], tmp_path:
         admin.close()
     finally:
         server.stop()
+
+
+def test_top_json_refreshing_is_one_json_line_per_snapshot(svdq_env: dict[str, str]) -> None:
+    """Without --once it printed one indented document after another, forever: neither JSON nor JSON Lines."""
+    proc = subprocess.Popen(
+        [SVDQ, "top", "--json", "--interval", "0.2"], env=svdq_env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)  # closes the pipe
+    snapshots = [json.loads(line) for line in lines]
+    assert all({"workers", "queues"} <= set(snap) for snap in snapshots)

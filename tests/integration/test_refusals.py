@@ -128,3 +128,10 @@ def test_a_job_for_another_model_that_reaches_this_worker_fails_naming_both(
     assert final.error is not None and final.error.code == "invalid_input"
     assert "serves model 'tiny', the job asks for 'svd-xt'" in final.error.message
     assert misrouted.proc.poll() is None
+
+
+def test_a_folder_given_to_submit_is_named_a_folder_with_bulk_suggested(client: Client, tmp_path: Path) -> None:
+    """It said "no such file" of a folder that exists."""
+    with pytest.raises(InvalidParameter) as err:
+        client.submit(tmp_path, **SMALL)
+    assert err.value.param == "image" and "is a folder" in err.value.message and "svdq bulk" in err.value.message

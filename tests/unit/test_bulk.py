@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from PIL import Image
 
-from producer.bulk import REPORT, Item, ManifestError, OutUnusable, Run, plan, read_inputs, retry_key
+from producer.bulk import REPORT, Item, ManifestError, OutUnusable, Run, plan, read_inputs, retry_key, summary_text
 from producer.client import Client, Intake
 from producer.contract import JobState, shown
 from producer.settings import Settings
@@ -329,3 +329,22 @@ def test_an_output_the_file_system_refuses_fails_its_own_line(tmp_path: Path) ->
     assert lines[2]["error"]["code"] == "output_unwritable"
     assert [o.downloaded for o in run.outcomes] == [True, False, False, True]
     assert (out / "after.mp4").read_bytes() == b"the video" and not list(out.rglob(".svdq-*"))
+
+
+def test_the_summary_names_a_canceled_input_without_an_error_it_does_not_have(tmp_path: Path) -> None:
+    """A canceled job has no error: the summary printed `canceled: a/dog.jpg: None: None`."""
+    summary = {
+        "inputs": 2,
+        "states": {"canceled": 1, "failed": 1},
+        "jobs_submitted": 2,
+        "jobs_found": 0,
+        "downloaded": 0,
+        "failed": [
+            {"state": "canceled", "input": "a/dog.jpg", "error": None},
+            {"state": "failed", "input": "b.png", "error": {"code": "invalid_input", "message": "not an image"}},
+        ],
+        "report": str(tmp_path / "svdq-bulk.jsonl"),
+    }
+    text = summary_text(summary, tmp_path)
+    assert "  canceled: a/dog.jpg\n" in text and "None" not in text
+    assert "  failed: b.png: invalid_input: not an image" in text
