@@ -23,7 +23,7 @@ import redis
 
 from producer import top
 from producer.client import URL_SCHEMES, Client, KeyConflict, NotCancelable, connect_redis, producer_celery
-from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds, printable
+from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds, check_inputs, printable
 from producer.flower import FlowerRefused, flower_command
 from producer.settings import ConfigurationError, Settings, settings_error, unknown_variables
 from producer.status import JobNotFound, MalformedRecord, StatusStore
@@ -149,6 +149,10 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     from producer import bulk
 
     defaults = {field: getattr(args, field) for field, _ in PARAM_FLAGS.values() if getattr(args, field) is not None}
+    try:  # a flag's own bad value, once and by its flag (not once per image, by the parameter's name)
+        check_inputs(defaults)
+    except InvalidParameter as exc:
+        raise CliError(in_users_words(exc, str(args.src)), EXIT_USAGE) from None
     if args.images_root is not None and not args.images_root.is_dir():
         raise CliError(f"--images-root {args.images_root}: not a folder", EXIT_USAGE)
     try:

@@ -152,3 +152,17 @@ def test_the_worker_log_escapes_what_a_message_says_and_keeps_tracebacks_readabl
     lines = formatter.format(record).split("\n")
     assert lines[0] == "ERROR boom" and lines[1] == "Traceback (most recent call last):"
     assert lines[-1] == "ValueError: bad \\x1b]0;title\\x07"
+
+
+def test_a_bulk_flag_s_bad_value_is_said_once_by_its_flag(tmp_path: Path) -> None:
+    """`--frames 0` was one problem per image, named `num_frames`, ending in "--skip-invalid renders the rest"."""
+    for n in range(3):
+        (tmp_path / "in" / f"{n}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{n}.png").write_bytes(b"")
+    run = subprocess.run(
+        [SVDQ, "bulk", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--frames", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and run.stderr.strip() == "svdq: --frames: must be 1 to 128 (got 0)", run.stderr
