@@ -220,13 +220,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="hub id or local folder (default: SVDQ_MODEL)")
     parser.add_argument("--random-weights", action="store_true", help="SVD-XT's architecture, random weights")
     parser.add_argument("--small", action="store_true", help="the tiny model at 64x64, 4 frames, 2 steps (CPU)")
-    parser.add_argument("--frames", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per path after its warm-up")
-    parser.add_argument("--paths", default="stock,svdq,lowvram", help=f"comma list of {', '.join(PATHS)}")
-    parser.add_argument("--stock-chunk", type=int, default=8, help="decode_chunk_size of the stock path")
+    parser.add_argument("--frames", type=int, help="frames per video, 1 to 128 (default: 25; --small: 4)")
+    parser.add_argument("--steps", type=int, help="denoising steps, 1 to 200 (default: 25; --small: 2)")
+    parser.add_argument("--width", type=int, help="64 to 2048, a multiple of 8 (default: 1024; --small: 64)")
+    parser.add_argument("--height", type=int, help="64 to 2048, a multiple of 8 (default: 576; --small: 64)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per path after its warm-up (default: 1)")
+    parser.add_argument(
+        "--paths", default="stock,svdq,lowvram", help=f"comma list of {', '.join(PATHS)} (default: stock,svdq,lowvram)"
+    )
+    parser.add_argument("--stock-chunk", type=int, default=8, help="decode_chunk_size of the stock path (default: 8)")
     parser.add_argument("--json", action="store_true", help="one JSON line per figure")
     parser.add_argument("--variants", default="", help=f"after the svdq path, on its pipeline: {', '.join(VARIANTS)}")
     parser.add_argument(

@@ -166,3 +166,14 @@ def test_a_bulk_flag_s_bad_value_is_said_once_by_its_flag(tmp_path: Path) -> Non
         timeout=60,
     )
     assert run.returncode == 2 and run.stderr.strip() == "svdq: --frames: must be 1 to 128 (got 0)", run.stderr
+
+
+def test_svdq_bench_options_say_their_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.bench import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    for option in ("--frames", "--steps", "--width", "--height", "--repeat", "--paths", "--stock-chunk"):
+        assert option in helped
+    assert "(default: 25; --small: 4)" in helped and "(default: 8)" in helped and "(default: 1)" in helped
