@@ -325,21 +325,27 @@ def test_cancel_on_interrupt_cancels_what_is_unfinished(svdq_env: dict[str, str]
         assert {client.job(line["job_id"]).status().state.value for line in lines} == {"canceled"}
 
 
+def run_of_queued_jobs(client: Client, tmp_path: Path, count: int) -> tuple[Run, Path]:
+    """A run over `count` pictures, each followed as a queued job of its own that no worker will take."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for n in range(count):
+        picture(src / f"p{n}.png", 10 * n)
+    out.mkdir()
+    run = Run(client, read_inputs(src), out, priority="low", retry_failed=False)
+    for outcome in run.outcomes:
+        job_id = uuid.uuid4().hex
+        client.records.create(job_id, {"image": "x"})
+        outcome.job = client.job(job_id)
+    return run, out
+
+
 def test_following_reads_a_job_s_whole_record_once_it_has_ended(svdq_env: dict[str, str], tmp_path: Path) -> None:
     """While jobs wait and run, a poll reads their states alone: polls read up to 2,000 whole records every half
     second, megabytes a second out of Redis for each run. A Redis of its own, to count its commands."""
     server = LocalRedis(tmp_path / "redis")
     try:
         with Client.from_env(redis_url=server.start()) as client:
-            src, out = tmp_path / "src", tmp_path / "out"
-            for n in range(20):
-                picture(src / f"p{n}.png", 10 * n)
-            out.mkdir()
-            run = Run(client, read_inputs(src), out, priority="low", retry_failed=False)
-            for outcome in run.outcomes:
-                job_id = uuid.uuid4().hex
-                client.records.create(job_id, {"image": "x"})
-                outcome.job = client.job(job_id)
+            run, out = run_of_queued_jobs(client, tmp_path, 20)
 
             def cancel_later() -> None:
                 time.sleep(1)  # about 20 polls
@@ -368,15 +374,7 @@ def test_unfinished_jobs_are_reported_a_batch_of_records_at_a_time(
     held at once (bench/bulk_submit.py --manifest-rows 100000: 584 MB peak, 178 MB a batch at a time)."""
     import producer.bulk
 
-    src, out = tmp_path / "src", tmp_path / "out"
-    for n in range(5):
-        picture(src / f"p{n}.png", n)
-    out.mkdir()
-    run = Run(client, read_inputs(src), out, priority="low", retry_failed=False)
-    for outcome in run.outcomes:
-        job_id = uuid.uuid4().hex
-        client.records.create(job_id, {"image": "x"})
-        outcome.job = client.job(job_id)
+    run, out = run_of_queued_jobs(client, tmp_path, 5)
     monkeypatch.setattr(producer.bulk, "READ_BATCH", 2)
     get_many, reads = client.records.get_many, []
 
