@@ -29,8 +29,8 @@ from worker.startup import (
 
 class LogFormatter(logging.Formatter):
     """Control characters in a log message are escaped (\\xNN): messages quote what senders wrote (an image
-        reference, Celery's own lines quote task ids), and a newline there forged a log line of its own, an escape
-        sequence drove the terminal of whoever tailed the log. Tracebacks, added after the message, keep their lines
+    reference; Celery's own lines quote task ids), and a newline there forged a log line of its own, an escape
+    sequence drove the terminal of whoever tailed the log. Tracebacks, added after the message, keep their lines
     (and only those)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:

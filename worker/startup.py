@@ -237,7 +237,7 @@ def check_unique_name(settings: Settings, name: str, answers_ping: Callable[[str
     The node's presence says whether one may be up; a process of this machine that has ended is not, and a
     loaded node must also answer a ping (`answers_ping`, asked only then). Best effort: Redis away, no check."""
     from producer.client import connect_redis
-    from producer.fleet import FleetStore
+    from producer.fleet import LOADING_TTL, FleetStore
 
     try:
         client = connect_redis(settings, retry_for=1)
@@ -249,7 +249,8 @@ def check_unique_name(settings: Settings, name: str, answers_ping: Callable[[str
         return None
     if not info or "error" in info:  # no such node, or one whose model failed to load (it has exited)
         return None
-    machine, pid = info.get("machine", ""), int(info.get("pid") or 0)
+    machine, raw_pid = info.get("machine", ""), info.get("pid", "")
+    pid = int(raw_pid) if raw_pid.isdigit() else 0  # a presence another hand wrote: no number, no process known
     here = machine == socket.gethostname() and pid
     if here and pid != os.getpid() and not pid_alive(pid):
         return None  # this machine's earlier run of the node, ended without clearing its presence
@@ -260,7 +261,7 @@ def check_unique_name(settings: Settings, name: str, answers_ping: Callable[[str
             return None
         return (
             f"another worker named {name!r} is loading its model{where}: {advice}; a worker stopped while loading "
-            "drops off the list within 30 s"
+            f"drops off the list within {LOADING_TTL} s"
         )
     if answers_ping(name):
         return f"another worker named {name!r} is running{where}: {advice}"

@@ -196,7 +196,8 @@ class WebhookSender:
             status = post(delivery, self.secret, allow_private=self.allow_private, timeout=self.timeout)
         except UnsafeURL as exc:
             log.error("webhook %s refused: %s", delivery.msg_id, exc)
-            self.refused(delivery.job, f"not called: {exc} (SVDQ_WEBHOOK_ALLOW_PRIVATE on the worker allows it)")
+            hint = " (SVDQ_WEBHOOK_ALLOW_PRIVATE on the worker allows it)" if "non-public" in str(exc) else ""
+            self.refused(delivery.job, f"not called: {exc}{hint}")
             return False
         except (OSError, http.client.HTTPException) as exc:
             reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, Stopped) else type(exc).__name__
