@@ -64,10 +64,13 @@ COLUMNS = {name: name for name in JobParams.model_fields} | {
 
 
 class ManifestError(ValueError):
-    """Every problem found in the inputs, one line each ("line 3: num_frames: must be ...")."""
+    """Every problem found in the inputs, one line each ("line 3: num_frames: must be ...").
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
+    `items`, where set, are the rows read despite a problem no row can be rendered with (an unknown column): `plan`
+    them for their own problems, so that one look at the manifest shows all of them."""
+
+    def __init__(self, problems: list[str], items: list[Item] | None = None):
+        self.problems, self.items = problems, items
         super().__init__(f"{len(problems)} problem(s) in the inputs:\n  " + "\n  ".join(problems))
 
 
@@ -189,22 +192,20 @@ def _jsonl(src: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _rows(
     src: Path, root: Path, rows: Iterator[tuple[int, dict[str, Any]]], header: list[str] | None, text: bool
 ) -> list[Item]:
-    """A bad row becomes an Item with its `problem` set: all of them are reported together, or skipped."""
-    if header is not None:
-        problems = [
-            f"line 1: unknown column {c!r}" for c in header if c not in COLUMNS and c not in ("image", "output")
-        ]
-        if "image" not in header:
-            problems.append("line 1: no 'image' column")
-        if problems:
-            raise ManifestError(problems)
+    """A bad row becomes an Item with its `problem` set: all of them are reported together, or skipped. A header
+    with an unknown column is a ManifestError carrying the rows (each row's cell under it said once, on line 1)."""
+    unknown = [c for c in header or () if c not in COLUMNS and c not in ("image", "output")]
+    if header is not None and "image" not in header:  # no row names an image: their problems would be this one
+        raise ManifestError([f"line 1: unknown column {c!r}" for c in unknown] + ["line 1: no 'image' column"])
     items = []
     for n, row in rows:
         try:
-            items.append(_row(src, root, n, row, text))
+            items.append(_row(src, root, n, {c: v for c, v in row.items() if c not in unknown}, text))
         except ValueError as exc:
             name = str(row.get("image") or f"line {n}")
             items.append(Item(name, name, PurePosixPath(f"line-{n}"), line=n, problem=str(exc)))
+    if unknown:
+        raise ManifestError([f"line 1: unknown column {c!r}" for c in unknown], items)
     return items
 
 
@@ -218,8 +219,8 @@ def _row(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item
         raise ValueError("image: empty")
     if printable(image) != image:  # a NUL is a traceback in the file system's calls; none names a file or URL
         raise ValueError(f"image: {shown(image)} holds control characters")
-    params = {
-        COLUMNS[column]: value_from_text(value) if text else value
+    params = {  # by the column's name, which a problem with its value names: the row's words, not the contract's
+        column: value_from_text(value) if text else value
         for column, value in row.items()
         if column not in ("image", "output") and value not in (None, "")
     }
@@ -280,7 +281,7 @@ def _plan_one(item: Item, defaults: dict[str, Any], intake: Intake, specs: dict[
     """Plans one input; returns its problem, if any."""
     try:
         digest = _digest(item, intake.settings.max_image_bytes)
-        merged = {**defaults, **item.params}
+        merged = {**defaults, **{COLUMNS[column]: value for column, value in item.params.items()}}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
         if isinstance(item.image, Path):
             effective = intake.check_request(merged, "normal")[0]  # its content is checked at submit, read once
@@ -290,7 +291,8 @@ def _plan_one(item: Item, defaults: dict[str, Any], intake: Intake, specs: dict[
             checked = intake.check(item.image, priority="normal", idempotency_key=None, webhook=None, params=merged)
             effective = checked.params
     except InvalidParameter as exc:
-        return f"{exc.param}: {exc.message}"
+        column = next((c for c in item.params if COLUMNS[c] == exc.param), exc.param)
+        return f"{column}: {exc.message}"
     if item.output.suffix != f".{effective.format}":
         item.output = item.output.with_name(f"{item.output.name}.{effective.format}")
     if problem := output_problem(item.output):

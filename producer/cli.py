@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kombu.exceptions
 import pydantic
@@ -43,6 +43,9 @@ from producer.terminal import (
     print_json,
     wait_and_report,
 )
+
+if TYPE_CHECKING:
+    from producer.bulk import Item
 
 
 # CLI flag -> the request field it sets (diffusers' argument names).
@@ -155,18 +158,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         raise CliError(in_users_words(exc, str(args.src)), EXIT_USAGE) from None
     if args.images_root is not None and not args.images_root.is_dir():
         raise CliError(f"--images-root {args.images_root}: not a folder", EXIT_USAGE)
-    try:
-        items = bulk.read_inputs(args.src, args.images_root)
-    except bulk.ManifestError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    if not items:
-        raise CliError(f"{args.src}: no images in it ({', '.join(sorted(bulk.IMAGE_SUFFIXES))})", EXIT_USAGE)
     with Client.from_env() as client:
-        problems = bulk.plan(items, defaults, client.intake)
-        if problems and not args.skip_invalid:
-            raise CliError(
-                f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
-            )
+        items = _bulk_inputs(args, defaults, client)
         run = bulk.Run(client, items, args.out, priority=args.priority, retry_failed=args.retry_failed)
         try:
             run.open_report()  # before any job exists: an --out that cannot hold it is a usage error
@@ -194,6 +187,28 @@ def cmd_bulk(args: argparse.Namespace) -> int:
             )
         return EXIT_INTERRUPTED
     return EXIT_JOB_FAILED if summary["failed"] else EXIT_OK
+
+
+def _bulk_inputs(args: argparse.Namespace, defaults: dict[str, Any], client: Client) -> list[Item]:
+    """SRC's inputs, planned; every problem found in them is one usage error, before anything is submitted."""
+    from producer import bulk
+
+    try:
+        items = bulk.read_inputs(args.src, args.images_root)
+    except bulk.ManifestError as exc:
+        if exc.items is None:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        # The rows' own problems too, in the same report: one fix-and-retry, not one per kind of problem.
+        problems = exc.problems + bulk.plan(exc.items, defaults, client.intake)
+        raise CliError(f"{bulk.ManifestError(problems)}\nnothing was submitted", EXIT_USAGE) from None
+    if not items:
+        raise CliError(f"{args.src}: no images in it ({', '.join(sorted(bulk.IMAGE_SUFFIXES))})", EXIT_USAGE)
+    problems = bulk.plan(items, defaults, client.intake)
+    if problems and not args.skip_invalid:
+        raise CliError(
+            f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
+        )
+    return items
 
 
 def cmd_status(args: argparse.Namespace) -> int:

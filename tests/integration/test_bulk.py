@@ -235,13 +235,21 @@ def test_url_rows_on_a_terminal_render_and_an_unreachable_url_fails_its_own_line
 def test_a_bad_manifest_is_reported_whole_and_submits_nothing(svdq_env: dict[str, str], tmp_path: Path) -> None:
     picture(tmp_path / "ok.png", 50)
     csv = tmp_path / "bad.csv"
-    csv.write_text("image,frames,output\nok.png,4,a\nmissing.png,4,b\nok.png,999,c\nok.png,4,../escape\n")
+    rows = "ok.png,4,a,red\nmissing.png,4,b,red\nok.png,999,c,red\nok.png,4,../escape,red\n"
+    csv.write_text("image,frames,output\n" + rows.replace(",red", ""))
     jobs_before = job_count(svdq_env)
     run = bulk(svdq_env, str(csv), "--out", str(tmp_path / "out"), *SIZE)
     assert run.returncode == 2 and job_count(svdq_env) == jobs_before
     assert "line 3: image: no such file: missing.png" in run.stderr
-    assert "line 4: num_frames: must be" in run.stderr and "line 5: output: must be a relative path" in run.stderr
+    assert "line 4: frames: must be" in run.stderr and "line 5: output: must be a relative path" in run.stderr
     assert "nothing was submitted" in run.stderr and not (tmp_path / "out").exists()
+    # An unknown column hid every row's problem until it was fixed; no row can be rendered with one (its values
+    # would be dropped), so --skip-invalid does not pass it.
+    csv.write_text("image,frames,output,colour\n" + rows)
+    run = bulk(svdq_env, str(csv), "--out", str(tmp_path / "out"), "--skip-invalid", *SIZE)
+    assert run.returncode == 2 and job_count(svdq_env) == jobs_before, run.stderr
+    assert "4 problem(s)" in run.stderr and "line 1: unknown column 'colour'" in run.stderr
+    assert "line 3: image: no such file: missing.png" in run.stderr and "line 4: frames: must be" in run.stderr
 
 
 def test_an_out_that_cannot_hold_videos_or_a_redis_that_is_gone_is_one_error_line(
@@ -304,7 +312,7 @@ def test_skip_invalid_and_no_wait_submit_the_good_rows_and_report_the_bad_ones(
     lines = [json.loads(line) for line in (out / "svdq-bulk.jsonl").read_text().splitlines()]
     assert sorted(line["state"] for line in lines) == ["failed", "failed", "queued", "queued"]
     bad = {line["error"]["message"] for line in lines if line["state"] == "failed"}
-    assert bad == {"image: no such file: missing.png", "num_frames: must be 1 to 128 (got 999)"}
+    assert bad == {"image: no such file: missing.png", "frames: must be 1 to 128 (got 999)"}
     assert run.returncode == 1  # the summary names the two bad rows; the good ones wait for a worker
     assert not list(out.glob("*.mp4"))
 

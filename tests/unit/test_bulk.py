@@ -74,9 +74,18 @@ def test_seeds_and_keys_follow_the_content_and_the_parameters(tmp_path: Path, in
 def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake: Intake) -> None:
     picture(tmp_path / "ok.png", 1)
     bad_header = tmp_path / "h.csv"
-    bad_header.write_text("image,frame_count\nok.png,3\n")
-    with pytest.raises(ManifestError, match="line 1: unknown column 'frame_count'"):
+    bad_header.write_text("image,frame_count,steps\nok.png,3,2\nok.png,3,many\n")
+    with pytest.raises(ManifestError, match="line 1: unknown column 'frame_count'") as raised:
         read_inputs(bad_header)
+    # The rows are read all the same: their problems come in the same report, not after the header is fixed.
+    assert raised.value.items is not None and len(raised.value.items) == 2
+    assert plan(raised.value.items, {}, intake) == ["line 3: steps: Input should be a valid integer (got 'many')"]
+    no_image = tmp_path / "n.csv"
+    no_image.write_text("picture,frames\nok.png,3\n")
+    with pytest.raises(ManifestError) as raised:
+        read_inputs(no_image)
+    assert raised.value.problems == ["line 1: unknown column 'picture'", "line 1: no 'image' column"]
+    assert raised.value.items is None
     manifest = tmp_path / "m.jsonl"
     rows = [
         {"image": "ok.png", "output": "a"},
@@ -90,7 +99,7 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake
     items = read_inputs(manifest)
     problems = plan(items, {}, intake)
     assert problems == [
-        "line 2: num_inference_steps: Input should be a valid integer (got 'many')",
+        "line 2: steps: Input should be a valid integer (got 'many')",  # the row's word for it
         "line 3: unknown field 'color'",
         "line 4: image: no such file: missing.png",
         "line 5: output: must be a relative path inside --out (got '/abs')",
