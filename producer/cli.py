@@ -83,7 +83,11 @@ PARAM_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--format": ("format", str),
     "--model": ("model", str),
 }
-FLAG_OF = {field: flag for flag, (field, _) in PARAM_FLAGS.items()}
+FLAG_OF = {field: flag for flag, (field, _) in PARAM_FLAGS.items()} | {
+    "idempotency_key": "--key",
+    "webhook": "--webhook",
+    "priority": "--priority",
+}
 # Defaults that are not a value of the contract's.
 DEFAULT_WORDS = {
     "seed": "random, recorded in the result",

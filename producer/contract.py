@@ -149,6 +149,7 @@ def priority_queues(base: str) -> list[str]:
 # Models are routed by queue too: a job naming a model goes to `{queue}@{model}` (and its .high/.low), read
 # only by workers serving that model; a job naming none goes to the plain queues, which every worker reads.
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+MODEL_NAME_RULE = "1 to 64 of a-z, 0-9, '-' and '_', starting with a letter or digit"  # the pattern, in words
 
 
 def model_queue(base: str, model: str | None) -> str:
@@ -255,6 +256,8 @@ def _first_error(exc: ValidationError) -> InvalidParameter:
     got = shown(err.get("input"), 200)  # a sender's value (megabytes, once) goes into records and logs
     if err["type"] in _OUT_OF_BOUNDS and loc in JobParams.model_fields and (allowed := bounds(loc)):
         return InvalidParameter(loc, f"must be {allowed} (got {got})")
+    if err["type"] == "string_pattern_mismatch" and loc == "model":  # a regular expression says little to a user
+        return InvalidParameter(loc, f"must be a model name: {MODEL_NAME_RULE} (got {got})")
     return InvalidParameter(loc, f"{err['msg']} (got {got})")
 
 

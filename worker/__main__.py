@@ -14,7 +14,7 @@ import pydantic
 from celery.signals import celeryd_init
 from celery.worker import state as celery_worker_state
 
-from producer.contract import MODEL_NAME_PATTERN, printable, worker_queues
+from producer.contract import MODEL_NAME_PATTERN, MODEL_NAME_RULE, printable, worker_queues
 from producer.settings import settings_error
 from worker.settings import WorkerSettings
 from worker.startup import (
@@ -99,7 +99,7 @@ def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSetting
         sys.exit(2)
     problem = check_model(settings.model, "--model " if ours.model else "SVDQ_MODEL=")
     if not problem and not re.fullmatch(MODEL_NAME_PATTERN, settings.served_model()):
-        problem = f"model name {settings.served_model()!r} must be lowercase letters, digits, - and _"
+        problem = f"model name {settings.served_model()!r} must be {MODEL_NAME_RULE} (SVDQ_MODEL_NAME sets it)"
     if problem:
         _report_early(settings, rest, problem)
         print(f"svdq worker: the model cannot load: {problem}", file=sys.stderr)

@@ -78,11 +78,21 @@ def test_bad_parameter_is_refused_with_nothing_stored_or_enqueued(
 
 
 def test_cli_refuses_a_bad_parameter_naming_it(svdq_env: dict[str, str], image_file: Path) -> None:
-    run = subprocess.run(
-        [SVDQ, "submit", str(image_file), "--frames", "0"], env=svdq_env, capture_output=True, text=True
-    )
-    assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr == "svdq: --frames: must be 1 to 128 (got 0)\n"  # the flag the user typed
+    """By the flag the user typed, in words: the webhook, the key and the model were named as the request names
+    them, and a model name's rule was a regular expression."""
+    said = {
+        ("--frames", "0"): "--frames: must be 1 to 128 (got 0)",
+        ("--webhook", "ftp://example.com/x"): "--webhook: only http and https URLs are allowed, not ftp:",
+        ("--key", "k" * 201): "--key: ",
+        ("--model", "Big Model"): (
+            "--model: must be a model name: 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter or digit "
+            "(got 'Big Model')"
+        ),
+    }
+    for flag, says in said.items():
+        run = subprocess.run([SVDQ, "submit", str(image_file), *flag], env=svdq_env, capture_output=True, text=True)
+        assert run.returncode == 2 and run.stdout == "", run.stderr
+        assert run.stderr.startswith(f"svdq: {says}") and run.stderr.count("\n") == 1, run.stderr
 
 
 @pytest.mark.parametrize(
