@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -40,7 +41,7 @@ from producer.contract import (
 from producer.netguard import UnsafeURL, check_url
 from producer.settings import Settings, broker_transport_options, is_sentinel, parse_sentinel_url
 from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore, as_text
-from producer.storage import ObjectStore, content_name, not_readable, open_store
+from producer.storage import ObjectStore, StorageRefused, content_name, not_readable, open_store
 
 ImageInput = str | Path | bytes | Image.Image | BinaryIO
 URL_SCHEMES = ("s3://", "file://", "http://", "https://")  # an image given as one is read by the worker
@@ -543,9 +544,14 @@ class Intake:
         """Store the image under its content's name (the same bytes, the same object); returns its reference."""
         assert checked.data is not None
         name = checked.name
-        if len(checked.data) > self.store.ask_first_above and self.store.exists(name):
-            return self.store.ref(name)
-        return self.store.put(name, checked.data, f"image/{checked.suffix.lstrip('.')}").ref
+        try:
+            if len(checked.data) > self.store.ask_first_above and self.store.exists(name):
+                return self.store.ref(name)
+            return self.store.put(name, checked.data, f"image/{checked.suffix.lstrip('.')}").ref
+        except OSError as exc:  # a file:// store whose folder cannot be made or written: the operator's to fix
+            code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StorageRefused(f"the store cannot take the image: {exc.strerror or exc}{where}", code) from None
 
     def _image_bytes(self, image: ImageInput) -> tuple[bytes | None, str]:
         """The image's bytes and file suffix, or (None, "") for a reference the worker reads itself.

@@ -47,6 +47,19 @@ def test_the_cli_refuses_a_file_name_too_long_in_one_line(svdq_env: dict[str, st
     assert run.returncode == 2 and "File name too long" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_a_file_store_whose_folder_cannot_be_made_is_one_line_naming_it(
+    svdq_env: dict[str, str], image_file: Path, tmp_path: Path, client: Client
+) -> None:
+    """It was a traceback from pathlib's mkdir."""
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {**svdq_env, "SVDQ_STORAGE_URL": (tmp_path / "a-file" / "store").as_uri()}
+    jobs_before = sorted(client.redis.scan_iter(keys.JOB_PATTERN))
+    run = subprocess.run([SVDQ, "submit", str(image_file)], env=env, capture_output=True, text=True)
+    assert run.returncode == 5 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("svdq: the store cannot take the image: Not a directory") and "a-file" in run.stderr
+    assert sorted(client.redis.scan_iter(keys.JOB_PATTERN)) == jobs_before
+
+
 @pytest.mark.parametrize(
     ("params", "named"),
     [
