@@ -271,6 +271,8 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from producer.demo import run_demo
 
+    check_worker_installed()  # the demo runs one, and builds the tiny model with torch
+
     return run_demo(workdir=args.workdir, output=args.output)
 
 
@@ -338,12 +340,16 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_worker_module(module: str, argv: list[str]) -> None:
-    """Replace this process with one of the worker's entry points (the producer never imports it)."""
+def check_worker_installed() -> None:
     if importlib.util.find_spec("worker") is None or importlib.util.find_spec("torch") is None:
         raise CliError(
             "the worker is not installed here: `pip install '.[worker]'` in svdq's checkout (needs torch)", EXIT_USAGE
         )
+
+
+def run_worker_module(module: str, argv: list[str]) -> None:
+    """Replace this process with one of the worker's entry points (the producer never imports it)."""
+    check_worker_installed()
     os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 

@@ -54,6 +54,19 @@ def test_version_and_worker_help_without_a_model() -> None:
     assert ours < celerys and "--model-name" in helped.stdout[:celerys]
 
 
+def test_commands_that_need_the_worker_say_how_to_install_it_on_a_producer_only_install(tmp_path: Path) -> None:
+    """`svdq demo` was a traceback from deep inside its worker's start-up where torch is not installed."""
+    # None in sys.modules is how Python marks a module that cannot be imported: find_spec says it is not there.
+    no_torch = "import sys; sys.modules['torch'] = None; from producer.cli import main; sys.exit(main())"
+    for command in (["demo", "--workdir", str(tmp_path / "demo")], ["make-tiny-model", str(tmp_path / "tiny")]):
+        run = subprocess.run([sys.executable, "-c", no_torch, *command], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr == (
+            "svdq: the worker is not installed here: `pip install '.[worker]'` in svdq's checkout (needs torch)\n"
+        )
+    assert not (tmp_path / "demo").exists()  # nothing was started or made first
+
+
 def test_a_configuration_mistake_is_one_line_not_a_traceback() -> None:
     mistakes = [
         {"SVDQ_STORAGE_URL": "/var/renders"},
