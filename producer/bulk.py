@@ -84,7 +84,19 @@ class Item:
     Kept small (slots, strings rather than paths and models): a run holds one per input, 100,000 of them for a
     big manifest, for as long as it follows their jobs."""
 
-    __slots__ = ("_image", "_local", "_output", "key", "line", "params", "problem", "seed", "source", "spec")
+    __slots__ = (
+        "_image",
+        "_local",
+        "_output",
+        "digest",
+        "key",
+        "line",
+        "params",
+        "problem",
+        "seed",
+        "source",
+        "spec",
+    )
 
     def __init__(
         self,
@@ -104,6 +116,7 @@ class Item:
         self.spec: str | None = None
         self.seed: int | None = None
         self.key = ""
+        self.digest: bytes | None = None  # a local image's SHA-256 as `plan` read it: what is submitted must match
         self.problem = problem  # a bad row skipped under --skip-invalid, or an unreadable image
 
     @property
@@ -125,7 +138,31 @@ class Item:
     def submission(self, key: str | None = None) -> Submission:
         assert self.spec is not None, "plan() first"
         params = {k: v for k, v in json.loads(self.spec).items() if v is not None}
-        return Submission(self.image, {**params, "seed": self.seed}, key or self.key)
+        image = self.image
+        if isinstance(image, Path) and self.digest is not None:
+            image = AsChecked(image, self.digest, self.source)  # type: ignore[assignment]
+        return Submission(image, {**params, "seed": self.seed}, key or self.key)
+
+
+class AsChecked:
+    """A local image, read at submit only if it still is the file `plan` checked and hashed.
+
+    Between the two, a link swapped in (for the file or a folder above it) could lead outside the images' root,
+    and new bytes would not be what the job's key says it renders. Either way the bytes differ: that line fails
+    and the rest goes on."""
+
+    def __init__(self, path: Path, digest: bytes, source: str):
+        self.path, self.digest, self.source = path, digest, source
+
+    def read(self, limit: int) -> bytes:
+        try:
+            with self.path.open("rb") as f:
+                data = f.read(limit)
+        except OSError as exc:
+            raise InvalidParameter("image", f"cannot read {shown(self.source)}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).digest() != self.digest:
+            raise InvalidParameter("image", f"{shown(self.source)} changed since it was checked: run the command again")
+        return data
 
 
 # 1. Reading the inputs.
@@ -271,16 +308,21 @@ def plan(items: list[Item], defaults: dict[str, Any], intake: Intake) -> list[st
     and dropped), each checked as a submit would check it; returns every problem found, by line."""
     outputs = Outputs()
     specs: dict[str, str] = {}
+    digests: dict[bytes, bytes] = {}
     for item in items:
         if item.problem is None:
-            item.problem = _plan_one(item, defaults, intake, specs) or outputs.claim(item)
+            item.problem = _plan_one(item, defaults, intake, specs, digests) or outputs.claim(item)
     return [f"{f'line {i.line}' if i.line else i.source}: {i.problem}" for i in items if i.problem is not None]
 
 
-def _plan_one(item: Item, defaults: dict[str, Any], intake: Intake, specs: dict[str, str]) -> str | None:
+def _plan_one(
+    item: Item, defaults: dict[str, Any], intake: Intake, specs: dict[str, str], digests: dict[bytes, bytes]
+) -> str | None:
     """Plans one input; returns its problem, if any."""
     try:
         digest = _digest(item, intake.settings.max_image_bytes)
+        if isinstance(item.image, Path):  # one object for every row of one image
+            item.digest = digests.setdefault(raw := bytes.fromhex(digest), raw)
         merged = {**defaults, **{COLUMNS[column]: value for column, value in item.params.items()}}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
         if isinstance(item.image, Path):

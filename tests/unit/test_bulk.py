@@ -15,7 +15,7 @@ from PIL import Image
 
 from producer.bulk import REPORT, Item, ManifestError, OutUnusable, Run, plan, read_inputs, retry_key, summary_text
 from producer.client import Client, Intake
-from producer.contract import JobState, shown
+from producer.contract import InvalidParameter, JobState, shown
 from producer.settings import Settings
 from producer.storage import FileStore
 
@@ -357,3 +357,25 @@ def test_the_summary_names_a_canceled_input_without_an_error_it_does_not_have(tm
     text = summary_text(summary, tmp_path)
     assert "  canceled: a/dog.jpg\n" in text and "None" not in text
     assert "  failed: b.png: invalid_input: not an image" in text
+
+
+def test_an_image_swapped_after_it_was_checked_is_not_what_is_submitted(tmp_path: Path, intake: Intake) -> None:
+    """helper-23's probe: the plan checked a file inside the root, the submit read whatever the path led to then.
+    A link swapped in for it (to a file outside the root) or new bytes must fail that line, naming it."""
+    src, outside = tmp_path / "src", picture(tmp_path / "private" / "secret.png", 200)
+    picture(src / "a.png", 1)
+    picture(src / "b.png", 2)
+    items = read_inputs(src)
+    assert plan(items, {"num_frames": 4}, intake) == []
+
+    def submitted(item: Item) -> Any:
+        image = item.submission().image
+        return intake.check(image, priority="normal", idempotency_key=None, webhook=None, params={"num_frames": 4})
+
+    assert submitted(items[0]).data == (src / "a.png").read_bytes()  # unchanged: read as before
+    (src / "a.png").unlink()
+    (src / "a.png").symlink_to(outside)
+    picture(src / "b.png", 3)  # the same name, other bytes
+    for item in items:
+        with pytest.raises(InvalidParameter, match=rf"image: '?{item.source}'? changed since it was checked"):
+            submitted(item)
