@@ -218,17 +218,26 @@ def unique_name_problem(settings: WorkerSettings, argv: list[str]) -> str | None
 
 def named(argv: list[str]) -> bool:
     """Whether these Celery options name the node."""
-    return any(arg.startswith("--hostname") or arg == "-n" or (arg.startswith("-n") and len(arg) > 2) for arg in argv)
+    return given_name(argv) is not None
 
 
 def hostname(argv: list[str]) -> str:
-    """The node name Celery would take from these options (`--hostname=N`, `--hostname N`, `-n N`; the last)."""
-    name = "svdq@%h"
+    """The node name Celery will take: the options', or svdq's default."""
+    name = given_name(argv)
+    return "svdq@%h" if name is None else name
+
+
+def given_name(argv: list[str]) -> str | None:
+    """The node name these Celery options give (`--hostname=N`, `--hostname N`, `-n N`, `-nN`; the last), if any.
+    One parser for both questions above: two had disagreed on `-nN`."""
+    name = None
     for i, arg in enumerate(argv):
         if arg.startswith("--hostname="):
             name = arg.split("=", 1)[1]
-        elif arg in ("--hostname", "-n") and i + 1 < len(argv):
-            name = argv[i + 1]
+        elif arg in ("--hostname", "-n"):
+            name = argv[i + 1] if i + 1 < len(argv) else name
+        elif arg.startswith("-n") and len(arg) > 2:
+            name = arg[2:]
     return name
 
 

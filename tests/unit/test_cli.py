@@ -136,12 +136,14 @@ def test_list_refuses_a_limit_below_one() -> None:
 
 
 def test_a_worker_that_stops_before_celery_reports_under_the_hostname_it_was_given() -> None:
-    from worker.__main__ import hostname
+    from worker.__main__ import hostname, named
 
     assert hostname([]) == "svdq@%h"
     assert hostname(["--hostname=a@%h"]) == "a@%h"
     assert hostname(["--hostname", "b@%h", "--loglevel=INFO"]) == "b@%h"  # was svdq@%h: only "=" was read
     assert hostname(["-n", "c@x", "--hostname=d@x"]) == "d@x"
+    # Click reads -nNAME as -n NAME: the start-up check of a duplicate name took it as svdq@%h
+    assert hostname(["-ne@x", "--loglevel=INFO"]) == "e@x" and named(["-ne@x"]) and not named(["--loglevel=INFO"])
 
 
 def test_record_text_reaches_a_terminal_without_its_control_characters() -> None:
