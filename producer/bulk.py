@@ -41,6 +41,7 @@ from producer.contract import (
     JobParams,
     JobRecord,
     JobState,
+    has_control,
     printable,
     shown,
     value_from_text,
@@ -254,7 +255,7 @@ def _row(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item
     image = str(row.get("image") or "").strip()
     if not image:
         raise ValueError("image: empty")
-    if printable(image) != image:  # a NUL is a traceback in the file system's calls; none names a file or URL
+    if has_control(image):  # a NUL is a traceback in the file system's calls; none names a file or URL
         raise ValueError(f"image: {shown(image)} holds control characters")
     params = {  # by the column's name, which a problem with its value names: the row's words, not the contract's
         column: value_from_text(value) if text else value
@@ -363,7 +364,7 @@ def output_problem(output: PurePosixPath) -> str | None:
     """What the file system would refuse of an output (relative to --out, suffix included): found before anything
     is submitted, not as a traceback once its video has rendered."""
     text = str(output)
-    if printable(text) != text:
+    if has_control(text):
         return f"output: {shown(text)} holds control characters"
     try:
         names = [os.fsencode(name) for name in output.parts]

@@ -33,8 +33,8 @@ from producer.contract import (
     JobState,
     check_inputs,
     check_job_id,
+    has_control,
     model_queue,
-    printable,
     queue_for,
     shown,
 )
@@ -603,7 +603,7 @@ class Intake:
             raise InvalidParameter("image", "is empty: give a URL, a store key, or a local file as pathlib.Path")
         if len(ref) > MAX_REFERENCE:  # the worker would refuse its message, with the job left queued
             raise InvalidParameter("image", f"is {len(ref):,} characters long, over {MAX_REFERENCE:,}")
-        if printable(ref) != ref:  # no key svdq writes has them, and the worker's log would carry them
+        if has_control(ref):  # no key svdq writes has them, and the worker's log would carry them
             raise InvalidParameter("image", f"{shown(ref)} holds control characters: no URL or store key does")
         if ref.startswith(("http://", "https://")):
             try:

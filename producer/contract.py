@@ -48,6 +48,11 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def has_control(text: str) -> bool:
+    """Whether `printable` would change it: a NUL, an escape, a newline... in a name, a URL or a key."""
+    return _CONTROL.search(text) is not None
+
+
 def result_name(job_id: str, fmt: str = "mp4") -> str:
     """Where a job's video lives, relative to the store's prefix."""
     return f"{check_job_id(job_id)}/video.{fmt}"
