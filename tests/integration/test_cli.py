@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from producer import keys
 from producer.client import Client
 from producer.local_redis import LocalRedis
 from tests.integration.conftest import SMALL, SVDQ, WorkerProcess, probe
@@ -87,7 +88,12 @@ def test_ctrl_c_says_the_job_goes_on_and_how_to_follow_it(svdq_env: dict[str, st
     env = unread_queue_env(svdq_env)
     job_id = submit(env, image_file)
     waiting = subprocess.Popen([SVDQ, "wait", job_id], env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # well into the wait
+    # Into the wait: subscribed to the job's events. A fixed 3 s was not always past the imports on a busy
+    # machine, and a Ctrl-C before the wait is (rightly) a bare "interrupted".
+    r = redis.Redis.from_url(env["SVDQ_REDIS_URL"])
+    deadline = time.monotonic() + 60
+    while r.pubsub_numsub(keys.events(job_id))[0][1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     waiting.send_signal(signal.SIGINT)
     _, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 130
