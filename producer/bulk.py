@@ -92,6 +92,7 @@ class Item:
         "digest",
         "key",
         "line",
+        "noted",
         "params",
         "problem",
         "seed",
@@ -119,6 +120,9 @@ class Item:
         self.key = ""
         self.digest: bytes | None = None  # a local image's SHA-256 as `plan` read it: what is submitted must match
         self.problem = problem  # a bad row skipped under --skip-invalid, or an unreadable image
+        # A row's problem found on reading that leaves the rest of it to check (an unknown field): `plan` adds
+        # what else is wrong with it, so that one report says all of it.
+        self.noted: str | None = None
 
     @property
     def image(self) -> Path | str:
@@ -157,10 +161,14 @@ class AsChecked:
 
     def read(self, limit: int) -> bytes:
         try:
-            with self.path.open("rb") as f:
-                data = f.read(limit)
+            # Non-blocking: a FIFO swapped in would hold open() (and the whole run) until someone wrote to it.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise InvalidParameter("image", f"cannot read {shown(self.source)}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidParameter("image", f"{shown(self.source)} is no longer a file: run the command again")
+            data = f.read(limit)
         if hashlib.sha256(data).digest() != self.digest:
             raise InvalidParameter("image", f"{shown(self.source)} changed since it was checked: run the command again")
         return data
@@ -232,7 +240,7 @@ def _rows(
 ) -> list[Item]:
     """A bad row becomes an Item with its `problem` set: all of them are reported together, or skipped. A header
     with an unknown column is a ManifestError carrying the rows (each row's cell under it said once, on line 1)."""
-    unknown = [c for c in header or () if c not in COLUMNS and c not in ("image", "output")]
+    unknown = list(dict.fromkeys(c for c in header or () if c not in COLUMNS and c not in ("image", "output")))
     if header is not None and "image" not in header:  # no row names an image: their problems would be this one
         raise ManifestError([f"line 1: unknown column {c!r}" for c in unknown] + ["line 1: no 'image' column"])
     items = []
@@ -247,11 +255,33 @@ def _rows(
     return items
 
 
+_NOT_PARAMS = {"image", "output"}
+
+
 def _row(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item:
+    """The row's Item; a ValueError says everything found wrong with it, where that leaves no Item to plan."""
     if "__error__" in row:
         raise ValueError(row["__error__"])
-    if unknown := sorted(c for c in row if c not in COLUMNS and c not in ("image", "output")):
-        raise ValueError(f"unknown field {unknown[0]!r}")
+    noted = [
+        f"unknown field {shown(c, 66)}" for c in row if c is not None and c not in COLUMNS and c not in _NOT_PARAMS
+    ]
+    if None in row:  # csv's key for the cells past the header's last column
+        noted.append(f"{len(row[None])} cell(s) past the header's last column")
+    given: dict[str, str] = {}
+    for column, value in row.items():
+        other = given.setdefault(COLUMNS[column], column) if column in COLUMNS and value not in (None, "") else column
+        if other != column:
+            noted.append(f"{other} and {column} both set {COLUMNS[column]}: give one")
+    known = {c: v for c, v in row.items() if c in COLUMNS or c in _NOT_PARAMS}
+    try:
+        item = _row_item(src, root, n, known, text)
+    except ValueError as exc:
+        raise ValueError("; ".join([*noted, str(exc)])) from None
+    item.noted = "; ".join(noted) or None
+    return item
+
+
+def _row_item(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     image = str(row.get("image") or "").strip()
     if not image:
         raise ValueError("image: empty")
@@ -312,7 +342,10 @@ def plan(items: list[Item], defaults: dict[str, Any], intake: Intake) -> list[st
     digests: dict[bytes, bytes] = {}
     for item in items:
         if item.problem is None:
-            item.problem = _plan_one(item, defaults, intake, specs, digests) or outputs.claim(item)
+            found = _plan_one(item, defaults, intake, specs, digests)
+            # A row with a noted problem is not rendered: it claims no output from a row that will be.
+            found = found or (None if item.noted else outputs.claim(item))
+            item.problem = "; ".join(p for p in (item.noted, found) if p) or None
     return [f"{f'line {i.line}' if i.line else i.source}: {i.problem}" for i in items if i.problem is not None]
 
 
@@ -334,7 +367,7 @@ def _plan_one(
             checked = intake.check(item.image, priority="normal", idempotency_key=None, webhook=None, params=merged)
             effective = checked.params
     except InvalidParameter as exc:
-        column = next((c for c in item.params if COLUMNS[c] == exc.param), exc.param)
+        column = next((c for c in reversed(item.params) if COLUMNS[c] == exc.param), exc.param)  # the last wins
         return f"{column}: {exc.message}"
     if item.output.suffix != f".{effective.format}":
         item.output = item.output.with_name(f"{item.output.name}.{effective.format}")

@@ -162,8 +162,9 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         raise CliError(in_users_words(exc, str(args.src)), EXIT_USAGE) from None
     if args.images_root is not None and not args.images_root.is_dir():
         raise CliError(f"--images-root {args.images_root}: not a folder", EXIT_USAGE)
+    read = _bulk_inputs(args)
     with Client.from_env() as client:
-        items = _bulk_inputs(args, defaults, client)
+        items = _planned(args, defaults, client, read)
         run = bulk.Run(client, items, args.out, priority=args.priority, retry_failed=args.retry_failed)
         try:
             run.open_report()  # before any job exists: an --out that cannot hold it is a usage error
@@ -193,25 +194,34 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     return EXIT_JOB_FAILED if summary["failed"] else EXIT_OK
 
 
-def _bulk_inputs(args: argparse.Namespace, defaults: dict[str, Any], client: Client) -> list[Item]:
-    """SRC's inputs, planned; every problem found in them is one usage error, before anything is submitted."""
+def _bulk_inputs(args: argparse.Namespace) -> tuple[list[Item], list[str]]:
+    """SRC's inputs, and the problems no --skip-invalid passes (an unknown column: no row can be rendered as
+    written). Read before the client is made: a missing SRC is said before a setting's mistake."""
     from producer import bulk
 
     try:
-        items = bulk.read_inputs(args.src, args.images_root)
+        items, fatal = bulk.read_inputs(args.src, args.images_root), []
     except bulk.ManifestError as exc:
         if exc.items is None:
             raise CliError(str(exc), EXIT_USAGE) from None
-        # The rows' own problems too, in the same report: one fix-and-retry, not one per kind of problem.
-        problems = exc.problems + bulk.plan(exc.items, defaults, client.intake)
-        raise CliError(f"{bulk.ManifestError(problems)}\nnothing was submitted", EXIT_USAGE) from None
+        items, fatal = exc.items, exc.problems
     if not items:
         raise CliError(f"{args.src}: no images in it ({', '.join(sorted(bulk.IMAGE_SUFFIXES))})", EXIT_USAGE)
-    problems = bulk.plan(items, defaults, client.intake)
-    if problems and not args.skip_invalid:
-        raise CliError(
-            f"{bulk.ManifestError(problems)}\nnothing was submitted; --skip-invalid renders the rest", EXIT_USAGE
-        )
+    return items, fatal
+
+
+def _planned(
+    args: argparse.Namespace, defaults: dict[str, Any], client: Client, read: tuple[list[Item], list[str]]
+) -> list[Item]:
+    """The inputs planned; every problem found in them is one usage error, before anything is submitted (the rows'
+    own problems with the header's: one fix-and-retry, not one per kind of problem)."""
+    from producer import bulk
+
+    items, fatal = read
+    problems = fatal + bulk.plan(items, defaults, client.intake)
+    if fatal or (problems and not args.skip_invalid):
+        hint = "" if fatal else "; --skip-invalid renders the rest"
+        raise CliError(f"{bulk.ManifestError(problems)}\nnothing was submitted{hint}", EXIT_USAGE)
     return items
 
 

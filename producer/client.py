@@ -41,7 +41,15 @@ from producer.contract import (
 from producer.netguard import UnsafeURL, check_url
 from producer.settings import Settings, broker_transport_options, is_sentinel, parse_sentinel_url
 from producer.status import DuplicateKey, InvalidTransition, JobNotFound, StatusStore, as_text
-from producer.storage import ObjectStore, StorageRefused, content_name, not_readable, open_store
+from producer.storage import (
+    FOLDER_REFUSED,
+    ObjectStore,
+    StorageRefused,
+    StorageUnavailable,
+    content_name,
+    not_readable,
+    open_store,
+)
 
 ImageInput = str | Path | bytes | Image.Image | BinaryIO
 URL_SCHEMES = ("s3://", "file://", "http://", "https://")  # an image given as one is read by the worker
@@ -548,10 +556,12 @@ class Intake:
             if len(checked.data) > self.store.ask_first_above and self.store.exists(name):
                 return self.store.ref(name)
             return self.store.put(name, checked.data, f"image/{checked.suffix.lstrip('.')}").ref
-        except OSError as exc:  # a file:// store whose folder cannot be made or written: the operator's to fix
-            code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        except OSError as exc:  # a file:// store whose folder cannot be made or written
             where = f" ({exc.filename})" if exc.filename else ""
-            raise StorageRefused(f"the store cannot take the image: {exc.strerror or exc}{where}", code) from None
+            message = f"the store cannot take the image: {exc.strerror or exc}{where}"
+            if exc.errno in FOLDER_REFUSED:
+                raise StorageRefused(message, errno.errorcode[exc.errno]) from None
+            raise StorageUnavailable(message) from None  # a full disk, an I/O error: may pass
 
     def _image_bytes(self, image: ImageInput) -> tuple[bytes | None, str]:
         """The image's bytes and file suffix, or (None, "") for a reference the worker reads itself.

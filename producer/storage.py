@@ -21,6 +21,9 @@ from urllib.parse import unquote, urlsplit
 
 from producer.settings import ConfigurationError, Settings
 
+# A file:// store's errors that only someone can fix; others (EIO, ENOSPC, a stale NFS handle) may pass.
+FOLDER_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
+
 
 class StorageUnavailable(RuntimeError):
     """The store could not be reached or refused a well-formed request; worth retrying later."""

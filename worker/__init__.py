@@ -1,6 +1,6 @@
 """The GPU side: a Celery worker that renders jobs (see README's file map). Importing the package does one thing,
-before any entry point (`python -m worker`, `worker.tiny_model`, the benches) imports diffusers: it stops one
-piece of advice from transformers (below)."""
+before its entry points (`python -m worker`, `worker.tiny_model`, `svdq bench`) import diffusers: it stops one
+piece of advice from transformers (below). A script that imports diffusers first still prints it."""
 
 import logging
 

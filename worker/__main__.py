@@ -99,7 +99,8 @@ def checked_settings(ours: argparse.Namespace, rest: list[str]) -> WorkerSetting
         sys.exit(2)
     problem = check_model(settings.model, "--model " if ours.model else "SVDQ_MODEL=")
     if not problem and not re.fullmatch(MODEL_NAME_PATTERN, settings.served_model()):
-        problem = f"model name {settings.served_model()!r} must be {MODEL_NAME_RULE} (SVDQ_MODEL_NAME sets it)"
+        name = settings.served_model()
+        problem = f"model name {name!r} must be {MODEL_NAME_RULE} (--model-name or SVDQ_MODEL_NAME sets it)"
     if problem:
         _report_early(settings, rest, problem)
         print(f"svdq worker: the model cannot load: {problem}", file=sys.stderr)
@@ -223,8 +224,7 @@ def named(argv: list[str]) -> bool:
 
 def hostname(argv: list[str]) -> str:
     """The node name Celery will take: the options', or svdq's default."""
-    name = given_name(argv)
-    return "svdq@%h" if name is None else name
+    return given_name(argv) or "svdq@%h"
 
 
 def given_name(argv: list[str]) -> str | None:
@@ -235,7 +235,7 @@ def given_name(argv: list[str]) -> str | None:
         if arg.startswith("--hostname="):
             name = arg.split("=", 1)[1]
         elif arg in ("--hostname", "-n"):
-            name = argv[i + 1] if i + 1 < len(argv) else name
+            name = argv[i + 1] if i + 1 < len(argv) else ""  # named, with no name: Celery's error to say
         elif arg.startswith("-n") and len(arg) > 2:
             name = arg[2:]
     return name

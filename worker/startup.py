@@ -27,7 +27,6 @@ them; with mingle off (svdq's default) Celery itself no longer warns of a second
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -153,14 +152,19 @@ class LoadFailure:
 
 # Written and read back under the store's prefix at each start; not a job id (a dot), so never a job's folder.
 STORAGE_PROBE = ".svdq-worker-probe"
-# A file:// store's errors that only someone can fix; others (EIO, ENOSPC, a stale NFS handle) may pass.
-FOLDER_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
 
 
 def check_storage(settings: Settings) -> str | None:
     """Why this worker could not store a video, or None. A store that does not answer, or answers that it is
     busy, is no reason not to start: jobs wait out an outage (and this check must not keep a fleet down)."""
-    from producer.storage import InvalidReference, ObjectNotFound, StorageRefused, StorageUnavailable, open_store
+    from producer.storage import (
+        FOLDER_REFUSED,
+        InvalidReference,
+        ObjectNotFound,
+        StorageRefused,
+        StorageUnavailable,
+        open_store,
+    )
 
     where = f"SVDQ_STORAGE_URL={settings.storage_url}"
     try:

@@ -80,6 +80,12 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake
     # The rows are read all the same: their problems come in the same report, not after the header is fixed.
     assert raised.value.items is not None and len(raised.value.items) == 2
     assert plan(raised.value.items, {}, intake) == ["line 3: steps: Input should be a valid integer (got 'many')"]
+    twice = tmp_path / "t.csv"  # a parameter set by two columns; cells past the header
+    twice.write_text("image,frames,num_frames\nok.png,4,0\nok.png,4,,x\n")
+    assert plan(read_inputs(twice), {}, intake) == [
+        "line 2: frames and num_frames both set num_frames: give one; num_frames: must be 1 to 128 (got 0)",
+        "line 3: 1 cell(s) past the header's last column",
+    ]
     no_image = tmp_path / "n.csv"
     no_image.write_text("picture,frames\nok.png,3\n")
     with pytest.raises(ManifestError) as raised:
@@ -90,7 +96,7 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake
     rows = [
         {"image": "ok.png", "output": "a"},
         {"image": "ok.png", "steps": "many"},
-        {"image": "ok.png", "color": 1},
+        {"image": "ok.png", "color": 1, "steps": 0},  # the unknown field, and the rest checked all the same
         {"image": "missing.png"},
         {"image": "ok.png", "output": "/abs"},
         {"image": "ok.png", "output": "a", "seed": 9},
@@ -100,7 +106,7 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake
     problems = plan(items, {}, intake)
     assert problems == [
         "line 2: steps: Input should be a valid integer (got 'many')",  # the row's word for it
-        "line 3: unknown field 'color'",
+        "line 3: unknown field 'color'; steps: must be 1 to 200 (got 0)",
         "line 4: image: no such file: missing.png",
         "line 5: output: must be a relative path inside --out (got '/abs')",
         "line 6: output: a.mp4 is also the output of ok.png (give each row its own)",
@@ -365,6 +371,7 @@ def test_an_image_swapped_after_it_was_checked_is_not_what_is_submitted(tmp_path
     src, outside = tmp_path / "src", picture(tmp_path / "private" / "secret.png", 200)
     picture(src / "a.png", 1)
     picture(src / "b.png", 2)
+    picture(src / "c.png", 4)
     items = read_inputs(src)
     assert plan(items, {"num_frames": 4}, intake) == []
 
@@ -376,6 +383,10 @@ def test_an_image_swapped_after_it_was_checked_is_not_what_is_submitted(tmp_path
     (src / "a.png").unlink()
     (src / "a.png").symlink_to(outside)
     picture(src / "b.png", 3)  # the same name, other bytes
-    for item in items:
+    for item in items[:2]:
         with pytest.raises(InvalidParameter, match=rf"image: '?{item.source}'? changed since it was checked"):
             submitted(item)
+    (src / "c.png").unlink()
+    os.mkfifo(src / "c.png")  # no one writes to it: opening it to read blocked the whole run (helper-25)
+    with pytest.raises(InvalidParameter, match=r"image: '?c.png'? is no longer a file"):
+        submitted(items[2])

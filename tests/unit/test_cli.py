@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,7 @@ def test_a_worker_that_stops_before_celery_reports_under_the_hostname_it_was_giv
     assert hostname(["-n", "c@x", "--hostname=d@x"]) == "d@x"
     # Click reads -nNAME as -n NAME: the start-up check of a duplicate name took it as svdq@%h
     assert hostname(["-ne@x", "--loglevel=INFO"]) == "e@x" and named(["-ne@x"]) and not named(["--loglevel=INFO"])
+    assert named(["--hostname"]) and hostname(["--hostname"]) == "svdq@%h"  # named, with no name: Celery says so
 
 
 def test_record_text_reaches_a_terminal_without_its_control_characters() -> None:
@@ -195,6 +197,18 @@ def test_a_bulk_flag_s_bad_value_is_said_once_by_its_flag(tmp_path: Path) -> Non
         timeout=60,
     )
     assert run.returncode == 2 and run.stderr.strip() == "svdq: --frames: must be 1 to 128 (got 0)", run.stderr
+
+
+def test_a_bulk_src_that_is_not_there_is_said_before_a_setting_s_mistake(tmp_path: Path) -> None:
+    env = {**os.environ, "SVDQ_STORAGE_URL": "ftp://nowhere/x"}
+    run = subprocess.run(
+        [SVDQ, "bulk", str(tmp_path / "typo.csv"), "--out", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and f"{tmp_path / 'typo.csv'}: cannot read it (No such file" in run.stderr, run.stderr
+    assert "SVDQ_STORAGE_URL" not in run.stderr
 
 
 def test_svdq_bench_options_say_their_defaults(capsys: pytest.CaptureFixture[str]) -> None:
