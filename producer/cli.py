@@ -11,6 +11,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -127,7 +128,11 @@ def in_users_words(exc: InvalidParameter, image: str) -> str:
     flag = FLAG_OF.get(exc.param, exc.param)
     if exc.param == "width" and "SVDQ_MAX_PIXELS" in exc.message:
         flag = "--width/--height"
-    return f"{flag}: {exc.message}"
+    message = exc.message
+    for field, other in FLAG_OF.items():  # a check of two parameters names the other too (no English word has "_")
+        if "_" in field:
+            message = re.sub(rf"\b{field}\b", other, message)
+    return f"{flag}: {message}"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

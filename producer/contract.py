@@ -196,7 +196,10 @@ class JobParams(BaseModel):
     @model_validator(mode="after")
     def _guidance_order(self) -> JobParams:
         if self.max_guidance_scale < self.min_guidance_scale:
-            raise ValueError("max_guidance_scale must be >= min_guidance_scale")
+            raise ValueError(
+                f"max_guidance_scale must be >= min_guidance_scale (got {self.max_guidance_scale:g}; "
+                f"min_guidance_scale is {self.min_guidance_scale:g})"
+            )
         return self
 
 
@@ -253,9 +256,9 @@ _OUT_OF_BOUNDS = {"greater_than_equal", "less_than_equal", "multiple_of"}
 def _first_error(exc: ValidationError) -> InvalidParameter:
     err = exc.errors()[0]
     loc = str(err["loc"][0]) if err["loc"] else ""  # later parts name union members, not parameters
-    if not loc:  # model-level check: the message names the parameter itself
-        param = str(err["msg"]).removeprefix("Value error, ").split(" ", 1)[0]
-        return InvalidParameter(param, str(err["msg"]).removeprefix("Value error, "))
+    if not loc:  # model-level check: the message begins with the parameter's name
+        param, _, message = str(err["msg"]).removeprefix("Value error, ").partition(" ")
+        return InvalidParameter(param, message)
     if err["type"] == "extra_forbidden":  # a name the sender chose: cut and escaped like a value
         return InvalidParameter(shown(loc, 66).strip("'\""), "is not a parameter svdq knows")
     got = shown(err.get("input"), 200)  # a sender's value (megabytes, once) goes into records and logs

@@ -95,6 +95,8 @@ def test_cli_refuses_a_bad_parameter_naming_it(svdq_env: dict[str, str], image_f
     them, and a model name's rule was a regular expression."""
     said = {
         ("--frames", "0"): "--frames: must be 1 to 128 (got 0)",
+        # It said "--max-guidance: max_guidance_scale must be >= min_guidance_scale", for a flag not given.
+        ("--min-guidance", "5"): "--max-guidance: must be >= --min-guidance (got 3; --min-guidance is 5)",
         ("--webhook", "ftp://example.com/x"): "--webhook: only http and https URLs are allowed, not ftp:",
         ("--key", "k" * 201): "--key: ",
         ("--model", "Big Model"): (
