@@ -38,6 +38,9 @@ def reset_peak_rss() -> None:
 
 def one(path: str, frames: int, chunk: int | None, size: int, model: str) -> dict[str, float]:
     """Run one configuration in this process and return its memory figures."""
+    import worker  # noqa: F401  (before diffusers: its filter of transformers' torchvision advice)
+
+    # isort: split
     import torch
     from diffusers import StableVideoDiffusionPipeline
     from diffusers.utils import export_to_video

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 import sys
@@ -367,8 +368,13 @@ def _plan_one(
             checked = intake.check(item.image, priority="normal", idempotency_key=None, webhook=None, params=merged)
             effective = checked.params
     except InvalidParameter as exc:
-        column = next((c for c in reversed(item.params) if COLUMNS[c] == exc.param), exc.param)  # the last wins
-        return f"{column}: {exc.message}"
+        # In the row's words: its columns for what it set (the last wins), in the message too (a check of two).
+        words = {COLUMNS[column]: column for column in item.params}
+        message = exc.message
+        for param, column in words.items():
+            if "_" in param:  # a contract name, never an English word
+                message = re.sub(rf"\b{param}\b", column, message)
+        return f"{words.get(exc.param, exc.param)}: {message}"
     if item.output.suffix != f".{effective.format}":
         item.output = item.output.with_name(f"{item.output.name}.{effective.format}")
     if problem := output_problem(item.output):

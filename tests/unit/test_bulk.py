@@ -100,6 +100,7 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake
         {"image": "missing.png"},
         {"image": "ok.png", "output": "/abs"},
         {"image": "ok.png", "output": "a", "seed": 9},
+        {"image": "ok.png", "output": "g", "min_guidance": 5},  # a check of two: the row's name for the one it set
     ]
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     items = read_inputs(manifest)
@@ -110,7 +111,8 @@ def test_every_manifest_problem_is_reported_with_its_line(tmp_path: Path, intake
         "line 4: image: no such file: missing.png",
         "line 5: output: must be a relative path inside --out (got '/abs')",
         "line 6: output: a.mp4 is also the output of ok.png (give each row its own)",
-        "line 7: not JSON (Expecting value)",
+        "line 7: max_guidance_scale: must be >= min_guidance (got 3; min_guidance is 5)",
+        "line 8: not JSON (Expecting value)",
     ]
     assert items[0].problem is None and items[0].output == PurePosixPath("a.mp4")
 
