@@ -23,7 +23,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import secrets
 import stat
 import sys
@@ -44,6 +43,7 @@ from producer.contract import (
     JobState,
     has_control,
     printable,
+    renamed,
     shown,
     value_from_text,
 )
@@ -56,6 +56,7 @@ NAME_MAX = 255  # bytes in one name: what Linux's file systems hold
 # An output's bytes, relative to --out: deeper than any layout anyone mirrors, and far from PATH_MAX (4,096) with
 # --out's own path in front of it.
 MAX_OUTPUT = 1024
+_NOT_PARAMS = {"image", "output"}  # a manifest's columns that are not render parameters
 # A manifest column -> the parameter it sets: the contract's names, and the CLI's flags without their dashes.
 COLUMNS = {name: name for name in JobParams.model_fields} | {
     "frames": "num_frames",
@@ -241,7 +242,7 @@ def _rows(
 ) -> list[Item]:
     """A bad row becomes an Item with its `problem` set: all of them are reported together, or skipped. A header
     with an unknown column is a ManifestError carrying the rows (each row's cell under it said once, on line 1)."""
-    unknown = list(dict.fromkeys(c for c in header or () if c not in COLUMNS and c not in ("image", "output")))
+    unknown = list(dict.fromkeys(c for c in header or () if c not in COLUMNS and c not in _NOT_PARAMS))
     if header is not None and "image" not in header:  # no row names an image: their problems would be this one
         raise ManifestError([f"line 1: unknown column {c!r}" for c in unknown] + ["line 1: no 'image' column"])
     items = []
@@ -256,9 +257,6 @@ def _rows(
     return items
 
 
-_NOT_PARAMS = {"image", "output"}
-
-
 def _row(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item:
     """The row's Item; a ValueError says everything found wrong with it, where that leaves no Item to plan."""
     if "__error__" in row:
@@ -268,10 +266,13 @@ def _row(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) -> Item
     ]
     if None in row:  # csv's key for the cells past the header's last column
         noted.append(f"{len(row[None])} cell(s) past the header's last column")
-    given: dict[str, str] = {}
+    given: dict[str, str] = {}  # parameter -> the first column to set it
     for column, value in row.items():
-        other = given.setdefault(COLUMNS[column], column) if column in COLUMNS and value not in (None, "") else column
-        if other != column:
+        if (
+            column in COLUMNS
+            and value not in (None, "")
+            and (other := given.setdefault(COLUMNS[column], column)) != column
+        ):
             noted.append(f"{other} and {column} both set {COLUMNS[column]}: give one")
     known = {c: v for c, v in row.items() if c in COLUMNS or c in _NOT_PARAMS}
     try:
@@ -291,7 +292,7 @@ def _row_item(src: Path, root: Path, n: int, row: dict[str, Any], text: bool) ->
     params = {  # by the column's name, which a problem with its value names: the row's words, not the contract's
         column: value_from_text(value) if text else value
         for column, value in row.items()
-        if column not in ("image", "output") and value not in (None, "")
+        if column not in _NOT_PARAMS and value not in (None, "")
     }
     if image.startswith(URL_PREFIXES):
         source: Path | str = image
@@ -356,11 +357,10 @@ def _plan_one(
     """Plans one input; returns its problem, if any."""
     try:
         digest = _digest(item, intake.settings.max_image_bytes)
-        if isinstance(item.image, Path):  # one object for every row of one image
-            item.digest = digests.setdefault(raw := bytes.fromhex(digest), raw)
         merged = {**defaults, **{COLUMNS[column]: value for column, value in item.params.items()}}
         merged.setdefault("seed", int(digest[:8], 16))  # the same image renders the same video on a re-run
         if isinstance(item.image, Path):
+            item.digest = digests.setdefault(raw := bytes.fromhex(digest), raw)  # one object for one image's rows
             effective = intake.check_request(merged, "normal")[0]  # its content is checked at submit, read once
         else:
             # A submit's checks of a reference, here so that a refusal is one more problem found before anything
@@ -368,13 +368,8 @@ def _plan_one(
             checked = intake.check(item.image, priority="normal", idempotency_key=None, webhook=None, params=merged)
             effective = checked.params
     except InvalidParameter as exc:
-        # In the row's words: its columns for what it set (the last wins), in the message too (a check of two).
-        words = {COLUMNS[column]: column for column in item.params}
-        message = exc.message
-        for param, column in words.items():
-            if "_" in param:  # a contract name, never an English word
-                message = re.sub(rf"\b{param}\b", column, message)
-        return f"{words.get(exc.param, exc.param)}: {message}"
+        words = {COLUMNS[column]: column for column in item.params}  # the row's names for what it set (last wins)
+        return f"{words.get(exc.param, exc.param)}: {renamed(exc.message, words)}"
     if item.output.suffix != f".{effective.format}":
         item.output = item.output.with_name(f"{item.output.name}.{effective.format}")
     if problem := output_problem(item.output):

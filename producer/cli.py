@@ -11,7 +11,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -24,7 +23,16 @@ import redis
 
 from producer import top
 from producer.client import URL_SCHEMES, Client, KeyConflict, NotCancelable, connect_redis, producer_celery
-from producer.contract import PRIORITIES, InvalidParameter, JobParams, JobState, bounds, check_inputs, printable
+from producer.contract import (
+    PRIORITIES,
+    InvalidParameter,
+    JobParams,
+    JobState,
+    bounds,
+    check_inputs,
+    printable,
+    renamed,
+)
 from producer.flower import FlowerRefused, flower_command
 from producer.settings import ConfigurationError, Settings, settings_error, unknown_variables
 from producer.status import JobNotFound, MalformedRecord, StatusStore
@@ -128,11 +136,7 @@ def in_users_words(exc: InvalidParameter, image: str) -> str:
     flag = FLAG_OF.get(exc.param, exc.param)
     if exc.param == "width" and "SVDQ_MAX_PIXELS" in exc.message:
         flag = "--width/--height"
-    message = exc.message
-    for field, other in FLAG_OF.items():  # a check of two parameters names the other too (no English word has "_")
-        if "_" in field:
-            message = re.sub(rf"\b{field}\b", other, message)
-    return f"{flag}: {message}"
+    return f"{flag}: {renamed(exc.message, FLAG_OF)}"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -53,6 +53,15 @@ def has_control(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+def renamed(message: str, names: dict[str, str]) -> str:
+    """`message` with the parameters it names called as the user called them (a flag, a manifest's column): a
+    check of two parameters names the other one too. Only names with "_": no English word in a message has one."""
+    for param, name in names.items():
+        if "_" in param:
+            message = re.sub(rf"\b{param}\b", name, message)
+    return message
+
+
 def result_name(job_id: str, fmt: str = "mp4") -> str:
     """Where a job's video lives, relative to the store's prefix."""
     return f"{check_job_id(job_id)}/video.{fmt}"

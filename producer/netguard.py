@@ -25,6 +25,10 @@ class UnsafeURL(ValueError):
     pass
 
 
+class PrivateAddress(UnsafeURL):
+    """The host resolves to an address off the public internet: allowed where an operator says so."""
+
+
 @dataclass(frozen=True)
 class CheckedURL:
     scheme: str
@@ -126,7 +130,7 @@ def check_url(
     if not allow_private:
         private = [a for a in addresses if not (public or is_public)(a)]
         if private:
-            raise UnsafeURL(f"{parts.hostname} resolves to a non-public address ({private[0]})")
+            raise PrivateAddress(f"{parts.hostname} resolves to a non-public address ({private[0]})")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import redis
 
 from producer.contract import JobRecord
-from producer.netguard import Stopped, UnsafeURL, Watch, check_url, connect, watched
+from producer.netguard import PrivateAddress, Stopped, UnsafeURL, Watch, check_url, connect, watched
 from producer.status import StatusStore
 from worker.backoff import backoff
 from worker.settings import WorkerSettings
@@ -196,7 +196,7 @@ class WebhookSender:
             status = post(delivery, self.secret, allow_private=self.allow_private, timeout=self.timeout)
         except UnsafeURL as exc:
             log.error("webhook %s refused: %s", delivery.msg_id, exc)
-            hint = " (SVDQ_WEBHOOK_ALLOW_PRIVATE on the worker allows it)" if "non-public" in str(exc) else ""
+            hint = " (SVDQ_WEBHOOK_ALLOW_PRIVATE on the worker allows it)" if isinstance(exc, PrivateAddress) else ""
             self.refused(delivery.job, f"not called: {exc}{hint}")
             return False
         except (OSError, http.client.HTTPException) as exc:
